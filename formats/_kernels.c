@@ -1,0 +1,257 @@
+/* Element-wise kernels for qconvert's (de)quantisation glue, called through ctypes.
+ *
+ * Float conversions are bit-exact with round-to-nearest-even (the same results as numpy's casts);
+ * GGML block decoders follow the block layouts documented in ggml (ggml-common.h) and produce the
+ * same float32 values as the gguf package's dequantize. Every function works on contiguous buffers
+ * and holds no state, so callers may run them on several threads at once.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+
+static inline float bits_f32(uint32_t w) { float f; memcpy(&f, &w, 4); return f; }
+static inline uint32_t f32_bits(float f) { uint32_t w; memcpy(&w, &f, 4); return w; }
+
+static inline float h2f(uint16_t h) {
+    const uint32_t w = (uint32_t)h << 16;
+    const uint32_t sign = w & 0x80000000u;
+    const uint32_t two_w = w + w;
+    const uint32_t exp_offset = 0xE0u << 23;
+    const float exp_scale = 0x1.0p-112f;
+    const float normalized = bits_f32((two_w >> 4) + exp_offset) * exp_scale;
+    const uint32_t magic_mask = 126u << 23;
+    const float magic_bias = 0.5f;
+    const float denormalized = bits_f32((two_w >> 17) | magic_mask) - magic_bias;
+    const uint32_t denormalized_cutoff = 1u << 27;
+    const uint32_t result = sign | (two_w < denormalized_cutoff ? f32_bits(denormalized) : f32_bits(normalized));
+    return bits_f32(result);
+}
+
+static inline uint16_t f2h(float f) {
+    const float scale_to_inf = 0x1.0p+112f;
+    const float scale_to_zero = 0x1.0p-110f;
+    float base = (fabsf(f) * scale_to_inf) * scale_to_zero;
+    const uint32_t w = f32_bits(f);
+    const uint32_t shl1_w = w + w;
+    const uint32_t sign = w & 0x80000000u;
+    uint32_t bias = shl1_w & 0xFF000000u;
+    if (bias < 0x71000000u) bias = 0x71000000u;
+    base = bits_f32((bias >> 1) + 0x07800000u) + base;
+    const uint32_t bits = f32_bits(base);
+    const uint32_t exp_bits = (bits >> 13) & 0x00007C00u;
+    const uint32_t mantissa_bits = bits & 0x00000FFFu;
+    const uint32_t nonsign = exp_bits + mantissa_bits;
+    return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
+
+static inline uint16_t f2bf(float f) {
+    uint32_t u = f32_bits(f);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40);  /* quiet NaN */
+    return (uint16_t)((u + (0x7FFFu + ((u >> 16) & 1u))) >> 16);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define QC_X86 1
+__attribute__((target("avx,f16c"))) static void f32_to_f16_f16c(const float *s, uint16_t *d, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(d + i), _mm256_cvtps_ph(_mm256_loadu_ps(s + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < n; i++) d[i] = f2h(s[i]);
+}
+__attribute__((target("avx,f16c"))) static void f16_to_f32_f16c(const uint16_t *s, float *d, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(d + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + i))));
+    for (; i < n; i++) d[i] = h2f(s[i]);
+}
+__attribute__((target("avx2,f16c"))) static void bf16_to_f16_f16c(const uint16_t *s, uint16_t *d, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256i w = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(s + i))), 16);
+        _mm_storeu_si128((__m128i *)(d + i), _mm256_cvtps_ph(_mm256_castsi256_ps(w), _MM_FROUND_TO_NEAREST_INT));
+    }
+    for (; i < n; i++) d[i] = f2h(bits_f32((uint32_t)s[i] << 16));
+}
+static int has_f16c(void) { static int v = -1; if (v < 0) { __builtin_cpu_init(); v = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx2"); } return v; }
+#endif
+
+void qc_f16_to_f32(const uint16_t *s, float *d, int64_t n) {
+#ifdef QC_X86
+    if (has_f16c()) { f16_to_f32_f16c(s, d, n); return; }
+#endif
+    for (int64_t i = 0; i < n; i++) d[i] = h2f(s[i]);
+}
+void qc_f32_to_f16(const float *s, uint16_t *d, int64_t n) {
+#ifdef QC_X86
+    if (has_f16c()) { f32_to_f16_f16c(s, d, n); return; }
+#endif
+    for (int64_t i = 0; i < n; i++) d[i] = f2h(s[i]);
+}
+void qc_bf16_to_f32(const uint16_t *s, float *d, int64_t n) { for (int64_t i = 0; i < n; i++) d[i] = bits_f32((uint32_t)s[i] << 16); }
+void qc_f32_to_bf16(const float *s, uint16_t *d, int64_t n) { for (int64_t i = 0; i < n; i++) d[i] = f2bf(s[i]); }
+void qc_bf16_to_f16(const uint16_t *s, uint16_t *d, int64_t n) {
+#ifdef QC_X86
+    if (has_f16c()) { bf16_to_f16_f16c(s, d, n); return; }
+#endif
+    for (int64_t i = 0; i < n; i++) d[i] = f2h(bits_f32((uint32_t)s[i] << 16));
+}
+void qc_f16_to_bf16(const uint16_t *s, uint16_t *d, int64_t n) { for (int64_t i = 0; i < n; i++) d[i] = f2bf(h2f(s[i])); }
+
+static inline uint16_t rd16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+static inline uint32_t rd32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+
+/* ---- 32-value blocks ---- */
+static void deq_q8_0(const uint8_t *b, float *y, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, b += 34, y += 32) {
+        const float d = h2f(rd16(b)); const int8_t *q = (const int8_t *)(b + 2);
+        for (int j = 0; j < 32; j++) y[j] = q[j] * d;
+    }
+}
+static void deq_q4_0(const uint8_t *b, float *y, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, b += 18, y += 32) {
+        const float d = h2f(rd16(b)); const uint8_t *q = b + 2;
+        for (int j = 0; j < 16; j++) { y[j] = ((q[j] & 0xF) - 8) * d; y[j + 16] = ((q[j] >> 4) - 8) * d; }
+    }
+}
+static void deq_q4_1(const uint8_t *b, float *y, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, b += 20, y += 32) {
+        const float d = h2f(rd16(b)), m = h2f(rd16(b + 2)); const uint8_t *q = b + 4;
+        for (int j = 0; j < 16; j++) { y[j] = (q[j] & 0xF) * d + m; y[j + 16] = (q[j] >> 4) * d + m; }
+    }
+}
+static void deq_q5_0(const uint8_t *b, float *y, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, b += 22, y += 32) {
+        const float d = h2f(rd16(b)); const uint32_t qh = rd32(b + 2); const uint8_t *q = b + 6;
+        for (int j = 0; j < 16; j++) {
+            const int x0 = (q[j] & 0xF) | (((qh >> j) & 1) << 4);
+            const int x1 = (q[j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
+            y[j] = (x0 - 16) * d; y[j + 16] = (x1 - 16) * d;
+        }
+    }
+}
+static void deq_q5_1(const uint8_t *b, float *y, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, b += 24, y += 32) {
+        const float d = h2f(rd16(b)), m = h2f(rd16(b + 2)); const uint32_t qh = rd32(b + 4); const uint8_t *q = b + 8;
+        for (int j = 0; j < 16; j++) {
+            const int x0 = (q[j] & 0xF) | (((qh >> j) & 1) << 4);
+            const int x1 = (q[j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
+            y[j] = x0 * d + m; y[j + 16] = x1 * d + m;
+        }
+    }
+}
+/* ---- 256-value K blocks ---- */
+static inline void scale_min_k4(int j, const uint8_t *q, uint8_t *d, uint8_t *m) {
+    if (j < 4) { *d = q[j] & 63; *m = q[j + 4] & 63; }
+    else { *d = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4); *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4); }
+}
+static void deq_q4_k(const uint8_t *b, float *y, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, b += 144) {
+        const float d = h2f(rd16(b)), dmin = h2f(rd16(b + 2)); const uint8_t *sc = b + 4, *q = b + 16;
+        int is = 0; uint8_t s, m;
+        for (int j = 0; j < 256; j += 64, q += 32) {
+            scale_min_k4(is++, sc, &s, &m); const float d1 = d * s, m1 = dmin * m;
+            scale_min_k4(is++, sc, &s, &m); const float d2 = d * s, m2 = dmin * m;
+            for (int l = 0; l < 32; l++) *y++ = d1 * (q[l] & 0xF) - m1;
+            for (int l = 0; l < 32; l++) *y++ = d2 * (q[l] >> 4) - m2;
+        }
+    }
+}
+static void deq_q5_k(const uint8_t *b, float *y, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, b += 176) {
+        const float d = h2f(rd16(b)), dmin = h2f(rd16(b + 2)); const uint8_t *sc = b + 4, *qh = b + 16, *q = b + 48;
+        int is = 0; uint8_t s, m, u1 = 1, u2 = 2;
+        for (int j = 0; j < 256; j += 64, q += 32, u1 <<= 2, u2 <<= 2) {
+            scale_min_k4(is++, sc, &s, &m); const float d1 = d * s, m1 = dmin * m;
+            scale_min_k4(is++, sc, &s, &m); const float d2 = d * s, m2 = dmin * m;
+            for (int l = 0; l < 32; l++) *y++ = d1 * ((q[l] & 0xF) + (qh[l] & u1 ? 16 : 0)) - m1;
+            for (int l = 0; l < 32; l++) *y++ = d2 * ((q[l] >> 4) + (qh[l] & u2 ? 16 : 0)) - m2;
+        }
+    }
+}
+static void deq_q6_k(const uint8_t *b, float *y, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, b += 210) {
+        const uint8_t *ql = b, *qh = b + 128; const int8_t *sc = (const int8_t *)(b + 192);
+        const float d = h2f(rd16(b + 208));
+        for (int n = 0; n < 256; n += 128, ql += 64, qh += 32, sc += 8, y += 128) {
+            for (int l = 0; l < 32; l++) {
+                const int is = l / 16;
+                const int q1 = (int)((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32;
+                const int q2 = (int)((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
+                const int q3 = (int)((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+                const int q4 = (int)((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+                y[l] = d * sc[is] * q1; y[l + 32] = d * sc[is + 2] * q2;
+                y[l + 64] = d * sc[is + 4] * q3; y[l + 96] = d * sc[is + 6] * q4;
+            }
+        }
+    }
+}
+static void deq_q2_k(const uint8_t *b, float *y, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, b += 84) {
+        const uint8_t *sc = b, *q = b + 16; const float d = h2f(rd16(b + 80)), dmin = h2f(rd16(b + 82));
+        int is = 0;
+        for (int n = 0; n < 256; n += 128, q += 32) {
+            for (int shift = 0; shift < 8; shift += 2) {
+                uint8_t s = sc[is++]; float dl = d * (s & 0xF), ml = dmin * (s >> 4);
+                for (int l = 0; l < 16; l++) *y++ = dl * ((q[l] >> shift) & 3) - ml;
+                s = sc[is++]; dl = d * (s & 0xF); ml = dmin * (s >> 4);
+                for (int l = 0; l < 16; l++) *y++ = dl * ((q[l + 16] >> shift) & 3) - ml;
+            }
+        }
+    }
+}
+static void deq_q3_k(const uint8_t *b, float *y, int64_t nb) {
+    const uint32_t kmask1 = 0x03030303, kmask2 = 0x0f0f0f0f;
+    for (int64_t i = 0; i < nb; i++, b += 110) {
+        const uint8_t *hm = b, *q = b + 32, *scr = b + 96; const float d_all = h2f(rd16(b + 108));
+        uint32_t aux[4]; memcpy(aux, scr, 12);
+        const uint32_t tmp = aux[2];
+        aux[2] = ((aux[0] >> 4) & kmask2) | (((tmp >> 4) & kmask1) << 4);
+        aux[3] = ((aux[1] >> 4) & kmask2) | (((tmp >> 6) & kmask1) << 4);
+        aux[0] = (aux[0] & kmask2) | (((tmp >> 0) & kmask1) << 4);
+        aux[1] = (aux[1] & kmask2) | (((tmp >> 2) & kmask1) << 4);
+        const int8_t *scales = (const int8_t *)aux;
+        int is = 0; uint8_t m = 1;
+        for (int n = 0; n < 256; n += 128, q += 32) {
+            for (int shift = 0; shift < 8; shift += 2, m <<= 1) {
+                float dl = d_all * (scales[is++] - 32);
+                for (int l = 0; l < 16; l++) *y++ = dl * ((int8_t)((q[l] >> shift) & 3) - ((hm[l] & m) ? 0 : 4));
+                dl = d_all * (scales[is++] - 32);
+                for (int l = 0; l < 16; l++) *y++ = dl * ((int8_t)((q[l + 16] >> shift) & 3) - ((hm[l + 16] & m) ? 0 : 4));
+            }
+        }
+    }
+}
+
+/* type ids are GGMLQuantizationType values; returns 0 on success, -1 for an unhandled type */
+int qc_dequant(int type, const uint8_t *src, float *dst, int64_t n_blocks) {
+    switch (type) {
+        case 2: deq_q4_0(src, dst, n_blocks); return 0;
+        case 3: deq_q4_1(src, dst, n_blocks); return 0;
+        case 6: deq_q5_0(src, dst, n_blocks); return 0;
+        case 7: deq_q5_1(src, dst, n_blocks); return 0;
+        case 8: deq_q8_0(src, dst, n_blocks); return 0;
+        case 10: deq_q2_k(src, dst, n_blocks); return 0;
+        case 11: deq_q3_k(src, dst, n_blocks); return 0;
+        case 12: deq_q4_k(src, dst, n_blocks); return 0;
+        case 13: deq_q5_k(src, dst, n_blocks); return 0;
+        case 14: deq_q6_k(src, dst, n_blocks); return 0;
+        default: return -1;
+    }
+}
+
+/* Q8_0 exactly as ggml's reference quantize_row_q8_0: d = amax/127, q = roundf(x/d). */
+void qc_quant_q8_0(const float *x, uint8_t *b, int64_t n_blocks) {
+    for (int64_t i = 0; i < n_blocks; i++, x += 32, b += 34) {
+        float amax = 0.0f;
+        for (int j = 0; j < 32; j++) { const float v = fabsf(x[j]); if (v > amax) amax = v; }
+        const float d = amax / 127.0f, id = d ? 1.0f / d : 0.0f;
+        const uint16_t dh = f2h(d); memcpy(b, &dh, 2);
+        for (int j = 0; j < 32; j++) ((int8_t *)(b + 2))[j] = (int8_t)roundf(x[j] * id);
+    }
+}
+
+static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_kernels",
+    "C kernels for qconvert, called through ctypes (see formats/kernels.py).", -1, NULL};
+PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&moddef); }

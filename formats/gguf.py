@@ -1,0 +1,201 @@
+"""GGUF: a lazy source over any GGUF (every type the gguf package decodes) and a streaming writer.
+
+The writer goes through the ``gguf`` package's GGUFWriter for the header, metadata and tensor table,
+then streams each tensor's bytes chunk by chunk, so memory stays at one chunk. Qwen2-MoE experts are
+stacked as ``ffn_*_exps`` (expert outermost); tied models get no ``output.weight``.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from formats.config import ModelConfig
+from formats.dtypes import row_nbytes
+from formats.errors import QConvertError
+from formats.gguf_file import read_header
+from formats.names import KEEP_F32_SUFFIXES, canonical_shape, gguf_layout, gguf_to_hf
+from formats.output import atomic_file
+from formats.progress import bar
+from formats.source import Source
+from formats.tensor import LazyTensor, stream_converted
+from formats.tokenizer import TokenizerData
+
+OUTTYPES = ("f32", "f16", "bf16", "q8_0", "auto")
+FILE_TYPE = {"F32": 0, "F16": 1, "Q8_0": 7, "BF16": 32}  # llama_ftype of the dominant type
+QUANT_VERSION = 2
+
+
+def open_gguf(path: str | Path) -> Source:
+    """Open a GGUF file as a Source (canonical HF names; stacked experts split per expert)."""
+    path = Path(path)
+    if not path.is_file():
+        raise QConvertError(f"{path}: no such file; pass a .gguf file")
+    kv, infos = read_header(path)
+    tok = TokenizerData.from_gguf_kv(kv, str(path))
+    by_name = {t.name: t for t in infos}
+    if "token_embd.weight" not in by_name:
+        raise QConvertError(f"{path}: no token_embd.weight; not a Qwen2 GGUF")
+    vocab = by_name["token_embd.weight"].shape[0]
+    cfg = ModelConfig.from_gguf_kv(kv, vocab, tied="output.weight" not in by_name, where=str(path))
+    fd = os.open(path, os.O_RDONLY)
+    src = Source(config=cfg, tokenizer=tok, tensors={}, path=str(path), kind="gguf", closers=[lambda: os.close(fd)])
+    src.gguf_kv = {k: v for k, v in kv.items() if not k.startswith("tokenizer.ggml.")}  # type: ignore[attr-defined]
+    for ti in infos:
+        try:
+            names = gguf_to_hf(ti.name, cfg.num_experts)
+        except KeyError:
+            src.close()
+            raise QConvertError(f"{path}: unknown tensor {ti.name!r} for {cfg.arch}; the file is not a plain "
+                                "Qwen2 / Qwen2-MoE model") from None
+        want = canonical_shape(names[0], cfg)
+        per = int(np.prod(want))
+        if int(np.prod(ti.shape)) != per * len(names):
+            src.close()
+            raise QConvertError(f"{path}: tensor {ti.name} has shape {list(ti.shape)}, config implies "
+                                f"{len(names)} x {list(want)}")
+        rb = row_nbytes(ti.type, want[-1])
+        rows_per = per // want[-1]
+        for e, name in enumerate(names):
+            src.tensors[name] = LazyTensor(name, want, ti.type, _reader(fd, ti.offset + e * rows_per * rb, rb, str(path)))
+    src.check_complete()
+    return src
+
+
+def _reader(fd: int, base: int, row_bytes: int, path: str):
+    def read(start: int, stop: int) -> np.ndarray:
+        n = (stop - start) * row_bytes
+        buf = os.pread(fd, n, base + start * row_bytes)
+        if len(buf) != n:
+            raise QConvertError(f"{path}: short read; the file is truncated")
+        return np.frombuffer(buf, dtype=np.uint8)
+    return read
+
+
+def tensor_type(gguf_name: str, shape: tuple[int, ...], outtype: str) -> str:
+    """GGML type of one output tensor: 1-D, norms and routers stay F32; rows that don't fit the block fall back."""
+    if len(shape) == 1 or gguf_name.endswith(KEEP_F32_SUFFIXES) or shape[0] == 1:
+        return "F32"
+    t = outtype.upper()
+    if t == "Q8_0" and shape[-1] % 32:
+        return "F16"  # llama.cpp's converter does the same
+    return t
+
+
+def resolve_outtype(src: Source, outtype: str) -> str:
+    """``auto`` -> bf16 for a bf16 source, else f16 (as llama.cpp's converter decides)."""
+    if outtype not in OUTTYPES:
+        raise QConvertError(f"unknown --outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
+    if outtype != "auto":
+        return outtype
+    return "bf16" if src.tensors["model.embed_tokens.weight"].stype == "BF16" else "f16"
+
+
+def size_label(cfg: ModelConfig) -> str:
+    """'0.5B', '7.6B', '8x1.2B', ... from the parameter count (as general.size_label)."""
+    from gguf.utility import size_label as _label
+    h = cfg.hidden_size
+    attn = h * cfg.head_dim * (cfg.num_attention_heads * 2 + cfg.num_key_value_heads * 2)
+    if cfg.is_moe:
+        expert = 3 * h * cfg.moe_intermediate_size
+        shared = cfg.num_hidden_layers * (attn + 3 * h * cfg.shared_expert_intermediate_size) + cfg.vocab_size * h
+        return _label(shared + expert * cfg.num_experts * cfg.num_hidden_layers, shared,
+                      expert * cfg.num_hidden_layers, cfg.num_experts)
+    total = cfg.num_hidden_layers * (attn + 3 * h * cfg.intermediate_size) + cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)
+    return _label(total, total, 0, 0)
+
+
+def write_gguf(src: Source, out: Path, outtype: str = "auto", force: bool = False, progress: bool = True,
+               name: str | None = None) -> dict[str, str]:
+    """Write ``src`` as a GGUF at ``out``. Returns {gguf tensor name: GGML type}."""
+    import gguf
+
+    ot = resolve_outtype(src, outtype)
+    cfg = src.config
+    layout = gguf_layout(cfg)
+    plan = []
+    for gname, members in layout:
+        shape = canonical_shape(members[0], cfg)
+        full = (len(members), *shape) if len(members) > 1 else shape
+        plan.append((gname, members, full, tensor_type(gname, shape, ot)))
+    kv: dict[str, Any] = {
+        "general.type": "model", "general.name": name or cfg.name or Path(src.path).name,
+        "general.size_label": size_label(cfg), "general.file_type": FILE_TYPE[ot.upper()],
+        "general.quantization_version": QUANT_VERSION,
+    }
+    kv.update(cfg.to_gguf_kv())
+    kv.update(src.tokenizer.to_gguf_kv(cfg.vocab_size))
+    total = 0
+    with atomic_file(Path(out), force) as tmp:
+        w = _Writer(str(tmp), cfg.arch)
+        for k, v in kv.items():
+            _add_kv(w, k, v)
+        for gname, members, shape, t in plan:
+            nbytes = int(np.prod(shape[:-1])) * row_nbytes(t, shape[-1])
+            total += nbytes
+            byte_shape = (*shape[:-1], row_nbytes(t, shape[-1]))
+            w.add_tensor_info(gname, byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=gguf.GGMLQuantizationType[t])
+        w.write_header_to_file(Path(tmp))
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        fout = w.fout[0]
+        with ThreadPoolExecutor(2) as pool, bar(total, f"writing {Path(out).name}", progress) as pb:
+            for gname, members, shape, t in plan:
+                w.write_padding(fout, fout.tell())
+                n = 0
+                for m in members:
+                    for chunk in stream_converted(src.tensors[m], t, pool):
+                        fout.write(memoryview(chunk).cast("B"))
+                        n += chunk.nbytes
+                        pb.update(chunk.nbytes)
+                w.write_padding(fout, n)
+        w.close()
+    return {g: t for g, _, _, t in plan}
+
+
+def _writer_class() -> type:
+    import struct
+
+    import gguf
+    from gguf import GGUFValueType as VT
+
+    class Writer(gguf.GGUFWriter):
+        """GGUFWriter with a fast path for long homogeneous str / int arrays (vocab, merges, token types).
+
+        Produces the same bytes as the base class, which packs item by item (seconds for 150k tokens).
+        """
+
+        def _pack_val(self, val: Any, vtype: Any, add_vtype: bool, sub_type: Any = None) -> bytes:
+            if vtype == VT.ARRAY and isinstance(val, list) and len(val) > 64 and sub_type is None:
+                head = struct.pack("<I", VT.ARRAY) if add_vtype else b""
+                if all(type(x) is str for x in val):
+                    enc = [x.encode("utf-8") for x in val]
+                    body = b"".join(struct.pack("<Q", len(e)) + e for e in enc)
+                    return head + struct.pack("<IQ", VT.STRING, len(val)) + body
+                if all(type(x) is int for x in val):
+                    return head + struct.pack("<IQ", VT.INT32, len(val)) + np.asarray(val, dtype="<i4").tobytes()
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+
+    return Writer
+
+
+def _Writer(path: str, arch: str) -> Any:
+    return _writer_class()(path, arch)
+
+
+def _add_kv(w: Any, key: str, v: Any) -> None:
+    if isinstance(v, bool):
+        w.add_bool(key, v)
+    elif isinstance(v, int):
+        w.add_uint32(key, v)
+    elif isinstance(v, float):
+        w.add_float32(key, v)
+    elif isinstance(v, str):
+        w.add_string(key, v)
+    elif isinstance(v, list):
+        w.add_array(key, v)
+    else:  # pragma: no cover - programming error
+        raise TypeError(f"metadata {key}: unsupported value {type(v).__name__}")

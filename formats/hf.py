@@ -1,0 +1,169 @@
+"""HF checkpoints: a lazy source (local folder or Hub repo id via the local cache) and a streaming writer.
+
+Only safetensors are read (never pickle). Sharded checkpoints are followed through
+``model.safetensors.index.json``. The writer produces sharded safetensors + index, ``config.json``,
+``generation_config.json`` and tokenizer files that transformers loads.
+"""
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from formats.config import ModelConfig
+from formats.dtypes import TORCH_NAMES
+from formats.errors import QConvertError
+from formats.names import canonical_names, canonical_shape
+from formats.output import atomic_dir
+from formats.safetensors_io import SafetensorsFile, SafetensorsWriter
+from formats.source import Source
+from formats.tensor import stream_converted
+from formats.tokenizer import TokenizerData
+
+DEFAULT_SHARD_BYTES = 4 << 30
+
+
+def resolve(path_or_id: str) -> Path:
+    """A local folder as is; otherwise an ``org/name`` Hub id resolved through huggingface_hub's cache.
+
+    Honours ``HF_HUB_OFFLINE=1`` / ``HF_HUB_CACHE``; only config, tokenizer and safetensors files are fetched.
+    """
+    p = Path(path_or_id)
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise QConvertError(f"{p}: expected an HF model folder (with config.json and *.safetensors)")
+    if path_or_id.count("/") != 1 or path_or_id.startswith((".", "/")):
+        raise QConvertError(f"{path_or_id}: no such folder, and not an 'org/name' Hub repo id")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        raise QConvertError("huggingface_hub is not installed; pass a local folder instead") from None
+    try:
+        return Path(snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt"]))
+    except (LocalEntryNotFoundError, HFValidationError) as e:
+        raise QConvertError(f"{path_or_id}: not found in the Hugging Face cache and the Hub is unreachable "
+                            f"({type(e).__name__}); download it first or pass a local folder") from None
+    except OSError as e:
+        raise QConvertError(f"{path_or_id}: could not fetch from the Hub ({e})") from None
+
+
+def _read_json(p: Path) -> dict[str, Any]:
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise QConvertError(f"{p}: cannot read JSON ({e})") from None
+
+
+def open_hf(path_or_id: str) -> Source:
+    """Open an HF checkpoint folder (or Hub id) as a Source; reads headers only."""
+    d = resolve(path_or_id)
+    if not (d / "config.json").is_file():
+        raise QConvertError(f"{d}: no config.json; point at a Hugging Face model folder")
+    raw_cfg = _read_json(d / "config.json")
+    cfg = ModelConfig.from_hf_dict(raw_cfg, str(d / "config.json"))
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        wm = _read_json(index).get("weight_map")
+        if not isinstance(wm, dict):
+            raise QConvertError(f"{index}: no weight_map; the index file is damaged")
+        files = sorted(set(wm.values()))
+    else:
+        files = sorted(p.name for p in d.glob("*.safetensors"))
+    if not files:
+        pickles = [p.name for p in d.glob("*.bin")] + [p.name for p in d.glob("*.pt")]
+        hint = " (pickle checkpoints are never loaded: re-save with safetensors)" if pickles else ""
+        raise QConvertError(f"{d}: no *.safetensors files{hint}")
+    src = Source(config=cfg, tokenizer=TokenizerData.from_hf_dir(d, raw_cfg), tensors={}, path=str(d), kind="hf")
+    if (d / "generation_config.json").is_file():
+        src.generation_config = _read_json(d / "generation_config.json")
+    known = set(canonical_names(cfg))
+    for fn in files:
+        if not (d / fn).is_file():
+            raise QConvertError(f"{d / fn}: listed in the index but missing; the download is incomplete")
+        f = SafetensorsFile(d / fn)
+        src.closers.append(f.close)
+        for name in f.names():
+            if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                continue  # tied: the embedding is the head
+            if name not in known:
+                if name.endswith("rotary_emb.inv_freq"):
+                    continue
+                raise QConvertError(f"{d / fn}: unexpected tensor {name!r} for a {cfg.arch} model; "
+                                    "is config.json from the same checkpoint?")
+            t = f.tensor(name)
+            want = canonical_shape(name, cfg)
+            if t.shape != want:
+                raise QConvertError(f"{d / fn}: tensor {name} has shape {list(t.shape)}, config implies {list(want)}")
+            src.tensors[name] = t
+    src.check_complete()
+    return src
+
+
+def write_hf(src: Source, out: Path, dtype: str = "bf16", max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+             force: bool = False, progress: bool = True) -> list[Path]:
+    """Write ``src`` as an HF folder (sharded safetensors in ``dtype``: bf16|f16|f32). Returns the shard paths."""
+    from formats.dtypes import HF_DTYPES
+    from formats.progress import bar
+
+    if dtype not in HF_DTYPES:
+        raise QConvertError(f"unknown dtype {dtype!r}; choose one of {', '.join(HF_DTYPES)}")
+    st = HF_DTYPES[dtype]
+    cfg = src.config.replace(dtype=TORCH_NAMES[st])
+    names = canonical_names(cfg)
+    plan = [(n, st, canonical_shape(n, cfg)) for n in names]
+    itemsize = {"BF16": 2, "F16": 2, "F32": 4}[st]
+    shards: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for item in plan:
+        n = itemsize * _numel(item[2])
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += n
+    total = sum(itemsize * _numel(s) for _, _, s in plan)
+    fnames = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    with atomic_dir(Path(out), force) as tmp, ThreadPoolExecutor(2) as pool, \
+            bar(total, f"writing {Path(out).name}", progress) as pb:
+        for fname, shard in zip(fnames, shards):
+            with open(tmp / fname, "wb") as f:
+                w = SafetensorsWriter(f, shard)
+                for name, _, shape in shard:
+                    for chunk in stream_converted(src.tensors[name], st, pool):
+                        w.write(chunk)
+                        pb.update(chunk.nbytes)
+        if len(shards) > 1:
+            wm = {name: fname for fname, shard in zip(fnames, shards) for name, _, _ in shard}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": wm}, indent=2) + "\n")
+        _write_json(tmp / "config.json", cfg.to_hf_dict())
+        gen = dict(src.generation_config) or {}
+        gen.setdefault("bos_token_id", cfg.bos_token_id if cfg.bos_token_id is not None else src.tokenizer.bos_id)
+        eos = cfg.eos_token_id if cfg.eos_token_id is not None else src.tokenizer.eos_id
+        gen.setdefault("eos_token_id", eos)
+        if src.tokenizer.pad_id is not None:
+            gen.setdefault("pad_token_id", src.tokenizer.pad_id)
+        gen.setdefault("do_sample", False)
+        _write_json(tmp / "generation_config.json", gen)
+        for fname, obj in src.tokenizer.to_hf_files().items():
+            _write_json(tmp / fname, obj)
+    return [Path(out) / f for f in fnames]
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _write_json(p: Path, obj: Any) -> None:
+    with open(p, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    os.chmod(p, 0o644)

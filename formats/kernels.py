@@ -1,0 +1,126 @@
+"""ctypes bindings to ``formats/_kernels.c`` (built on install), with numpy fallbacks.
+
+``convert(raw, src, dst)`` turns raw rows of one stored type into raw rows of another; the C path is
+bit-identical to the numpy / gguf-package path (tests check this) and releases the GIL, so callers
+may convert chunks on several threads.
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+
+import numpy as np
+from gguf import GGMLQuantizationType as GQ
+from gguf.constants import GGML_QUANT_SIZES
+
+from formats import dtypes
+
+_LIB = None
+_spec = importlib.util.find_spec("formats._kernels")
+if _spec is not None and _spec.origin:
+    try:
+        _LIB = ctypes.CDLL(_spec.origin)
+    except OSError:  # a broken build: fall back to numpy
+        _LIB = None
+
+_P = ctypes.c_void_p
+_N = ctypes.c_int64
+if _LIB is not None:
+    for _fn in ("qc_f16_to_f32", "qc_f32_to_f16", "qc_bf16_to_f32", "qc_f32_to_bf16", "qc_bf16_to_f16",
+                "qc_f16_to_bf16", "qc_quant_q8_0"):
+        getattr(_LIB, _fn).argtypes = [_P, _P, _N]
+        getattr(_LIB, _fn).restype = None
+    _LIB.qc_dequant.argtypes = [ctypes.c_int, _P, _P, _N]
+    _LIB.qc_dequant.restype = ctypes.c_int
+
+
+def _keep_chunk_buffers() -> None:
+    """Let glibc reuse freed chunk buffers instead of mapping fresh pages for every chunk.
+
+    Streaming converts tensors in chunks of a few MB; by default each such buffer is a new mmap whose
+    page faults cost more than the conversion itself. Buffers below 64 MB now come from the heap.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 << 20)   # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 128 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+_keep_chunk_buffers()
+C_DEQUANT = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
+_FLOAT_DT = {"F32": np.float32, "F16": np.uint16, "BF16": np.uint16}
+
+
+def available() -> bool:
+    """True when the compiled kernels are loaded."""
+    return _LIB is not None
+
+
+def _ptr(a: np.ndarray) -> int:
+    return a.ctypes.data
+
+
+def _elems(raw: np.ndarray, t: str) -> tuple[np.ndarray, int]:
+    """Contiguous raw buffer and its number of values."""
+    raw = np.ascontiguousarray(raw)
+    if t in _FLOAT_DT:
+        return raw, raw.nbytes // np.dtype(_FLOAT_DT[t]).itemsize
+    block, size = GGML_QUANT_SIZES[GQ[t]]
+    return raw, raw.nbytes // size * block
+
+
+def to_f32(raw: np.ndarray, t: str, use_c: bool = True) -> np.ndarray:
+    """Raw values of type ``t`` (any shape, rows last) -> flat float32."""
+    raw, n = _elems(raw, t)
+    if t == "F32":
+        return raw.view(np.float32).reshape(-1)
+    if use_c and _LIB is not None and (t in ("F16", "BF16") or t in C_DEQUANT):
+        out = np.empty(n, np.float32)
+        if t == "F16":
+            _LIB.qc_f16_to_f32(_ptr(raw), _ptr(out), n)
+        elif t == "BF16":
+            _LIB.qc_bf16_to_f32(_ptr(raw), _ptr(out), n)
+        else:
+            nb = raw.nbytes // GGML_QUANT_SIZES[GQ[t]][1]
+            _LIB.qc_dequant(int(GQ[t]), _ptr(raw), _ptr(out), nb)
+        return out
+    block, size = GGML_QUANT_SIZES[GQ[t]]
+    if t in ("F16", "BF16"):
+        return dtypes.decode_rows(raw.reshape(-1), t).reshape(-1)
+    return dtypes.decode_rows(raw.view(np.uint8).reshape(-1, size), t).reshape(-1)
+
+
+def from_f32(x: np.ndarray, t: str, use_c: bool = True) -> np.ndarray:
+    """float32 values -> flat raw values of type ``t`` (uint8 for block types, uint16 for F16/BF16)."""
+    x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    n = x.size
+    if t == "F32":
+        return x
+    if use_c and _LIB is not None and t in ("F16", "BF16", "Q8_0"):
+        if t == "Q8_0":
+            out = np.empty(n // 32 * 34, np.uint8)
+            _LIB.qc_quant_q8_0(_ptr(x), _ptr(out), n // 32)
+        else:
+            out = np.empty(n, np.uint16)
+            (_LIB.qc_f32_to_f16 if t == "F16" else _LIB.qc_f32_to_bf16)(_ptr(x), _ptr(out), n)
+        return out
+    if t == "F16":
+        return x.astype(np.float16).view(np.uint16)
+    if t == "BF16":
+        return dtypes.f32_to_bf16(x)
+    block = GGML_QUANT_SIZES[GQ[t]][0]
+    return dtypes.encode_rows(x.reshape(-1, block), t).reshape(-1)
+
+
+def convert(raw: np.ndarray, src: str, dst: str, use_c: bool = True) -> np.ndarray:
+    """Raw values of type ``src`` -> flat raw values of type ``dst`` (a copy-free view when equal)."""
+    if src == dst:
+        return np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
+    if use_c and _LIB is not None and (src, dst) in (("BF16", "F16"), ("F16", "BF16")):
+        raw, n = _elems(raw, src)
+        out = np.empty(n, np.uint16)
+        (_LIB.qc_bf16_to_f16 if src == "BF16" else _LIB.qc_f16_to_bf16)(_ptr(raw), _ptr(out), n)
+        return out.view(np.uint8)
+    return from_f32(to_f32(raw, src, use_c), dst, use_c).view(np.uint8)

