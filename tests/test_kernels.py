@@ -1,0 +1,51 @@
+"""The C kernels equal the numpy / gguf-package codecs bit for bit."""
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as GQ
+from gguf import quants
+from gguf.constants import GGML_QUANT_SIZES
+
+from formats import kernels
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="C kernels not built")
+
+
+def _floats(n: int) -> np.ndarray:
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal(n) * 0.05).astype(np.float32)
+    x[:12] = [0.0, -0.0, 1e-8, -3e-7, 6.1e-5, -6.0e-5, 65504, 65519, -65520, 70000, 1e-30, 3.0]
+    return x
+
+
+@pytest.mark.parametrize("t", ["F16", "BF16"])
+def test_float_conversions_bit_exact(t):
+    x = _floats(1 << 16)
+    with np.errstate(over="ignore"):
+        a, b = kernels.from_f32(x, t), kernels.from_f32(x, t, use_c=False)
+    assert a.view(np.uint16).tolist() == b.view(np.uint16).tolist()
+    assert np.array_equal(kernels.to_f32(a, t), kernels.to_f32(b, t, use_c=False))
+
+
+def test_bf16_to_f16_direct_equals_via_f32():
+    u = kernels.from_f32(_floats(1 << 16), "BF16")
+    with np.errstate(over="ignore"):
+        assert np.array_equal(kernels.convert(u, "BF16", "F16"), kernels.convert(u, "BF16", "F16", use_c=False))
+
+
+def test_q8_0_quantize_matches_gguf_package():
+    x = _floats(1 << 15).reshape(-1, 256)
+    ours = kernels.from_f32(x, "Q8_0")
+    ref = quants.quantize(x, GQ.Q8_0).reshape(-1)
+    assert ours.tobytes() == ref.tobytes()
+
+
+@pytest.mark.parametrize("t", sorted(kernels.C_DEQUANT))
+def test_dequant_matches_gguf_package(t):
+    block, size = GGML_QUANT_SIZES[GQ[t]]
+    rng = np.random.default_rng(2)
+    raw = rng.integers(0, 256, size=(512, size), dtype=np.uint8)
+    raw[:, 1::2] &= 0x3B  # keep every f16 field finite
+    ours = kernels.to_f32(raw, t)
+    ref = quants.dequantize(raw, GQ[t]).reshape(-1)
+    assert ours.shape == ref.shape == (512 * block,)
+    assert np.array_equal(ours, ref)
