@@ -1,0 +1,43 @@
+"""llama.cpp runs our GGUFs with the logits transformers computes on the source checkpoint."""
+import pytest
+
+from conftest import VARIANTS, qconvert
+from qconvert.peers import hf_logits, kl_stats, llama_convert, llama_logits
+
+BOUNDS = {"f32": 1e-5, "f16": 5e-5, "bf16": 1.5e-3}
+
+
+@pytest.fixture(scope="module")
+def reference(tiny, sample_tokens):
+    cache = {}
+
+    def get(variant):
+        if variant not in cache:
+            cache[variant] = hf_logits(tiny(variant), sample_tokens)
+        return cache[variant]
+    return get
+
+
+@pytest.mark.parametrize("outtype", ["f32", "f16", "bf16"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_llama_cpp_matches_transformers(tiny, tmp_path, sample_tokens, reference, variant, outtype):
+    out = tmp_path / f"{variant}-{outtype}.gguf"
+    qconvert("hf-to-gguf", str(tiny(variant)), str(out), "--outtype", outtype)
+    ref = reference(variant)
+    assert ref.std() > 3.0  # peaky logits, so errors show
+    s = kl_stats(ref, llama_logits(out, sample_tokens))
+    assert s["mean_kl"] <= BOUNDS[outtype], s
+    assert s["top1"] >= 0.95, s
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_q8_0_matches_llama_cpp_converter(tiny, tmp_path, sample_tokens, reference, variant):
+    ours, theirs = tmp_path / "ours.gguf", tmp_path / "theirs.gguf"
+    qconvert("hf-to-gguf", str(tiny(variant)), str(ours), "--outtype", "q8_0")
+    llama_convert(tiny(variant), theirs, "q8_0")
+    ref = reference(variant)
+    a = kl_stats(ref, llama_logits(ours, sample_tokens))
+    b = kl_stats(ref, llama_logits(theirs, sample_tokens))
+    assert a["mean_kl"] <= 1.5 * b["mean_kl"], (a, b)
+    assert a["top1"] >= 0.95, a
+    assert 0 < a["mean_kl"] < 0.05  # q8_0 is lossy, but not broken
