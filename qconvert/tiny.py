@@ -88,14 +88,14 @@ def tensors(variant: str, seed: int = 0) -> dict[str, np.ndarray]:
         t[p + "self_attn.o_proj.weight"] = w(h, q, 0.5)
         if c["model_type"] == "qwen2_moe":
             e, mff, sff = c["num_experts"], c["moe_intermediate_size"], c["shared_expert_intermediate_size"]
-            t[p + "mlp.gate.weight"] = w(e, h, 3.0)
+            t[p + "mlp.gate.weight"] = w(e, h, 8.0)
             for j in range(e):
                 t[p + f"mlp.experts.{j}.gate_proj.weight"] = w(mff, h)
                 t[p + f"mlp.experts.{j}.up_proj.weight"] = w(mff, h)
-                t[p + f"mlp.experts.{j}.down_proj.weight"] = w(h, mff, 0.5)
+                t[p + f"mlp.experts.{j}.down_proj.weight"] = w(h, mff, 0.25)
             t[p + "mlp.shared_expert.gate_proj.weight"] = w(sff, h)
             t[p + "mlp.shared_expert.up_proj.weight"] = w(sff, h)
-            t[p + "mlp.shared_expert.down_proj.weight"] = w(h, sff, 0.5)
+            t[p + "mlp.shared_expert.down_proj.weight"] = w(h, sff, 0.25)
             t[p + "mlp.shared_expert_gate.weight"] = w(1, h, 2.0)
         else:
             t[p + "mlp.gate_proj.weight"] = w(ff, h)

@@ -26,6 +26,7 @@ def test_llama_cpp_matches_transformers(tiny, tmp_path, sample_tokens, reference
     ref = reference(variant)
     assert ref.std() > 3.0  # peaky logits, so errors show
     s = kl_stats(ref, llama_logits(out, sample_tokens))
+    print(f"{variant} {outtype}: {s}")
     assert s["mean_kl"] <= BOUNDS[outtype], s
     assert s["top1"] >= 0.95, s
 
@@ -38,6 +39,7 @@ def test_q8_0_matches_llama_cpp_converter(tiny, tmp_path, sample_tokens, referen
     ref = reference(variant)
     a = kl_stats(ref, llama_logits(ours, sample_tokens))
     b = kl_stats(ref, llama_logits(theirs, sample_tokens))
+    print(f"{variant} q8_0 ours: {a}\n{variant} q8_0 llama.cpp converter: {b}")
     assert a["mean_kl"] <= 1.5 * b["mean_kl"], (a, b)
     assert a["top1"] >= 0.95, a
     assert 0 < a["mean_kl"] < 0.05  # q8_0 is lossy, but not broken
