@@ -119,3 +119,33 @@ def test_inspect_json(tiny, tmp_path):
         assert d["arch"] == "qwen2" and d["config"]["hidden_size"] == 256
         assert d["n_params"] == sum(np.prod(t["shape"]) for t in d["tensors"])
     assert d["types"] == {"Q8_0": 16, "F32": 11}  # 7 matrices x 2 layers + embedding + output; 5 x 2 + 1 1-D in F32
+
+
+def test_f16_and_sharded_input(tiny_root, tmp_path):
+    """A sharded f16 checkpoint (index.json) converts bit-exactly to f16 GGUF and back."""
+    from qconvert.tiny import make_tiny
+    src = make_tiny(tmp_path / "sharded", "moe", "f16", shard_bytes=8 << 20)
+    assert len(list(src.glob("*.safetensors"))) > 1
+    qconvert("hf-to-gguf", str(src), str(tmp_path / "m.gguf"), "--outtype", "auto")
+    kv, infos = read_header(tmp_path / "m.gguf")
+    assert kv["general.file_type"] == 1  # auto -> f16 for an f16 source
+    qconvert("gguf-to-hf", str(tmp_path / "m.gguf"), str(tmp_path / "hf"), "--dtype", "f16")
+    a, b = _load_raw(src)[0], _load_raw(tmp_path / "hf")[0]
+    assert a == b
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_transformers_loads_our_hf_output(tiny, tmp_path, sample_tokens, variant):
+    """gguf-to-hf output loads in transformers with every weight in place and the source's logits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qconvert.peers import hf_logits
+    qconvert("hf-to-gguf", str(tiny(variant)), str(tmp_path / "m.gguf"), "--outtype", "f32")
+    qconvert("gguf-to-hf", str(tmp_path / "m.gguf"), str(tmp_path / "hf"), "--dtype", "f32")
+    model, info = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32,
+                                                       output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    del model
+    ids = sample_tokens[:48]
+    assert np.array_equal(hf_logits(tiny(variant), ids), hf_logits(tmp_path / "hf", ids))

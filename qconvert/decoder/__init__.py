@@ -1,0 +1,19 @@
+"""Reference Qwen2 / Qwen2-MoE decoders: numpy (fp32, CPU) and torch (fp32/bf16, CPU or CUDA)."""
+from __future__ import annotations
+
+from formats.source import Source
+
+
+def make_decoder(src: Source, backend: str = "numpy", device: str = "cpu", dtype: str = "float32"):
+    """Build a decoder for ``src``: ``backend`` numpy|torch; torch takes ``device`` cpu|cuda and ``dtype``."""
+    from formats.errors import QConvertError
+
+    if backend == "numpy":
+        if device != "cpu":
+            raise QConvertError("the numpy backend runs on the CPU only; use --backend torch for --device cuda")
+        from qconvert.decoder.numpy_backend import NumpyDecoder
+        return NumpyDecoder(src)
+    if backend == "torch":
+        from qconvert.decoder.torch_backend import TorchDecoder
+        return TorchDecoder(src, device=device, dtype=dtype)
+    raise QConvertError(f"unknown backend {backend!r}; choose numpy or torch")

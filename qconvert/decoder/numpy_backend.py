@@ -1,0 +1,133 @@
+"""The reference decoder in plain numpy, float32 on the CPU.
+
+One function per block of the model, written to be read next to transformers' ``modeling_qwen2.py``:
+RMSNorm, rotary embedding (rotate-half), grouped-query attention with q/k/v biases, SwiGLU MLP or the
+Qwen2-MoE block (softmax top-k routing, shared expert gated by a sigmoid), tied or separate head.
+``forward`` takes the next tokens and a KV cache, so prefill and incremental decoding are one code path.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from formats.config import ModelConfig
+from formats.source import Source
+from qconvert.decoder.model import LayerNames, lm_head_name, load_f32
+from qconvert.decoder.rope import cos_sin, inv_freq_and_scale
+
+
+class KVCache:
+    """Keys and values of every layer: [layers][kv_heads, max_len, head_dim], filled up to ``length``."""
+
+    def __init__(self, cfg: ModelConfig, max_len: int):
+        shape = (cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [np.zeros(shape, np.float32) for _ in range(cfg.num_hidden_layers)]
+        self.v = [np.zeros(shape, np.float32) for _ in range(cfg.num_hidden_layers)]
+        self.length = 0
+        self.max_len = max_len
+
+
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """x / sqrt(mean(x^2) + eps) * w."""
+    var = np.mean(x * x, axis=-1, keepdims=True, dtype=np.float32)
+    return (x / np.sqrt(var + np.float32(eps))) * w
+
+
+def rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Apply rotary embedding to x [T, heads, hd] with cos/sin [T, hd] (rotate-half convention)."""
+    half = x.shape[-1] // 2
+    rot = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, None, :] + rot * sin[:, None, :]
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    """x * sigmoid(x)."""
+    return x / (np.float32(1) + np.exp(-x))
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Numerically stable softmax."""
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+class NumpyDecoder:
+    """Qwen2 / Qwen2-MoE forward pass over float32 weights read once from a Source."""
+
+    def __init__(self, src: Source):
+        self.cfg = cfg = src.config
+        self.w = {name: load_f32(src, name) for name in src.tensors}
+        self.head = self.w[lm_head_name(cfg)]
+        self.inv_freq, self.rope_scale = inv_freq_and_scale(cfg)
+        self.layers = [LayerNames(i) for i in range(cfg.num_hidden_layers)]
+
+    def new_cache(self, max_len: int) -> KVCache:
+        """An empty KV cache for up to ``max_len`` positions."""
+        return KVCache(self.cfg, max_len)
+
+    # ---------------------------------------------------------------- blocks
+    def attention(self, x: np.ndarray, n: LayerNames, cache: KVCache, layer: int,
+                  cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        cfg, w, T = self.cfg, self.w, x.shape[0]
+        hd, nh, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+        q = (x @ w[n.q].T + w[n.q_b]).reshape(T, nh, hd)
+        k = (x @ w[n.k].T + w[n.k_b]).reshape(T, nkv, hd)
+        v = (x @ w[n.v].T + w[n.v_b]).reshape(T, nkv, hd)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        start = cache.length
+        end = start + T
+        cache.k[layer][:, start:end] = k.transpose(1, 0, 2)
+        cache.v[layer][:, start:end] = v.transpose(1, 0, 2)
+        K, V = cache.k[layer][:, :end], cache.v[layer][:, :end]          # [nkv, S, hd]
+        g = cfg.n_kv_groups
+        qg = q.reshape(T, nkv, g, hd).transpose(1, 2, 0, 3)            # [nkv, g, T, hd]
+        scores = (qg @ K[:, None].transpose(0, 1, 3, 2)) / np.float32(np.sqrt(hd))  # [nkv, g, T, S]
+        if T > 1:  # causal: query i (absolute start+i) sees keys <= start+i
+            mask = np.arange(end)[None, :] > (start + np.arange(T))[:, None]
+            scores = np.where(mask, np.float32(-np.inf), scores)
+        out = softmax(scores) @ V[:, None]                               # [nkv, g, T, hd]
+        out = out.transpose(2, 0, 1, 3).reshape(T, nh * hd)
+        return out @ w[n.o].T
+
+    def mlp(self, x: np.ndarray, n: LayerNames) -> np.ndarray:
+        w = self.w
+        return (silu(x @ w[n.gate].T) * (x @ w[n.up].T)) @ w[n.down].T
+
+    def moe(self, x: np.ndarray, n: LayerNames) -> np.ndarray:
+        cfg, w = self.cfg, self.w
+        probs = softmax(x @ w[n.router].T)                               # [T, E]
+        top = np.argsort(-probs, axis=-1, kind="stable")[:, : cfg.num_experts_per_tok]
+        weights = np.take_along_axis(probs, top, axis=-1)
+        if cfg.norm_topk_prob:
+            weights = weights / weights.sum(-1, keepdims=True)
+        out = np.zeros_like(x)
+        for e in np.unique(top):
+            rows, slot = np.nonzero(top == e)
+            xe = x[rows]
+            ye = (silu(xe @ w[n.expert(e, "gate_proj")].T) * (xe @ w[n.expert(e, "up_proj")].T)) \
+                @ w[n.expert(e, "down_proj")].T
+            out[rows] += ye * weights[rows, slot][:, None]
+        shared = (silu(x @ w[n.sh_gate].T) * (x @ w[n.sh_up].T)) @ w[n.sh_down].T
+        gate = np.float32(1) / (np.float32(1) + np.exp(-(x @ w[n.sh_router].T)))
+        return out + gate * shared
+
+    # ---------------------------------------------------------------- model
+    def forward(self, tokens: np.ndarray, cache: KVCache) -> np.ndarray:
+        """Logits [T, vocab] of ``tokens`` following what the cache holds; the cache grows by T."""
+        cfg, w = self.cfg, self.w
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        T = tokens.shape[0]
+        if cache.length + T > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} positions; {cache.length + T} needed")
+        cos, sin = cos_sin(self.inv_freq, self.rope_scale, np.arange(cache.length, cache.length + T))
+        x = w["model.embed_tokens.weight"][tokens]
+        for i, n in enumerate(self.layers):
+            x = x + self.attention(rms_norm(x, w[n.ln1], cfg.rms_norm_eps), n, cache, i, cos, sin)
+            h = rms_norm(x, w[n.ln2], cfg.rms_norm_eps)
+            x = x + (self.moe(h, n) if cfg.is_moe else self.mlp(h, n))
+        cache.length += T
+        return rms_norm(x, w["model.norm.weight"], cfg.rms_norm_eps) @ self.head.T
+
+    def logits(self, tokens: list[int] | np.ndarray) -> np.ndarray:
+        """Full-sequence logits [T, vocab] from an empty cache."""
+        cache = self.new_cache(len(tokens))
+        return self.forward(np.asarray(tokens), cache)
