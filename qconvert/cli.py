@@ -86,6 +86,160 @@ def inspect_cmd(model: str, as_json: bool, show_all: bool) -> None:
     click.echo(json.dumps(d, indent=1) if as_json else render(d, None if show_all else 40))
 
 
+def _backend_options(f):
+    f = click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+                     help="torch backend weight dtype")(f)
+    f = click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)(f)
+    f = click.option("--backend", type=click.Choice(["numpy", "torch"]), default="numpy", show_default=True)(f)
+    return f
+
+
+def _tokens(src, text: Path | None, token_ids: Path | None, ctx: int) -> "list[int]":
+    from qconvert.text import encode
+
+    if token_ids is not None:
+        try:
+            ids = json.loads(token_ids.read_text())
+        except (OSError, ValueError) as e:
+            raise QConvertError(f"{token_ids}: cannot read token ids ({e}); expected a JSON list of integers") from None
+        if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+            raise QConvertError(f"{token_ids}: expected a JSON list of integers")
+        bad = [i for i in ids if not 0 <= i < src.config.vocab_size]
+        if bad:
+            raise QConvertError(f"{token_ids}: token id {bad[0]} outside the vocabulary (0..{src.config.vocab_size - 1})")
+    else:
+        path = text or Path(__file__).parent / "data" / "verify.txt"
+        try:
+            body = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise QConvertError(f"{path}: cannot read text ({e})") from None
+        ids = encode(src.tokenizer, body)
+    if len(ids) < 2:
+        raise QConvertError("need at least 2 tokens; give a longer --text")
+    return ids[:ctx]
+
+
+def _model_logits(location: str, tokens, backend: str, device: str, dtype: str):
+    import numpy as np
+
+    from formats.detect import open_model
+    from qconvert.decoder import make_decoder
+
+    with open_model(location) as src:
+        dec = make_decoder(src, backend, device, dtype)
+    out = dec.logits(tokens)
+    del dec
+    return np.asarray(out, dtype=np.float32)
+
+
+@cli.command("logits")
+@click.argument("model")
+@click.option("--text", type=click.Path(path_type=Path, dir_okay=False), help="text file to tokenise")
+@click.option("--token-ids", type=click.Path(path_type=Path, dir_okay=False), help="JSON list of token ids")
+@click.option("--ctx", default=512, show_default=True, help="use the first N tokens")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="output .npz (token_ids, logits)")
+@click.option("--force", is_flag=True, help="overwrite --out")
+@_backend_options
+def logits_cmd(model: str, text: Path | None, token_ids: Path | None, ctx: int, out: Path, force: bool,
+               backend: str, device: str, dtype: str) -> None:
+    """Write the model's logits for the first N tokens of a text (or of given token ids)."""
+    import numpy as np
+
+    from formats.detect import open_model
+    from formats.output import atomic_file, check_target
+
+    if text is not None and token_ids is not None:
+        raise QConvertError("give either --text or --token-ids, not both")
+    check_target(out, force)
+    with open_model(model) as src:
+        ids = _tokens(src, text, token_ids, ctx)
+    t0 = time.perf_counter()
+    lg = _model_logits(model, ids, backend, device, dtype)
+    with atomic_file(out, force) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, token_ids=np.asarray(ids, dtype=np.int32), logits=lg)
+    click.echo(f"wrote {out}: {len(ids)} tokens x {lg.shape[1]} logits ({backend}, {time.perf_counter() - t0:.1f}s)")
+
+
+@cli.command("verify")
+@click.argument("ref")
+@click.argument("cand")
+@click.option("--text", type=click.Path(path_type=Path, dir_okay=False), help="text to evaluate (default: built-in sample)")
+@click.option("--ctx", default=512, show_default=True, help="number of tokens")
+@click.option("--max-kld", type=float, default=None, help="bound on mean KL (default by candidate type, see README)")
+@click.option("--min-top1", type=float, default=None, help="bound on top-1 agreement (default by candidate type)")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="write the report as JSON")
+@click.option("--plot", type=click.Path(path_type=Path), help="write KL per position as a PNG")
+@_backend_options
+def verify_cmd(ref: str, cand: str, text: Path | None, ctx: int, max_kld: float | None, min_top1: float | None,
+               json_out: Path | None, plot: Path | None, backend: str, device: str, dtype: str) -> None:
+    """Run REF and CAND on the same tokens; exit 1 when KL or top-1 misses its bound."""
+    import numpy as np
+
+    from formats.detect import open_model
+    from qconvert.verify import candidate_kind, compare
+    from qconvert.verify import plot as plot_kl
+
+    with open_model(ref) as r, open_model(cand) as c:
+        if r.tokenizer.tokens[: r.tokenizer.n_real] != c.tokenizer.tokens[: c.tokenizer.n_real]:
+            raise QConvertError(f"{ref} and {cand} have different vocabularies; they are not the same model")
+        ids = _tokens(r, text, None, ctx)
+        kind = candidate_kind({t.stype for t in c.tensors.values()})
+    lr = _model_logits(ref, ids, backend, device, dtype)
+    lc = _model_logits(cand, ids, backend, device, dtype)
+    rep, kl = compare(lr, lc, np.asarray(ids), kind, max_kld, min_top1)
+    click.echo(f"tokens {rep.n_tokens}  candidate {kind}\n"
+               f"KL mean {rep.mean_kl:.3e}  p99 {rep.p99_kl:.3e}  max {rep.max_kl:.3e}   (bound {rep.max_kld:g})\n"
+               f"top-1 agreement {rep.top1 * 100:.2f}%   (bound {rep.min_top1 * 100:g}%)\n"
+               f"perplexity ref {rep.ppl_ref:.4f}  cand {rep.ppl_cand:.4f}\n"
+               f"max |dlogit| {rep.max_abs_dlogit:.4g}\n{'PASS' if rep.passed else 'FAIL'}")
+    if json_out:
+        json_out.write_text(json.dumps(rep.as_dict(), indent=2) + "\n")
+    if plot:
+        plot_kl(kl, plot, f"{Path(cand).name} vs {Path(ref).name}: mean KL {rep.mean_kl:.2e}")
+    if not rep.passed:
+        sys.exit(1)
+
+
+@cli.command("generate")
+@click.argument("model")
+@click.option("--prompt", required=True, help="prompt text")
+@click.option("--chat", is_flag=True, help="wrap the prompt as a user turn with the model's chat template")
+@click.option("--system", default=None, help="system message for --chat")
+@click.option("--max-new-tokens", default=128, show_default=True)
+@click.option("--ignore-eos", is_flag=True, help="keep going past end-of-sequence tokens")
+@_backend_options
+def generate_cmd(model: str, prompt: str, chat: bool, system: str | None, max_new_tokens: int, ignore_eos: bool,
+                 backend: str, device: str, dtype: str) -> None:
+    """Greedy generation, streamed; ends with prefill and decode tokens/s."""
+    from formats.detect import open_model
+    from formats.tokenizer import CONTROL
+    from qconvert.decoder import make_decoder
+    from qconvert.generate import Streamer, greedy
+    from qconvert.text import load_tokenizer, render_chat
+
+    with open_model(model) as src:
+        tok = src.tokenizer
+        if chat:
+            msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            prompt = render_chat(tok, msgs)
+        t = load_tokenizer(tok)
+        ids = t.encode(prompt, add_special_tokens=False).ids
+        dec = make_decoder(src, backend, device, dtype)
+    stop = set() if ignore_eos else {i for i in (tok.eos_id, tok.pad_id) if i is not None}
+    if chat and not ignore_eos:
+        stop |= {i for i, s in enumerate(tok.tokens[: tok.n_real]) if s in ("<|im_end|>", "<|endoftext|>")
+                 and tok.token_types[i] == CONTROL}
+
+    def write(s: str) -> None:
+        click.echo(s, nl=False)
+        sys.stdout.flush()
+
+    res = greedy(dec, ids, max_new_tokens, stop, Streamer(t, write))
+    click.echo(f"\n[{len(ids)} prompt tokens: prefill {res['prefill_tok_s']:.1f} tok/s; {len(res['tokens'])} new "
+               f"tokens: decode {res['decode_tok_s']:.1f} tok/s; {backend} on {device}]")
+
+
 def main() -> None:
     """Entry point: run the CLI, turning QConvertError into one line and exit status 1."""
     try:

@@ -38,7 +38,8 @@ class LayerNames:
 
 def load_f32(src: Source, name: str) -> np.ndarray:
     """One tensor of the source as a float32 array in its canonical shape."""
-    return np.ascontiguousarray(src.tensors[name].numpy(), dtype=np.float32)
+    a = np.ascontiguousarray(src.tensors[name].numpy(), dtype=np.float32)
+    return a if a.flags.writeable else a.copy()
 
 
 def lm_head_name(cfg: ModelConfig) -> str:

@@ -11,6 +11,7 @@ import numpy as np
 
 from formats.config import ModelConfig
 from formats.source import Source
+from qconvert.decoder.matvec import Matrix
 from qconvert.decoder.model import LayerNames, lm_head_name, load_f32
 from qconvert.decoder.rope import cos_sin, inv_freq_and_scale
 
@@ -51,12 +52,17 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 class NumpyDecoder:
-    """Qwen2 / Qwen2-MoE forward pass over float32 weights read once from a Source."""
+    """Qwen2 / Qwen2-MoE forward pass in float32 over weights read once from a Source.
+
+    ``self.w`` holds 1-D tensors as float32 arrays; ``self.m`` holds matrices (see matvec.Matrix:
+    16-bit checkpoints stay 16-bit in memory, every product is float32), called as ``self.m[name](x)``.
+    """
 
     def __init__(self, src: Source):
         self.cfg = cfg = src.config
-        self.w = {name: load_f32(src, name) for name in src.tensors}
-        self.head = self.w[lm_head_name(cfg)]
+        self.w = {n: load_f32(src, n) for n, t in src.tensors.items() if len(t.shape) == 1}
+        self.m = {n: Matrix(t) for n, t in src.tensors.items() if len(t.shape) == 2}
+        self.head = self.m[lm_head_name(cfg)]
         self.inv_freq, self.rope_scale = inv_freq_and_scale(cfg)
         self.layers = [LayerNames(i) for i in range(cfg.num_hidden_layers)]
 
@@ -67,11 +73,11 @@ class NumpyDecoder:
     # ---------------------------------------------------------------- blocks
     def attention(self, x: np.ndarray, n: LayerNames, cache: KVCache, layer: int,
                   cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-        cfg, w, T = self.cfg, self.w, x.shape[0]
+        cfg, w, m, T = self.cfg, self.w, self.m, x.shape[0]
         hd, nh, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
-        q = (x @ w[n.q].T + w[n.q_b]).reshape(T, nh, hd)
-        k = (x @ w[n.k].T + w[n.k_b]).reshape(T, nkv, hd)
-        v = (x @ w[n.v].T + w[n.v_b]).reshape(T, nkv, hd)
+        q = (m[n.q](x) + w[n.q_b]).reshape(T, nh, hd)
+        k = (m[n.k](x) + w[n.k_b]).reshape(T, nkv, hd)
+        v = (m[n.v](x) + w[n.v_b]).reshape(T, nkv, hd)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         start = cache.length
         end = start + T
@@ -86,15 +92,15 @@ class NumpyDecoder:
             scores = np.where(mask, np.float32(-np.inf), scores)
         out = softmax(scores) @ V[:, None]                               # [nkv, g, T, hd]
         out = out.transpose(2, 0, 1, 3).reshape(T, nh * hd)
-        return out @ w[n.o].T
+        return m[n.o](out)
 
-    def mlp(self, x: np.ndarray, n: LayerNames) -> np.ndarray:
-        w = self.w
-        return (silu(x @ w[n.gate].T) * (x @ w[n.up].T)) @ w[n.down].T
+    def mlp(self, x: np.ndarray, gate: str, up: str, down: str) -> np.ndarray:
+        m = self.m
+        return m[down](silu(m[gate](x)) * m[up](x))
 
     def moe(self, x: np.ndarray, n: LayerNames) -> np.ndarray:
-        cfg, w = self.cfg, self.w
-        probs = softmax(x @ w[n.router].T)                               # [T, E]
+        cfg, m = self.cfg, self.m
+        probs = softmax(m[n.router](x))                                  # [T, E]
         top = np.argsort(-probs, axis=-1, kind="stable")[:, : cfg.num_experts_per_tok]
         weights = np.take_along_axis(probs, top, axis=-1)
         if cfg.norm_topk_prob:
@@ -102,12 +108,10 @@ class NumpyDecoder:
         out = np.zeros_like(x)
         for e in np.unique(top):
             rows, slot = np.nonzero(top == e)
-            xe = x[rows]
-            ye = (silu(xe @ w[n.expert(e, "gate_proj")].T) * (xe @ w[n.expert(e, "up_proj")].T)) \
-                @ w[n.expert(e, "down_proj")].T
+            ye = self.mlp(x[rows], n.expert(e, "gate_proj"), n.expert(e, "up_proj"), n.expert(e, "down_proj"))
             out[rows] += ye * weights[rows, slot][:, None]
-        shared = (silu(x @ w[n.sh_gate].T) * (x @ w[n.sh_up].T)) @ w[n.sh_down].T
-        gate = np.float32(1) / (np.float32(1) + np.exp(-(x @ w[n.sh_router].T)))
+        shared = self.mlp(x, n.sh_gate, n.sh_up, n.sh_down)
+        gate = np.float32(1) / (np.float32(1) + np.exp(-m[n.sh_router](x)))
         return out + gate * shared
 
     # ---------------------------------------------------------------- model
@@ -119,13 +123,13 @@ class NumpyDecoder:
         if cache.length + T > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions; {cache.length + T} needed")
         cos, sin = cos_sin(self.inv_freq, self.rope_scale, np.arange(cache.length, cache.length + T))
-        x = w["model.embed_tokens.weight"][tokens]
+        x = self.m["model.embed_tokens.weight"].rows_f32(tokens)
         for i, n in enumerate(self.layers):
             x = x + self.attention(rms_norm(x, w[n.ln1], cfg.rms_norm_eps), n, cache, i, cos, sin)
             h = rms_norm(x, w[n.ln2], cfg.rms_norm_eps)
-            x = x + (self.moe(h, n) if cfg.is_moe else self.mlp(h, n))
+            x = x + (self.moe(h, n) if cfg.is_moe else self.mlp(h, n.gate, n.up, n.down))
         cache.length += T
-        return rms_norm(x, w["model.norm.weight"], cfg.rms_norm_eps) @ self.head.T
+        return self.head(rms_norm(x, w["model.norm.weight"], cfg.rms_norm_eps))
 
     def logits(self, tokens: list[int] | np.ndarray) -> np.ndarray:
         """Full-sequence logits [T, vocab] from an empty cache."""

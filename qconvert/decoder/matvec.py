@@ -1,0 +1,78 @@
+"""Weight matrices for the numpy decoder, kept in the precision they were stored in.
+
+A bf16 or f16 checkpoint keeps its matrices as 16-bit values (bit-exact: every 16-bit float is a
+float32); products are computed in float32. Decoding (few rows of x) goes through a C kernel that
+upcasts on the fly on two threads, reading half the bytes of a float32 matrix; prefill converts the
+matrix to float32 and uses numpy's BLAS. Other storage types are dequantised to float32 once.
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from formats import kernels
+from formats.tensor import LazyTensor
+
+_spec = importlib.util.find_spec("qconvert.decoder._matvec")
+_LIB = ctypes.CDLL(_spec.origin) if _spec is not None and _spec.origin else None
+if _LIB is not None:
+    _LIB.qc_matvec16.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                 ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
+    _LIB.qc_matvec16.restype = None
+THREADS = max(1, min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2))
+_POOL = ThreadPoolExecutor(THREADS) if THREADS > 1 else None
+DECODE_ROWS = 8  # up to this many rows of x use the 16-bit kernel; more use float32 BLAS
+
+
+class Matrix:
+    """W [rows, cols]; ``matrix(x)`` returns x @ W.T in float32."""
+
+    def __init__(self, t: LazyTensor):
+        self.rows, self.cols = t.shape
+        if _LIB is not None and t.stype in ("BF16", "F16"):
+            self.wt = 0 if t.stype == "BF16" else 1
+            self.raw = t.raw_rows(0, t.n_rows).view(np.uint16).reshape(self.rows, self.cols).copy()
+            self.f32 = None
+        else:
+            self.raw = None
+            a = np.ascontiguousarray(t.numpy(), dtype=np.float32)
+            self.f32 = a if a.flags.writeable else a.copy()
+
+    def rows_f32(self, idx: np.ndarray) -> np.ndarray:
+        """Selected rows as float32 (embedding lookup)."""
+        if self.f32 is not None:
+            return self.f32[idx]
+        return kernels.to_f32(self.raw[idx], "BF16" if self.wt == 0 else "F16").reshape(len(idx), self.cols)
+
+    def dense(self) -> np.ndarray:
+        """The whole matrix as float32 (a temporary for 16-bit storage)."""
+        if self.f32 is not None:
+            return self.f32
+        return kernels.to_f32(self.raw, "BF16" if self.wt == 0 else "F16").reshape(self.rows, self.cols)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self.f32 is not None:
+            return x @ self.f32.T
+        T = x.shape[0]
+        if T > DECODE_ROWS:
+            return x @ self.dense().T
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if _POOL is None or self.rows < 256:
+            y = np.empty((T, self.rows), np.float32)
+            _LIB.qc_matvec16(self.wt, self.raw.ctypes.data, x.ctypes.data, y.ctypes.data, 0, self.rows, self.cols, T)
+            return y
+        mid = self.rows // 2
+        parts = [np.empty((T, mid), np.float32), np.empty((T, self.rows - mid), np.float32)]
+
+        def run(i: int) -> None:
+            r0, r1 = (0, mid) if i == 0 else (mid, self.rows)
+            _LIB.qc_matvec16(self.wt, self.raw.ctypes.data, x.ctypes.data, parts[i].ctypes.data, r0, r1, self.cols, T)
+
+        fut = _POOL.submit(run, 1)
+        run(0)
+        fut.result()
+        return np.concatenate(parts, axis=1)

@@ -1,0 +1,139 @@
+"""The decoder in torch: float32 or bfloat16 weights, on CUDA when asked, else the CPU.
+
+Same blocks as the numpy reference (see numpy_backend.py), with a static KV cache allocated once so
+decoding on a GPU does no allocation per token. Norms, softmax and rotary tables run in float32
+whatever the weight dtype (Qwen2 overflows in float16, which is therefore refused).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from formats.errors import QConvertError
+from formats.source import Source
+from qconvert.decoder.model import LayerNames, lm_head_name, load_f32
+from qconvert.decoder.rope import inv_freq_and_scale
+
+DTYPES = ("float32", "bfloat16")
+
+
+class TorchKVCache:
+    """Static cache: k/v [layers, kv_heads, max_len, head_dim] on the decoder's device."""
+
+    def __init__(self, dec: "TorchDecoder", max_len: int):
+        import torch
+        c = dec.cfg
+        shape = (c.num_hidden_layers, c.num_key_value_heads, max_len, c.head_dim)
+        self.k = torch.zeros(shape, dtype=dec.dtype, device=dec.device)
+        self.v = torch.zeros(shape, dtype=dec.dtype, device=dec.device)
+        self.length = 0
+        self.max_len = max_len
+
+
+class TorchDecoder:
+    """Qwen2 / Qwen2-MoE forward pass in torch."""
+
+    def __init__(self, src: Source, device: str = "cpu", dtype: str = "float32"):
+        import torch
+        if dtype not in DTYPES:
+            raise QConvertError(f"dtype {dtype!r} is not supported; use float32 or bfloat16 (Qwen2 overflows in float16)")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise QConvertError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+        self.torch = torch
+        self.cfg = cfg = src.config
+        self.device = torch.device(device)
+        self.dtype = getattr(torch, dtype)
+        self.w = {}
+        for name in src.tensors:
+            t = torch.from_numpy(load_f32(src, name))
+            keep_f32 = t.ndim == 1 or name.endswith("mlp.gate.weight") or name.endswith("shared_expert_gate.weight")
+            self.w[name] = t.to(self.device, torch.float32 if keep_f32 else self.dtype)
+        self.head = self.w[lm_head_name(cfg)].to(self.dtype)
+        inv, self.rope_scale = inv_freq_and_scale(cfg)
+        self.inv_freq = torch.from_numpy(inv).to(self.device)
+        self.layers = [LayerNames(i) for i in range(cfg.num_hidden_layers)]
+
+    def new_cache(self, max_len: int) -> TorchKVCache:
+        """An empty static KV cache for up to ``max_len`` positions."""
+        return TorchKVCache(self, max_len)
+
+    def _norm(self, x, w):
+        t = self.torch
+        xf = x.float()
+        xf = xf * t.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.cfg.rms_norm_eps)
+        return (xf * w).to(self.dtype)
+
+    def _lin(self, x, name, bias=None):
+        return self.torch.nn.functional.linear(x, self.w[name], None if bias is None else self.w[bias].to(x.dtype))
+
+    def _rotate(self, x, cos, sin):
+        half = x.shape[-1] // 2
+        rot = self.torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return (x.float() * cos + rot.float() * sin).to(self.dtype)
+
+    def _attention(self, x, n, cache, layer, cos, sin):
+        t, cfg = self.torch, self.cfg
+        T, hd, nh, nkv = x.shape[0], cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+        q = self._lin(x, n.q, n.q_b).view(T, nh, hd).transpose(0, 1)      # [nh, T, hd]
+        k = self._lin(x, n.k, n.k_b).view(T, nkv, hd).transpose(0, 1)
+        v = self._lin(x, n.v, n.v_b).view(T, nkv, hd).transpose(0, 1)
+        q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+        s, e = cache.length, cache.length + T
+        cache.k[layer, :, s:e] = k
+        cache.v[layer, :, s:e] = v
+        K, V = cache.k[layer, :, :e], cache.v[layer, :, :e]
+        g = cfg.n_kv_groups
+        qg = q.reshape(nkv, g * T, hd).float()
+        scores = (qg @ K.float().transpose(1, 2)) / float(np.sqrt(hd))         # [nkv, g*T, S]
+        if T > 1:
+            qpos = t.arange(s, e, device=x.device).repeat(g)
+            mask = t.arange(e, device=x.device)[None, :] > qpos[:, None]
+            scores = scores.masked_fill(mask[None], float("-inf"))
+        out = (t.softmax(scores, dim=-1) @ V.float()).to(self.dtype)          # [nkv, g*T, hd]
+        out = out.reshape(nh, T, hd).transpose(0, 1).reshape(T, nh * hd)
+        return self._lin(out, n.o)
+
+    def _mlp(self, x, gate, up, down):
+        return self._lin(self.torch.nn.functional.silu(self._lin(x, gate)) * self._lin(x, up), down)
+
+    def _moe(self, x, n):
+        t, cfg = self.torch, self.cfg
+        probs = t.softmax(t.nn.functional.linear(x.float(), self.w[n.router]), dim=-1)
+        weights, top = t.topk(probs, cfg.num_experts_per_tok, dim=-1)
+        if cfg.norm_topk_prob:
+            weights = weights / weights.sum(-1, keepdim=True)
+        out = t.zeros_like(x, dtype=t.float32)
+        for e in t.unique(top).tolist():
+            rows, slot = t.nonzero(top == e, as_tuple=True)
+            ye = self._mlp(x[rows], n.expert(e, "gate_proj"), n.expert(e, "up_proj"), n.expert(e, "down_proj"))
+            out.index_add_(0, rows, ye.float() * weights[rows, slot][:, None])
+        shared = self._mlp(x, n.sh_gate, n.sh_up, n.sh_down).float()
+        gate = t.sigmoid(t.nn.functional.linear(x.float(), self.w[n.sh_router]))
+        return (out + gate * shared).to(self.dtype)
+
+    def forward(self, tokens, cache: TorchKVCache) -> np.ndarray:
+        """Logits [T, vocab] (float32 numpy) of ``tokens`` after what the cache holds; the cache grows by T."""
+        return self.forward_tensor(tokens, cache).float().cpu().numpy()
+
+    def forward_tensor(self, tokens, cache: TorchKVCache):
+        """As ``forward`` but returns the logits as a tensor on the device."""
+        t, cfg = self.torch, self.cfg
+        with t.inference_mode():
+            ids = t.as_tensor(np.asarray(tokens, dtype=np.int64).reshape(-1), device=self.device)
+            T = ids.shape[0]
+            if cache.length + T > cache.max_len:
+                raise ValueError(f"KV cache holds {cache.max_len} positions; {cache.length + T} needed")
+            pos = t.arange(cache.length, cache.length + T, device=self.device, dtype=t.float32)
+            freqs = pos[:, None] * self.inv_freq[None, :]
+            emb = t.cat([freqs, freqs], dim=-1)
+            cos, sin = emb.cos() * self.rope_scale, emb.sin() * self.rope_scale
+            x = self.w["model.embed_tokens.weight"][ids].to(self.dtype)
+            for i, n in enumerate(self.layers):
+                x = x + self._attention(self._norm(x, self.w[n.ln1]), n, cache, i, cos, sin)
+                h = self._norm(x, self.w[n.ln2])
+                x = x + (self._moe(h, n) if cfg.is_moe else self._mlp(h, n.gate, n.up, n.down))
+            cache.length += T
+            return t.nn.functional.linear(self._norm(x, self.w["model.norm.weight"]), self.head)
+
+    def logits(self, tokens) -> np.ndarray:
+        """Full-sequence logits [T, vocab] from an empty cache."""
+        return self.forward(tokens, self.new_cache(len(tokens)))

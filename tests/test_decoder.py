@@ -1,0 +1,84 @@
+"""The reference decoders (numpy, torch-CPU) against transformers, incremental decoding, CUDA skip."""
+import numpy as np
+import pytest
+
+from conftest import VARIANTS
+from formats.detect import open_model
+from qconvert.decoder import make_decoder
+from qconvert.peers import hf_logits, kl_stats
+
+
+@pytest.fixture(scope="module")
+def reference(tiny, sample_tokens):
+    cache = {}
+
+    def get(variant, dtype="f32"):
+        if (variant, dtype) not in cache:
+            cache[variant, dtype] = hf_logits(tiny(variant, dtype), sample_tokens)
+        return cache[variant, dtype]
+    return get
+
+
+def _decoder(path, backend, **kw):
+    with open_model(str(path)) as src:
+        return make_decoder(src, backend, **kw)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_decoder_matches_transformers(tiny, sample_tokens, reference, variant, backend):
+    s = kl_stats(reference(variant), _decoder(tiny(variant), backend).logits(sample_tokens))
+    print(f"{backend} {variant}: {s}")
+    assert s["mean_kl"] <= 1e-6 and s["top1"] == 1.0, s
+
+
+@pytest.mark.parametrize("variant", ["h256", "moe"])
+def test_numpy_decoder_on_bf16_weights(tiny, sample_tokens, reference, variant):
+    """16-bit checkpoints stay 16-bit in memory; the maths is still float32 (transformers upcasts the same weights)."""
+    dec = _decoder(tiny(variant, "bf16"), "numpy")
+    assert dec.m["model.layers.0.self_attn.q_proj.weight"].raw is not None
+    ids = sample_tokens[:64]
+    ref = reference(variant, "bf16")[:64]
+    cache = dec.new_cache(len(ids))
+    inc = np.concatenate([dec.forward(np.array(ids[:4]), cache)] + [dec.forward(np.array([t]), cache) for t in ids[4:]])
+    s = kl_stats(ref, inc)
+    assert s["mean_kl"] <= 1e-6 and s["top1"] == 1.0, s
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("variant", ["untied_yarn", "moe"])
+def test_kv_cache_equals_full_sequence(tiny, sample_tokens, variant, backend):
+    dec = _decoder(tiny(variant), backend)
+    ids = sample_tokens[:48]
+    full = dec.logits(ids)
+    cache = dec.new_cache(len(ids))
+    parts = [dec.forward(np.array(ids[:20]), cache)] + [dec.forward(np.array([t]), cache) for t in ids[20:]]
+    parts.append(np.zeros((0, full.shape[1]), np.float32))
+    inc = np.concatenate(parts)
+    assert np.abs(inc - full).max() <= 1e-3
+    assert (inc.argmax(-1) == full.argmax(-1)).all()
+    with pytest.raises(ValueError, match="KV cache holds"):
+        dec.forward(np.array([1]), cache)
+
+
+def test_cuda_path_skips_cleanly_or_matches(tiny, sample_tokens, reference):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        from formats.errors import QConvertError
+        with pytest.raises(QConvertError, match="no CUDA device"):
+            _decoder(tiny("tied"), "torch", device="cuda")
+        pytest.skip("no CUDA device")
+    s = kl_stats(reference("moe"), _decoder(tiny("moe"), "torch", device="cuda", dtype="bfloat16").logits(sample_tokens))
+    assert s["mean_kl"] <= 1e-3, s
+
+
+@pytest.mark.real
+def test_numpy_decoder_reads_q4_k_m_gguf(real_gguf, real_hf):
+    """The real 0.5B straight from its Q4_K_M GGUF vs transformers on the dequantised HF weights."""
+    from transformers import AutoTokenizer
+
+    from conftest import SAMPLE
+    ids = AutoTokenizer.from_pretrained(str(real_hf))(SAMPLE * 2)["input_ids"][:300]
+    s = kl_stats(hf_logits(real_hf, ids), _decoder(real_gguf, "numpy").logits(ids))
+    print(f"real Q4_K_M GGUF numpy decoder vs transformers: {s}")
+    assert s["mean_kl"] <= 1e-4 and s["top1"] >= 0.99, s
