@@ -11,7 +11,7 @@ def greedy(dec, prompt_ids: list[int], max_new: int, stop_ids: set[int], on_toke
     """Generate up to ``max_new`` tokens greedily; returns token ids and prefill / decode speeds."""
     cache = dec.new_cache(len(prompt_ids) + max_new)
     t0 = time.perf_counter()
-    logits = dec.forward(np.asarray(prompt_ids), cache)
+    logits = dec.forward(np.asarray(prompt_ids), cache, last_only=True)
     t1 = time.perf_counter()
     out: list[int] = []
     nxt = int(np.argmax(logits[-1]))
@@ -21,7 +21,7 @@ def greedy(dec, prompt_ids: list[int], max_new: int, stop_ids: set[int], on_toke
         on_token(nxt)
         if nxt in stop_ids or len(out) == max_new:
             break
-        nxt = int(np.argmax(dec.forward(np.asarray([nxt]), cache)[-1]))
+        nxt = int(np.argmax(dec.forward(np.asarray([nxt]), cache, last_only=True)[-1]))
     t2 = time.perf_counter()
     n_dec = max(len(out) - 1, 0)
     return {"tokens": out, "prefill_tok_s": len(prompt_ids) / (t1 - t0),

@@ -28,19 +28,39 @@ _POOL = ThreadPoolExecutor(THREADS) if THREADS > 1 else None
 DECODE_ROWS = 8  # up to this many rows of x use the 16-bit kernel; more use float32 BLAS
 
 
-class Matrix:
-    """W [rows, cols]; ``matrix(x)`` returns x @ W.T in float32."""
+def on_two_threads(fn, n: int) -> None:
+    """Run ``fn(start, stop)`` over [0, n) split in two halves, one on the pool (numpy and the C
+    kernels release the GIL, so both halves run at once)."""
+    if _POOL is None or n < 64:
+        fn(0, n)
+        return
+    mid = n // 2
+    fut = _POOL.submit(fn, mid, n)
+    fn(0, mid)
+    fut.result()
 
-    def __init__(self, t: LazyTensor):
-        self.rows, self.cols = t.shape
-        if _LIB is not None and t.stype in ("BF16", "F16"):
-            self.wt = 0 if t.stype == "BF16" else 1
-            self.raw = t.raw_rows(0, t.n_rows).view(np.uint16).reshape(self.rows, self.cols).copy()
+
+class Matrix:
+    """W [rows, cols]; ``matrix(x)`` returns x @ W.T in float32.
+
+    Several tensors with the same column count may be stacked into one matrix (q/k/v, gate/up) so
+    one product serves them all; ``splits`` gives their row counts.
+    """
+
+    def __init__(self, *ts: LazyTensor):
+        self.splits = [t.shape[0] for t in ts]
+        self.rows, self.cols = sum(self.splits), ts[0].shape[1]
+        if _LIB is not None and all(t.stype == ts[0].stype for t in ts) and ts[0].stype in ("BF16", "F16"):
+            self.wt = 0 if ts[0].stype == "BF16" else 1
+            self.raw = np.concatenate([t.raw_rows(0, t.n_rows).view(np.uint16).reshape(t.shape) for t in ts])
             self.f32 = None
         else:
             self.raw = None
-            a = np.ascontiguousarray(t.numpy(), dtype=np.float32)
-            self.f32 = a if a.flags.writeable else a.copy()
+            self.f32 = np.concatenate([np.asarray(t.numpy(), dtype=np.float32) for t in ts])
+
+    def split(self, y: np.ndarray) -> list[np.ndarray]:
+        """Cut ``self(x)`` back into the stacked tensors' outputs."""
+        return np.split(y, np.cumsum(self.splits)[:-1], axis=-1)
 
     def rows_f32(self, idx: np.ndarray) -> np.ndarray:
         """Selected rows as float32 (embedding lookup)."""
@@ -49,10 +69,16 @@ class Matrix:
         return kernels.to_f32(self.raw[idx], "BF16" if self.wt == 0 else "F16").reshape(len(idx), self.cols)
 
     def dense(self) -> np.ndarray:
-        """The whole matrix as float32 (a temporary for 16-bit storage)."""
+        """The whole matrix as float32 (a temporary for 16-bit storage), converted on two threads."""
         if self.f32 is not None:
             return self.f32
-        return kernels.to_f32(self.raw, "BF16" if self.wt == 0 else "F16").reshape(self.rows, self.cols)
+        t = "BF16" if self.wt == 0 else "F16"
+        out = np.empty((self.rows, self.cols), np.float32)
+
+        def conv(r0: int, r1: int) -> None:
+            out[r0:r1] = kernels.to_f32(self.raw[r0:r1], t).reshape(r1 - r0, self.cols)
+        on_two_threads(conv, self.rows)
+        return out
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if self.f32 is not None:

@@ -11,9 +11,12 @@ import numpy as np
 
 from formats.config import ModelConfig
 from formats.source import Source
-from qconvert.decoder.matvec import Matrix
+from qconvert.decoder.matvec import Matrix, on_two_threads
 from qconvert.decoder.model import LayerNames, lm_head_name, load_f32
 from qconvert.decoder.rope import cos_sin, inv_freq_and_scale
+
+
+ATTN_BLOCK = 128
 
 
 class KVCache:
@@ -41,14 +44,23 @@ def rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 
 
 def silu(x: np.ndarray) -> np.ndarray:
-    """x * sigmoid(x)."""
-    return x / (np.float32(1) + np.exp(-x))
+    """x * sigmoid(x) = x / (1 + exp(-x)), computed in one temporary (rows split over two threads)."""
+    t = np.negative(x)
+
+    def part(r0: int, r1: int) -> None:
+        np.exp(t[r0:r1], out=t[r0:r1])
+        t[r0:r1] += np.float32(1)
+        np.divide(x[r0:r1], t[r0:r1], out=t[r0:r1])
+    on_two_threads(part, x.shape[0])
+    return t
 
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Numerically stable softmax."""
-    e = np.exp(x - x.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
+    """Numerically stable softmax, in place on ``x`` (a temporary of the caller)."""
+    x -= x.max(axis=axis, keepdims=True)
+    np.exp(x, out=x)
+    x /= x.sum(axis=axis, keepdims=True)
+    return x
 
 
 class NumpyDecoder:
@@ -60,11 +72,18 @@ class NumpyDecoder:
 
     def __init__(self, src: Source):
         self.cfg = cfg = src.config
-        self.w = {n: load_f32(src, n) for n, t in src.tensors.items() if len(t.shape) == 1}
-        self.m = {n: Matrix(t) for n, t in src.tensors.items() if len(t.shape) == 2}
+        T = src.tensors
+        self.w = {n: load_f32(src, n) for n, t in T.items() if len(t.shape) == 1}
+        self.layers = [LayerNames(i) for i in range(cfg.num_hidden_layers)]
+        fused = {}  # q/k/v and gate/up stacked: one product each
+        for n in self.layers:
+            fused[n.q] = Matrix(T[n.q], T[n.k], T[n.v])
+            if not cfg.is_moe:
+                fused[n.gate] = Matrix(T[n.gate], T[n.up])
+        stacked = {n.k for n in self.layers} | {n.v for n in self.layers} | {n.up for n in self.layers}
+        self.m = {n: fused.get(n) or Matrix(t) for n, t in T.items() if len(t.shape) == 2 and n not in stacked}
         self.head = self.m[lm_head_name(cfg)]
         self.inv_freq, self.rope_scale = inv_freq_and_scale(cfg)
-        self.layers = [LayerNames(i) for i in range(cfg.num_hidden_layers)]
 
     def new_cache(self, max_len: int) -> KVCache:
         """An empty KV cache for up to ``max_len`` positions."""
@@ -72,31 +91,45 @@ class NumpyDecoder:
 
     # ---------------------------------------------------------------- blocks
     def attention(self, x: np.ndarray, n: LayerNames, cache: KVCache, layer: int,
-                  cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+                  cos: np.ndarray, sin: np.ndarray, keep: slice = slice(None)) -> np.ndarray:
+        """Self-attention of x [T, hidden]; the cache gets all T keys/values, outputs only for rows ``keep``."""
         cfg, w, m, T = self.cfg, self.w, self.m, x.shape[0]
         hd, nh, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
-        q = (m[n.q](x) + w[n.q_b]).reshape(T, nh, hd)
-        k = (m[n.k](x) + w[n.k_b]).reshape(T, nkv, hd)
-        v = (m[n.v](x) + w[n.v_b]).reshape(T, nkv, hd)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        q, k, v = m[n.q].split(m[n.q](x))                                 # stacked q/k/v projection
+        q = (q + w[n.q_b]).reshape(T, nh, hd)[keep]
+        k = (k + w[n.k_b]).reshape(T, nkv, hd)
+        v = (v + w[n.v_b]).reshape(T, nkv, hd)
+        q, k = rotate(q, cos[keep], sin[keep]), rotate(k, cos, sin)
         start = cache.length
         end = start + T
         cache.k[layer][:, start:end] = k.transpose(1, 0, 2)
         cache.v[layer][:, start:end] = v.transpose(1, 0, 2)
-        K, V = cache.k[layer][:, :end], cache.v[layer][:, :end]          # [nkv, S, hd]
+        start += range(T)[keep].start  # absolute position of the first kept query
+        T = q.shape[0]
         g = cfg.n_kv_groups
-        qg = q.reshape(T, nkv, g, hd).transpose(1, 2, 0, 3)            # [nkv, g, T, hd]
-        scores = (qg @ K[:, None].transpose(0, 1, 3, 2)) / np.float32(np.sqrt(hd))  # [nkv, g, T, S]
-        if T > 1:  # causal: query i (absolute start+i) sees keys <= start+i
-            mask = np.arange(end)[None, :] > (start + np.arange(T))[:, None]
-            scores = np.where(mask, np.float32(-np.inf), scores)
-        out = softmax(scores) @ V[:, None]                               # [nkv, g, T, hd]
-        out = out.transpose(2, 0, 1, 3).reshape(T, nh * hd)
-        return m[n.o](out)
+        # queries grouped by the kv head they share: [nkv, g, T, hd], pre-scaled by 1/sqrt(hd)
+        qg = q.reshape(T, nkv, g, hd).transpose(1, 2, 0, 3) * np.float32(1 / np.sqrt(hd))
+        out = np.empty((T, nkv, g, hd), np.float32)
+        for b0 in range(0, T, ATTN_BLOCK):  # query blocks: keys past the block's last position are never read
+            b1 = min(T, b0 + ATTN_BLOCK)
+            b, S = b1 - b0, start + b1
+            K, V = cache.k[layer][:, :S], cache.v[layer][:, :S]           # [nkv, S, hd]
+            qb = np.ascontiguousarray(qg[:, :, b0:b1]).reshape(nkv, g * b, hd)
+            scores = (qb @ K.transpose(0, 2, 1)).reshape(nkv, g, b, S)      # one GEMM per kv head
+            if b > 1 or S > start + b0 + 1:  # causal: query i (absolute start+i) sees keys <= start+i
+                scores += np.where(np.arange(S)[None, :] > (start + np.arange(b0, b1))[:, None],
+                                   np.float32(-np.inf), np.float32(0))
+            pv = softmax(scores).reshape(nkv, g * b, S) @ V                  # [nkv, g*b, hd]
+            out[b0:b1] = pv.reshape(nkv, g, b, hd).transpose(2, 0, 1, 3)
+        return m[n.o](out.reshape(T, nh * hd))
 
     def mlp(self, x: np.ndarray, gate: str, up: str, down: str) -> np.ndarray:
         m = self.m
-        return m[down](silu(m[gate](x)) * m[up](x))
+        if up not in m:  # gate and up stacked into one product
+            g, u = m[gate].split(m[gate](x))
+        else:
+            g, u = m[gate](x), m[up](x)
+        return m[down](silu(g) * u)
 
     def moe(self, x: np.ndarray, n: LayerNames) -> np.ndarray:
         cfg, m = self.cfg, self.m
@@ -115,8 +148,9 @@ class NumpyDecoder:
         return out + gate * shared
 
     # ---------------------------------------------------------------- model
-    def forward(self, tokens: np.ndarray, cache: KVCache) -> np.ndarray:
-        """Logits [T, vocab] of ``tokens`` following what the cache holds; the cache grows by T."""
+    def forward(self, tokens: np.ndarray, cache: KVCache, last_only: bool = False) -> np.ndarray:
+        """Logits [T, vocab] of ``tokens`` following what the cache holds (only the last row with
+        ``last_only``, as generation needs); the cache grows by T."""
         cfg, w = self.cfg, self.w
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
         T = tokens.shape[0]
@@ -124,12 +158,15 @@ class NumpyDecoder:
             raise ValueError(f"KV cache holds {cache.max_len} positions; {cache.length + T} needed")
         cos, sin = cos_sin(self.inv_freq, self.rope_scale, np.arange(cache.length, cache.length + T))
         x = self.m["model.embed_tokens.weight"].rows_f32(tokens)
+        last = len(self.layers) - 1
         for i, n in enumerate(self.layers):
-            x = x + self.attention(rms_norm(x, w[n.ln1], cfg.rms_norm_eps), n, cache, i, cos, sin)
+            # with last_only, the last layer needs every position's keys/values but only the last query
+            keep = slice(T - 1, T) if last_only and i == last else slice(None)
+            x = x[keep] + self.attention(rms_norm(x, w[n.ln1], cfg.rms_norm_eps), n, cache, i, cos, sin, keep)
             h = rms_norm(x, w[n.ln2], cfg.rms_norm_eps)
             x = x + (self.moe(h, n) if cfg.is_moe else self.mlp(h, n.gate, n.up, n.down))
         cache.length += T
-        return self.head(rms_norm(x, w["model.norm.weight"], cfg.rms_norm_eps))
+        return self.head(rms_norm(x[-1:] if last_only else x, w["model.norm.weight"], cfg.rms_norm_eps))
 
     def logits(self, tokens: list[int] | np.ndarray) -> np.ndarray:
         """Full-sequence logits [T, vocab] from an empty cache."""

@@ -110,11 +110,12 @@ class TorchDecoder:
         gate = t.sigmoid(t.nn.functional.linear(x.float(), self.w[n.sh_router]))
         return (out + gate * shared).to(self.dtype)
 
-    def forward(self, tokens, cache: TorchKVCache) -> np.ndarray:
-        """Logits [T, vocab] (float32 numpy) of ``tokens`` after what the cache holds; the cache grows by T."""
-        return self.forward_tensor(tokens, cache).float().cpu().numpy()
+    def forward(self, tokens, cache: TorchKVCache, last_only: bool = False) -> np.ndarray:
+        """Logits [T, vocab] (float32 numpy) of ``tokens`` after what the cache holds (only the last row
+        with ``last_only``); the cache grows by T."""
+        return self.forward_tensor(tokens, cache, last_only).float().cpu().numpy()
 
-    def forward_tensor(self, tokens, cache: TorchKVCache):
+    def forward_tensor(self, tokens, cache: TorchKVCache, last_only: bool = False):
         """As ``forward`` but returns the logits as a tensor on the device."""
         t, cfg = self.torch, self.cfg
         with t.inference_mode():
@@ -132,6 +133,8 @@ class TorchDecoder:
                 h = self._norm(x, self.w[n.ln2])
                 x = x + (self._moe(h, n) if cfg.is_moe else self._mlp(h, n.gate, n.up, n.down))
             cache.length += T
+            if last_only:
+                x = x[-1:]
             return t.nn.functional.linear(self._norm(x, self.w["model.norm.weight"]), self.head)
 
     def logits(self, tokens) -> np.ndarray:

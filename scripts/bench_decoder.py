@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""Decoder benchmark on the real Qwen2.5-Coder-0.5B (bf16 HF checkpoint), peers in the same run.
+
+Prefill: 512 prompt tokens -> next-token logits (best of 3). Decode: 64 new tokens, one at a time, KV cache.
+Ours: numpy (float32 maths, 16-bit weights kept 16-bit) and torch on the CPU (float32), 2 threads;
+peer: transformers float32 on the CPU with 2 threads. With CUDA: torch-CUDA bf16 vs transformers'
+eager generate on the same GPU. Prints tokens/s and ratios (ours / transformers; higher is better).
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from formats.detect import open_model  # noqa: E402
+from qconvert.decoder import make_decoder  # noqa: E402
+from qconvert.fetch import fetch_real_model  # noqa: E402
+from qconvert.text import encode  # noqa: E402
+
+PREFILL, DECODE, REPEAT = 512, 64, 3
+
+
+def prompt_tokens(src) -> list[int]:
+    text = (ROOT / "qconvert" / "data" / "verify.txt").read_text() * 8
+    return encode(src.tokenizer, text)[:PREFILL]
+
+
+def bench_ours(hf: Path, backend: str, device: str = "cpu", dtype: str = "float32") -> tuple[float, float, list[int]]:
+    with open_model(str(hf)) as src:
+        ids = prompt_tokens(src)
+        dec = make_decoder(src, backend, device, dtype)
+    dec.logits(ids[:16])  # warm-up
+    best = float("inf")
+    for _ in range(REPEAT):  # best of REPEAT prefills: this machine's timings are noisy
+        cache = dec.new_cache(PREFILL + DECODE)
+        t0 = time.perf_counter()
+        nxt = int(np.argmax(dec.forward(np.asarray(ids), cache, last_only=True)[-1]))
+        best = min(best, time.perf_counter() - t0)
+    t1 = time.perf_counter()
+    out = [nxt]
+    for _ in range(DECODE - 1):
+        nxt = int(np.argmax(dec.forward(np.asarray([nxt]), cache, last_only=True)[-1]))
+        out.append(nxt)
+    t2 = time.perf_counter()
+    return PREFILL / best, (DECODE - 1) / (t2 - t1), out
+
+
+def bench_transformers(hf: Path, ids: list[int], device: str = "cpu") -> tuple[float, float, list[int]]:
+    import torch
+    from transformers import AutoModelForCausalLM
+    dt = torch.float32 if device == "cpu" else torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=dt).to(device).eval()
+    x = torch.tensor([ids], device=device)
+    with torch.no_grad():
+        model(x[:, :16])  # warm-up
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        best = float("inf")
+        for _ in range(REPEAT):
+            sync()
+            t0 = time.perf_counter()
+            out = model(x, use_cache=True, logits_to_keep=1)
+            sync()
+            t1 = time.perf_counter()
+            best = min(best, t1 - t0)
+        past, nxt = out.past_key_values, out.logits[0, -1].argmax()
+        toks = [int(nxt)]
+        if device == "cuda":  # the GPU peer is transformers' own eager generate
+            gen = model.generate(x, max_new_tokens=DECODE, min_new_tokens=DECODE, do_sample=False)
+            sync()
+            t2 = time.perf_counter()
+            total = t2 - t1
+            return PREFILL / best, DECODE / max(total - best, 1e-9), gen[0, len(ids):].tolist()
+        for _ in range(DECODE - 1):
+            out = model(nxt.view(1, 1), past_key_values=past, use_cache=True)
+            past, nxt = out.past_key_values, out.logits[0, -1].argmax()
+            toks.append(int(nxt))
+        t2 = time.perf_counter()
+    return PREFILL / best, (DECODE - 1) / (t2 - t1), toks
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--hf", type=Path, help="HF folder of the real model (default: gguf-to-hf of the fetched GGUF)")
+    ap.add_argument("--cuda", action="store_true", help="also run torch-CUDA vs transformers on CUDA")
+    args = ap.parse_args()
+    import torch
+    torch.set_num_threads(2)
+    hf = args.hf
+    if hf is None:
+        hf = Path(tempfile.mkdtemp(prefix="qc-bench-")) / "hf-bf16"
+        subprocess.run([str(Path(sys.executable).parent / "qconvert"), "gguf-to-hf", str(fetch_real_model()), str(hf),
+                        "--quiet"], check=True)
+    with open_model(str(hf)) as src:
+        ids = prompt_tokens(src)
+    peer = bench_transformers(hf, ids)
+    rows = [("numpy", bench_ours(hf, "numpy")), ("torch-cpu fp32", bench_ours(hf, "torch"))]
+    print(f"\nreal Qwen2.5-Coder-0.5B, {PREFILL}-token prefill, {DECODE} decoded tokens, 2 CPU threads")
+    print(f"{'backend':<16} {'prefill tok/s':>14} {'decode tok/s':>13} {'prefill x':>10} {'decode x':>9} {'same tokens':>12}")
+    print(f"{'transformers':<16} {peer[0]:14.1f} {peer[1]:13.2f} {1:10.2f} {1:9.2f} {'-':>12}")
+    for name, (p, d, toks) in rows:
+        print(f"{name:<16} {p:14.1f} {d:13.2f} {p / peer[0]:10.2f} {d / peer[1]:9.2f} {str(toks == peer[2]):>12}")
+    if args.cuda and torch.cuda.is_available():
+        gp = bench_transformers(hf, ids, "cuda")
+        p, d, toks = bench_ours(hf, "torch", "cuda", "bfloat16")
+        print(f"{'transformers cuda':<16} {gp[0]:14.1f} {gp[1]:13.2f}")
+        print(f"{'torch-cuda bf16':<16} {p:14.1f} {d:13.2f} {p / gp[0]:10.2f} {d / gp[1]:9.2f}")
+
+
+if __name__ == "__main__":
+    main()
