@@ -26,6 +26,7 @@ if _LIB is not None:
 THREADS = max(1, min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2))
 _POOL = ThreadPoolExecutor(THREADS) if THREADS > 1 else None
 DECODE_ROWS = 8  # up to this many rows of x use the 16-bit kernel; more use float32 BLAS
+CHUNK_VALUES = 16 << 20  # matrices above this many values are multiplied in row blocks
 
 
 def on_two_threads(fn, n: int) -> None:
@@ -68,16 +69,17 @@ class Matrix:
             return self.f32[idx]
         return kernels.to_f32(self.raw[idx], "BF16" if self.wt == 0 else "F16").reshape(len(idx), self.cols)
 
-    def dense(self) -> np.ndarray:
-        """The whole matrix as float32 (a temporary for 16-bit storage), converted on two threads."""
+    def dense(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows [start, stop) as float32 (a temporary for 16-bit storage), converted on two threads."""
+        stop = self.rows if stop is None else stop
         if self.f32 is not None:
-            return self.f32
+            return self.f32[start:stop]
         t = "BF16" if self.wt == 0 else "F16"
-        out = np.empty((self.rows, self.cols), np.float32)
+        out = np.empty((stop - start, self.cols), np.float32)
 
         def conv(r0: int, r1: int) -> None:
-            out[r0:r1] = kernels.to_f32(self.raw[r0:r1], t).reshape(r1 - r0, self.cols)
-        on_two_threads(conv, self.rows)
+            out[r0:r1] = kernels.to_f32(self.raw[start + r0:start + r1], t).reshape(r1 - r0, self.cols)
+        on_two_threads(conv, stop - start)
         return out
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -85,7 +87,15 @@ class Matrix:
             return x @ self.f32.T
         T = x.shape[0]
         if T > DECODE_ROWS:
-            return x @ self.dense().T
+            if self.rows * self.cols <= CHUNK_VALUES:
+                return x @ self.dense().T
+            # large matrix (the head): convert and multiply in row blocks, no matrix-sized temporary
+            out = np.empty((T, self.rows), np.float32)
+            step = max(1, CHUNK_VALUES // self.cols)
+            for r0 in range(0, self.rows, step):
+                r1 = min(self.rows, r0 + step)
+                np.matmul(x, self.dense(r0, r1).T, out=out[:, r0:r1])
+            return out
         x = np.ascontiguousarray(x, dtype=np.float32)
         if _POOL is None or self.rows < 256:
             y = np.empty((T, self.rows), np.float32)
