@@ -199,14 +199,93 @@ int qc_dequant(int type, const uint8_t *src, float *dst, int64_t n_blocks) {
     }
 }
 
-/* Q8_0 exactly as ggml's reference quantize_row_q8_0: d = amax/127, q = roundf(x/d). */
-void qc_quant_q8_0(const float *x, uint8_t *b, int64_t n_blocks) {
-    for (int64_t i = 0; i < n_blocks; i++, x += 32, b += 34) {
+/* ---- quantisers for the 32-value block types, bit-identical to ggml's reference (no importance
+ * matrix): the scale comes from the block's extreme values, values are truncated after adding the
+ * offset, and the scale is stored as f16 while the unrounded scale is used to quantise. ---- */
+static inline void put16(uint8_t *p, float v) { const uint16_t h = f2h(v); memcpy(p, &h, 2); }
+
+static void q_q8_0(const float *x, uint8_t *b, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, x += 32, b += 34) {
         float amax = 0.0f;
         for (int j = 0; j < 32; j++) { const float v = fabsf(x[j]); if (v > amax) amax = v; }
         const float d = amax / 127.0f, id = d ? 1.0f / d : 0.0f;
-        const uint16_t dh = f2h(d); memcpy(b, &dh, 2);
+        put16(b, d);
         for (int j = 0; j < 32; j++) ((int8_t *)(b + 2))[j] = (int8_t)roundf(x[j] * id);
+    }
+}
+/* signed extreme: the value of largest magnitude, first one on ties */
+static inline float signed_max(const float *x) {
+    float amax = 0.0f, max = 0.0f;
+    for (int j = 0; j < 32; j++) { const float v = fabsf(x[j]); if (amax < v) { amax = v; max = x[j]; } }
+    return max;
+}
+static void q_q4_0(const float *x, uint8_t *b, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, x += 32, b += 18) {
+        const float d = signed_max(x) / -8, id = d ? 1.0f / d : 0.0f;
+        put16(b, d);
+        for (int j = 0; j < 16; j++) {
+            const int q0 = (int)(x[j] * id + 8.5f), q1 = (int)(x[j + 16] * id + 8.5f);
+            b[2 + j] = (uint8_t)((q0 > 15 ? 15 : q0) | ((q1 > 15 ? 15 : q1) << 4));
+        }
+    }
+}
+static inline void min_max(const float *x, float *mn, float *mx) {
+    float lo = INFINITY, hi = -INFINITY;
+    for (int j = 0; j < 32; j++) { if (x[j] < lo) lo = x[j]; if (x[j] > hi) hi = x[j]; }
+    *mn = lo; *mx = hi;
+}
+static void q_q4_1(const float *x, uint8_t *b, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, x += 32, b += 20) {
+        float mn, mx; min_max(x, &mn, &mx);
+        const float d = (mx - mn) / 15, id = d ? 1.0f / d : 0.0f;
+        put16(b, d); put16(b + 2, mn);
+        for (int j = 0; j < 16; j++) {
+            const int q0 = (int)((x[j] - mn) * id + 0.5f), q1 = (int)((x[j + 16] - mn) * id + 0.5f);
+            b[4 + j] = (uint8_t)((q0 > 15 ? 15 : q0) | ((q1 > 15 ? 15 : q1) << 4));
+        }
+    }
+}
+static void q_q5_0(const float *x, uint8_t *b, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, x += 32, b += 22) {
+        const float d = signed_max(x) / -16, id = d ? 1.0f / d : 0.0f;
+        put16(b, d);
+        uint32_t qh = 0;
+        for (int j = 0; j < 16; j++) {
+            int q0 = (int)(x[j] * id + 16.5f), q1 = (int)(x[j + 16] * id + 16.5f);
+            q0 = q0 > 31 ? 31 : q0; q1 = q1 > 31 ? 31 : q1;
+            b[6 + j] = (uint8_t)((q0 & 0xF) | ((q1 & 0xF) << 4));
+            qh |= ((uint32_t)(q0 >> 4) & 1u) << j;
+            qh |= ((uint32_t)(q1 >> 4) & 1u) << (j + 16);
+        }
+        memcpy(b + 2, &qh, 4);
+    }
+}
+static void q_q5_1(const float *x, uint8_t *b, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, x += 32, b += 24) {
+        float mn, mx; min_max(x, &mn, &mx);
+        const float d = (mx - mn) / 31, id = d ? 1.0f / d : 0.0f;
+        put16(b, d); put16(b + 2, mn);
+        uint32_t qh = 0;
+        for (int j = 0; j < 16; j++) {
+            int q0 = (int)((x[j] - mn) * id + 0.5f), q1 = (int)((x[j + 16] - mn) * id + 0.5f);
+            q0 = q0 > 31 ? 31 : q0; q1 = q1 > 31 ? 31 : q1;
+            b[8 + j] = (uint8_t)((q0 & 0xF) | ((q1 & 0xF) << 4));
+            qh |= ((uint32_t)(q0 >> 4) & 1u) << j;
+            qh |= ((uint32_t)(q1 >> 4) & 1u) << (j + 16);
+        }
+        memcpy(b + 4, &qh, 4);
+    }
+}
+
+/* type ids are GGMLQuantizationType values; returns 0 on success, -1 for an unhandled type */
+int qc_quant(int type, const float *x, uint8_t *out, int64_t n_blocks) {
+    switch (type) {
+        case 2: q_q4_0(x, out, n_blocks); return 0;
+        case 3: q_q4_1(x, out, n_blocks); return 0;
+        case 6: q_q5_0(x, out, n_blocks); return 0;
+        case 7: q_q5_1(x, out, n_blocks); return 0;
+        case 8: q_q8_0(x, out, n_blocks); return 0;
+        default: return -1;
     }
 }
 

@@ -24,8 +24,8 @@ from formats.source import Source
 from formats.tensor import LazyTensor, stream_converted
 from formats.tokenizer import TokenizerData
 
-OUTTYPES = ("f32", "f16", "bf16", "q8_0", "auto")
-FILE_TYPE = {"F32": 0, "F16": 1, "Q8_0": 7, "BF16": 32}  # llama_ftype of the dominant type
+OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "auto")
+FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "BF16": 32}  # llama_ftype
 QUANT_VERSION = 2
 
 
@@ -80,8 +80,8 @@ def tensor_type(gguf_name: str, shape: tuple[int, ...], outtype: str) -> str:
     if len(shape) == 1 or gguf_name.endswith(KEEP_F32_SUFFIXES) or shape[0] == 1:
         return "F32"
     t = outtype.upper()
-    if t == "Q8_0" and shape[-1] % 32:
-        return "F16"  # llama.cpp's converter does the same
+    if t.startswith("Q") and shape[-1] % 32:
+        return "F16"  # llama.cpp's converter does the same for rows that don't fill a block
     return t
 
 

@@ -27,11 +27,12 @@ _P = ctypes.c_void_p
 _N = ctypes.c_int64
 if _LIB is not None:
     for _fn in ("qc_f16_to_f32", "qc_f32_to_f16", "qc_bf16_to_f32", "qc_f32_to_bf16", "qc_bf16_to_f16",
-                "qc_f16_to_bf16", "qc_quant_q8_0"):
+                "qc_f16_to_bf16"):
         getattr(_LIB, _fn).argtypes = [_P, _P, _N]
         getattr(_LIB, _fn).restype = None
-    _LIB.qc_dequant.argtypes = [ctypes.c_int, _P, _P, _N]
-    _LIB.qc_dequant.restype = ctypes.c_int
+    for _fn in ("qc_dequant", "qc_quant"):
+        getattr(_LIB, _fn).argtypes = [ctypes.c_int, _P, _P, _N]
+        getattr(_LIB, _fn).restype = ctypes.c_int
 
 
 def _keep_chunk_buffers() -> None:
@@ -50,6 +51,7 @@ def _keep_chunk_buffers() -> None:
 
 _keep_chunk_buffers()
 C_DEQUANT = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
+C_QUANT = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"}
 _FLOAT_DT = {"F32": np.float32, "F16": np.uint16, "BF16": np.uint16}
 
 
@@ -98,10 +100,11 @@ def from_f32(x: np.ndarray, t: str, use_c: bool = True) -> np.ndarray:
     n = x.size
     if t == "F32":
         return x
-    if use_c and _LIB is not None and t in ("F16", "BF16", "Q8_0"):
-        if t == "Q8_0":
-            out = np.empty(n // 32 * 34, np.uint8)
-            _LIB.qc_quant_q8_0(_ptr(x), _ptr(out), n // 32)
+    if use_c and _LIB is not None and (t in ("F16", "BF16") or t in C_QUANT):
+        if t in C_QUANT:
+            block, size = GGML_QUANT_SIZES[GQ[t]]
+            out = np.empty(n // block * size, np.uint8)
+            _LIB.qc_quant(int(GQ[t]), _ptr(x), _ptr(out), n // block)
         else:
             out = np.empty(n, np.uint16)
             (_LIB.qc_f32_to_f16 if t == "F16" else _LIB.qc_f32_to_bf16)(_ptr(x), _ptr(out), n)

@@ -95,6 +95,24 @@ def llama_convert(hf_dir: Path, out: Path, outtype: str) -> Path:
     return out
 
 
+LLAMA_FTYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K_M": 12, "Q4_K_S": 14,
+                "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18}
+
+
+def llama_quantize(inp: Path, out: Path, ftype: str, pure: bool = False, n_threads: int = 2) -> Path:
+    """llama-quantize's own code (``llama_model_quantize`` through llama-cpp-python), no imatrix."""
+    import llama_cpp
+
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype = LLAMA_FTYPES[ftype]
+    p.nthread = n_threads
+    p.pure = pure
+    rc = llama_cpp.llama_model_quantize(str(inp).encode(), str(out).encode(), p)
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize({inp}, {ftype}) failed with {rc}")
+    return out
+
+
 def llama_logits(gguf_path: Path, tokens: list[int], n_threads: int = 2) -> np.ndarray:
     """float32 logits [n, vocab] of llama.cpp (llama-cpp-python) over ``tokens``."""
     from llama_cpp import Llama

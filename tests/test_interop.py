@@ -43,3 +43,24 @@ def test_q8_0_matches_llama_cpp_converter(tiny, tmp_path, sample_tokens, referen
     assert a["mean_kl"] <= 1.5 * b["mean_kl"], (a, b)
     assert a["top1"] >= 0.95, a
     assert 0 < a["mean_kl"] < 0.05  # q8_0 is lossy, but not broken
+
+
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"])
+def test_block_quants_byte_identical_to_llama_quantize(tiny, tmp_path, qtype):
+    """From the same F16 GGUF, our tensors equal llama-quantize's (llama_model_quantize, pure, no imatrix)."""
+    from formats.gguf_file import read_header
+    from qconvert.peers import llama_quantize
+    f16 = tmp_path / "f16.gguf"
+    qconvert("hf-to-gguf", str(tiny("h256")), str(f16), "--outtype", "f16")
+    ours, theirs = tmp_path / "ours.gguf", tmp_path / "theirs.gguf"
+    qconvert("hf-to-gguf", str(f16), str(ours), "--outtype", qtype)
+    llama_quantize(f16, theirs, qtype.upper(), pure=True)
+    a = {t.name: t for t in read_header(ours)[1]}
+    b = {t.name: t for t in read_header(theirs)[1]}
+    same = [n for n in a if a[n].type == b[n].type == qtype.upper()]
+    assert len(same) >= 15  # every 2-D weight incl. token_embd and output
+    with open(ours, "rb") as fa, open(theirs, "rb") as fb:
+        for n in same:
+            fa.seek(a[n].offset)
+            fb.seek(b[n].offset)
+            assert fa.read(a[n].nbytes) == fb.read(b[n].nbytes), n

@@ -32,10 +32,15 @@ def test_bf16_to_f16_direct_equals_via_f32():
         assert np.array_equal(kernels.convert(u, "BF16", "F16"), kernels.convert(u, "BF16", "F16", use_c=False))
 
 
-def test_q8_0_quantize_matches_gguf_package():
-    x = _floats(1 << 15).reshape(-1, 256)
-    ours = kernels.from_f32(x, "Q8_0")
-    ref = quants.quantize(x, GQ.Q8_0).reshape(-1)
+@pytest.mark.parametrize("t", sorted(kernels.C_QUANT))
+def test_block_quantize_matches_gguf_package(t):
+    x = _floats(1 << 15)
+    x[:32] = 0.0  # an all-zero block
+    x[32:64] = np.linspace(-1, 1, 32)  # ties in magnitude: the first extreme wins
+    x[64:96] = -x[32:64]
+    x = x[np.isfinite(x) & (np.abs(x) < 1e4)][: 1 << 14].reshape(-1, 256)
+    ours = kernels.from_f32(x, t)
+    ref = quants.quantize(x, GQ[t]).reshape(-1)
     assert ours.tobytes() == ref.tobytes()
 
 
