@@ -109,21 +109,26 @@ def size_label(cfg: ModelConfig) -> str:
 
 
 def write_gguf(src: Source, out: Path, outtype: str = "auto", force: bool = False, progress: bool = True,
-               name: str | None = None) -> dict[str, str]:
-    """Write ``src`` as a GGUF at ``out``. Returns {gguf tensor name: GGML type}."""
+               name: str | None = None, types: dict[str, str] | None = None, file_type: int | None = None) -> dict[str, str]:
+    """Write ``src`` as a GGUF at ``out``. Returns {gguf tensor name: GGML type}.
+
+    ``types`` (GGUF name -> GGML type) overrides the per-tensor choice made from ``outtype``, as the
+    K-quant mixtures do; ``file_type`` is then the llama_ftype to record.
+    """
     import gguf
 
-    ot = resolve_outtype(src, outtype)
     cfg = src.config
+    ot = resolve_outtype(src, outtype) if types is None else "f16"
     layout = gguf_layout(cfg)
     plan = []
     for gname, members in layout:
         shape = canonical_shape(members[0], cfg)
         full = (len(members), *shape) if len(members) > 1 else shape
-        plan.append((gname, members, full, tensor_type(gname, shape, ot)))
+        plan.append((gname, members, full, types[gname] if types else tensor_type(gname, shape, ot)))
     kv: dict[str, Any] = {
         "general.type": "model", "general.name": name or cfg.name or Path(src.path).name,
-        "general.size_label": size_label(cfg), "general.file_type": FILE_TYPE[ot.upper()],
+        "general.size_label": size_label(cfg),
+        "general.file_type": file_type if file_type is not None else FILE_TYPE[ot.upper()],
         "general.quantization_version": QUANT_VERSION,
     }
     kv.update(cfg.to_gguf_kv())

@@ -10,6 +10,7 @@ import click
 
 from formats.errors import QConvertError
 from formats.gguf import OUTTYPES
+from qconvert.quant.mixtures import MIXTURES
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -29,8 +30,8 @@ def _size(s: str) -> int:
 @cli.command("hf-to-gguf")
 @click.argument("src")
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--outtype", type=click.Choice(OUTTYPES), default="auto", show_default=True,
-              help="type of 2-D weights; 1-D tensors and norms stay F32")
+@click.option("--outtype", type=click.Choice(OUTTYPES + tuple(MIXTURES)), default="auto", show_default=True,
+              help="type of 2-D weights (1-D tensors and norms stay F32), or a llama-quantize K-quant mixture")
 @click.option("--name", default=None, help="general.name to store (default: the model's own name)")
 @click.option("--force", is_flag=True, help="overwrite OUT if it exists")
 @click.option("--quiet", is_flag=True, help="no progress bar")
@@ -43,7 +44,12 @@ def hf_to_gguf(src: str, out: Path, outtype: str, name: str | None, force: bool,
     check_target(out, force)
     t0 = time.perf_counter()
     with open_model(src) as s:
-        types = write_gguf(s, out, outtype, force=force, progress=not quiet, name=name)
+        if outtype in MIXTURES:
+            from qconvert.quant.mixtures import mixture_types
+            types = write_gguf(s, out, force=force, progress=not quiet, name=name,
+                               types=mixture_types(s.config, outtype), file_type=MIXTURES[outtype][1])
+        else:
+            types = write_gguf(s, out, outtype, force=force, progress=not quiet, name=name)
     counts: dict[str, int] = {}
     for t in types.values():
         counts[t] = counts.get(t, 0) + 1

@@ -1,0 +1,1 @@
+"""Quantisation choices and methods (GGUF mixtures; group-wise int4 comes next)."""
