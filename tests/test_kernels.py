@@ -32,7 +32,7 @@ def test_bf16_to_f16_direct_equals_via_f32():
         assert np.array_equal(kernels.convert(u, "BF16", "F16"), kernels.convert(u, "BF16", "F16", use_c=False))
 
 
-@pytest.mark.parametrize("t", sorted(kernels.C_QUANT))
+@pytest.mark.parametrize("t", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])  # K-quants: see test_kquants.py
 def test_block_quantize_matches_gguf_package(t):
     x = _floats(1 << 15)
     x[:32] = 0.0  # an all-zero block
@@ -54,3 +54,13 @@ def test_dequant_matches_gguf_package(t):
     ref = quants.dequantize(raw, GQ[t]).reshape(-1)
     assert ours.shape == ref.shape == (512 * block,)
     assert np.array_equal(ours, ref)
+
+
+@pytest.mark.parametrize("t", ["Q4_K", "Q5_K", "Q6_K"])
+def test_k_quant_round_trip_error(t):
+    """Encoding then decoding stays within a fraction of the block range (a wrong packing breaks this)."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(256 * 64).astype(np.float32)
+    y = kernels.to_f32(kernels.from_f32(x, t), t)
+    rel = np.sqrt(((y - x) ** 2).mean()) / x.std()
+    assert rel < {"Q4_K": 0.12, "Q5_K": 0.06, "Q6_K": 0.03}[t], rel
