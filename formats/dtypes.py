@@ -10,8 +10,6 @@ from gguf import GGMLQuantizationType as GQ
 from gguf import quants
 from gguf.constants import GGML_QUANT_SIZES
 
-FLOAT_NP = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}  # BF16 carried as raw uint16
-ST_TO_TYPE = {"F32": "F32", "F16": "F16", "BF16": "BF16"}  # safetensors dtype strings we accept
 HF_DTYPES = {"bf16": "BF16", "f16": "F16", "f32": "F32"}
 TORCH_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 

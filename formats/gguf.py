@@ -43,7 +43,6 @@ def open_gguf(path: str | Path) -> Source:
     cfg = ModelConfig.from_gguf_kv(kv, vocab, tied="output.weight" not in by_name, where=str(path))
     fd = os.open(path, os.O_RDONLY)
     src = Source(config=cfg, tokenizer=tok, tensors={}, path=str(path), kind="gguf", closers=[lambda: os.close(fd)])
-    src.gguf_kv = {k: v for k, v in kv.items() if not k.startswith("tokenizer.ggml.")}  # type: ignore[attr-defined]
     for ti in infos:
         try:
             names = gguf_to_hf(ti.name, cfg.num_experts)
