@@ -129,7 +129,9 @@ class NumpyDecoder:
             g, u = m[gate].split(m[gate](x))
         else:
             g, u = m[gate](x), m[up](x)
-        return m[down](silu(g) * u)
+        h = silu(g)
+        h *= u
+        return m[down](h)
 
     def moe(self, x: np.ndarray, n: LayerNames) -> np.ndarray:
         cfg, m = self.cfg, self.m
