@@ -88,7 +88,12 @@ static void q_q5_1(const float *x, uint8_t *b, int64_t nb) {
  * a weighted least-squares search over candidate grids, as ggml's reference quantisers do; the
  * sub-block scales are then quantised against the super-block's f16 scale, and values re-quantised
  * with the final (rounded) scales. ---- */
-static inline int rnd(float v) { return (int)lrintf(v); }
+/* round half to even for |v| < 2^22: adding 1.5 * 2^23 leaves the integer in the mantissa */
+static inline int rnd(float v) {
+    const float t = v + 12582912.f;
+    int32_t i; memcpy(&i, &t, 4);
+    return (i & 0x007fffff) - 0x00400000;
+}
 static inline int clampi(int v, int lo, int hi) { return v < lo ? lo : v > hi ? hi : v; }
 
 /* x ~ scale * L - m with L in [0, nmax], m >= 0; weights w. Returns scale, writes L and m. */
@@ -246,3 +251,81 @@ int qc_quant(int type, const float *x, uint8_t *out, int64_t n_blocks) {
     }
 }
 
+
+/* ---- group-wise quantisation for the int4 layout (see docs/int4-format.md) ----
+ * Rows of `cols` values are cut into groups of `group` (the last one may be shorter). Asymmetric:
+ * x ~ scale * q + offset, q in [0, 2^bits - 1]; symmetric: x ~ scale * (q - 2^(bits-1)) with a signed scale.
+ * method 0 (rtn): scale and offset from the group's min / max. method 1 (search): the weighted
+ * least-squares search of the K-quants over candidate scales. Scale and offset are rounded to f16 and
+ * the values re-quantised with the rounded pair, so what is stored is what was optimised for. */
+/* Same search as fit_scale_min (x ~ scale * L + offset, offset <= 0), but each candidate costs one pass:
+ * the weighted error follows from the sums, err = s^2 Sll + 2 s m Sl - 2 s Slx + m^2 Sw - 2 m Sx + Sxx. */
+static float fit_group_asym(int n, int nmax, const float *x, const float *w, float *off_out, int nstep) {
+    float lo = x[0], hi = x[0];
+    double sw = 0, sx = 0, sxx = 0;
+    for (int i = 0; i < n; i++) {
+        lo = x[i] < lo ? x[i] : lo; hi = x[i] > hi ? x[i] : hi;
+        sw += w[i]; sx += w[i] * x[i]; sxx += (double)w[i] * x[i] * x[i];
+    }
+    if (lo > 0) lo = 0;
+    if (hi == lo) { *off_out = lo; return 0.0f; }
+    double best = INFINITY; float bs = (hi - lo) / nmax, bm = lo;
+    for (int k = -1; k <= nstep; k++) {  /* k = -1: plain min/max */
+        const float is = (k < 0 ? (float)nmax : (-1.0f + 2.0f * k / nstep + nmax)) / (hi - lo);
+        double sl = 0, sl2 = 0, sxl = 0;
+        for (int i = 0; i < n; i++) {
+            const int l = clampi(rnd(is * (x[i] - lo)), 0, nmax);
+            sl += w[i] * l; sl2 += (double)w[i] * l * l; sxl += (double)w[i] * l * x[i];
+        }
+        double sc, m;
+        if (k < 0) { sc = 1.0 / is; m = lo; }
+        else {
+            const double D = sw * sl2 - sl * sl;
+            if (D <= 0) continue;
+            sc = (sw * sxl - sx * sl) / D; m = (sl2 * sx - sl * sxl) / D;
+            if (m > 0) { m = 0; sc = sxl / sl2; }
+        }
+        const double err = sc * sc * sl2 + 2 * sc * m * sl - 2 * sc * sxl + m * m * sw - 2 * m * sx + sxx;
+        if (err < best) { best = err; bs = (float)sc; bm = (float)m; }
+    }
+    *off_out = bm;
+    return bs;
+}
+
+void qc_group_quant(const float *x, int64_t rows, int64_t cols, int group, int bits, int sym, int method,
+                    uint8_t *q, uint16_t *scale_out, uint16_t *offset_out) {
+    const int nmax = (1 << bits) - 1, half = 1 << (bits - 1);
+    const int64_t ng = (cols + group - 1) / group;
+    float w[256]; int8_t Ls[256];
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t g = 0; g < ng; g++) {
+            const int64_t c0 = g * group;
+            const int n = (int)(cols - c0 < group ? cols - c0 : group);
+            const float *xs = x + r * cols + c0;
+            uint8_t *qs = q + r * cols + c0;
+            float s, m = 0;
+            if (sym) {
+                /* signed scale: the extreme value maps to q = 0 (l = -half), as Q4_0 does */
+                if (method == 1 && n <= 256) s = fit_scale_sym(n, half, xs, Ls);
+                else { float mx = 0, amax = 0; for (int i = 0; i < n; i++) if (fabsf(xs[i]) > amax) { amax = fabsf(xs[i]); mx = xs[i]; } s = mx / -half; }
+            } else if (method == 1 && n <= 256) {
+                float s2 = 0; for (int i = 0; i < n; i++) s2 += xs[i] * xs[i];
+                const float av = sqrtf(s2 / n);
+                for (int i = 0; i < n; i++) w[i] = av + fabsf(xs[i]);
+                s = fit_group_asym(n, nmax, xs, w, &m, 10);
+            } else {
+                float lo = xs[0], hi = xs[0];
+                for (int i = 1; i < n; i++) { lo = xs[i] < lo ? xs[i] : lo; hi = xs[i] > hi ? xs[i] : hi; }
+                s = (hi - lo) / nmax; m = lo;
+            }
+            const uint16_t sh = f2h(s), mh = f2h(m);
+            scale_out[r * ng + g] = sh;
+            if (!sym) offset_out[r * ng + g] = mh;
+            const float sf = h2f(sh), mf = h2f(mh), is = sf ? 1.0f / sf : 0.0f;
+            for (int i = 0; i < n; i++) {
+                const int v = sym ? rnd(xs[i] * is) + half : rnd((xs[i] - mf) * is);
+                qs[i] = (uint8_t)clampi(v, 0, nmax);
+            }
+        }
+    }
+}

@@ -16,7 +16,7 @@ import numpy as np
 from formats.errors import QConvertError
 from formats.tensor import LazyTensor
 
-ST_TYPES = {"F32": 4, "F16": 2, "BF16": 2}
+ST_TYPES = {"F32": 4, "F16": 2, "BF16": 2, "U8": 1}  # U8: int4 codes (formats/int4.py)
 
 
 def read_header(path: Path) -> tuple[dict[str, Any], int]:
@@ -71,6 +71,8 @@ class SafetensorsFile:
         dt = meta["dtype"]
         if dt not in ST_TYPES:
             raise QConvertError(f"{self.path}: tensor {name} has dtype {dt}; only F32/F16/BF16 checkpoints are supported")
+        if dt == "U8" and canonical is None and not name.endswith(".qweight"):
+            raise QConvertError(f"{self.path}: tensor {name} is U8; only F32/F16/BF16 checkpoints are supported")
         shape = tuple(int(x) for x in meta["shape"]) or (1,)
         begin = self.data_start + meta["data_offsets"][0]
         row_bytes = ST_TYPES[dt] * shape[-1]
@@ -84,7 +86,8 @@ class SafetensorsFile:
                 raise QConvertError(f"{self.path}: short read in tensor {name}; the file is truncated")
             return np.frombuffer(buf, dtype=np.uint8)
 
-        return LazyTensor(canonical or name, shape, dt, reader)
+        return LazyTensor(canonical or name, shape, dt, reader,
+                          stored_nbytes=meta["data_offsets"][1] - meta["data_offsets"][0])
 
 
 class SafetensorsWriter:

@@ -19,7 +19,7 @@ class Source:
     tokenizer: TokenizerData
     tensors: dict[str, LazyTensor]
     path: str
-    kind: str  # "hf" | "gguf"
+    kind: str  # "hf" | "gguf" | "int4"
     generation_config: dict[str, Any] = field(default_factory=dict)
     closers: list[Callable[[], None]] = field(default_factory=list)
 

@@ -26,6 +26,8 @@ class LazyTensor:
     shape: tuple[int, ...]
     stype: str
     reader: Callable[[int, int], np.ndarray]
+    quant: str | None = None  # e.g. "int4 g128 asym": a quantised tensor whose reader dequantises to stype
+    stored_nbytes: int | None = None  # bytes on disk when that differs from the decoded size
 
     @property
     def n_rows(self) -> int:
@@ -40,6 +42,8 @@ class LazyTensor:
     @property
     def nbytes(self) -> int:
         """Stored size in bytes."""
+        if self.stored_nbytes is not None:
+            return self.stored_nbytes
         return self.n_rows * row_nbytes(self.stype, self.row_len)
 
     def raw_rows(self, start: int, stop: int) -> np.ndarray:

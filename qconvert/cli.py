@@ -92,6 +92,54 @@ def inspect_cmd(model: str, as_json: bool, show_all: bool) -> None:
     click.echo(json.dumps(d, indent=1) if as_json else render(d, None if show_all else 40))
 
 
+@cli.command("quantize")
+@click.argument("src")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["int4", "gguf"]), default="int4", show_default=True)
+@click.option("--bits", type=click.IntRange(2, 8), default=4, show_default=True, help="int4 format: bits per code")
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="128", show_default=True)
+@click.option("--method", type=click.Choice(["rtn", "search"]), default="search", show_default=True,
+              help="rtn: min/max; search: error-minimising scale/offset search")
+@click.option("--sym", is_flag=True, help="symmetric groups (no offsets)")
+@click.option("--type", "gtype", default="q4_k_m", show_default=True,
+              help="gguf format: q8_0, q4_0, q4_1, q5_0, q5_1 or a mixture q4_k_m, q4_k_s, q5_k_m, q5_k_s, q6_k")
+@click.option("--force", is_flag=True, help="replace OUT if it exists")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def quantize_cmd(src: str, out: Path, fmt: str, bits: int, group_size: str, method: str, sym: bool, gtype: str,
+                 force: bool, quiet: bool) -> None:
+    """Quantise a model (HF folder, Hub id or GGUF) to the int4 layout or to a GGUF type / mixture."""
+    from formats.detect import open_model
+    from formats.output import check_target
+
+    check_target(out, force)
+    t0 = time.perf_counter()
+    if fmt == "gguf":
+        from formats.gguf import write_gguf
+        from qconvert.quant.mixtures import mixture_types
+        if gtype not in MIXTURES and gtype not in ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1"):
+            raise QConvertError(f"--type {gtype} is not a GGUF quantisation qconvert writes; see --help")
+        with open_model(src) as s:
+            if gtype in MIXTURES:
+                types = write_gguf(s, out, force=force, progress=not quiet, types=mixture_types(s.config, gtype),
+                                   file_type=MIXTURES[gtype][1])
+            else:
+                types = write_gguf(s, out, gtype, force=force, progress=not quiet)
+        n = sum(1 for t in types.values() if t != "F32")
+        click.echo(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {n} quantised tensors, {gtype}) "
+                   f"in {time.perf_counter() - t0:.1f}s")
+        return
+    from formats.int4 import write_int4
+    with open_model(src) as s:
+        st = write_int4(s, out, bits, int(group_size), sym, method, force=force, progress=not quiet)
+    errs = st["errors"]
+    worst = sorted(errs.items(), key=lambda kv: -kv[1])[:3]
+    click.echo(f"wrote {out}: int{bits} g{group_size} {'sym' if sym else 'asym'} ({method}), "
+               f"{st['bits_per_weight']:.3f} bits per weight on {st['quantised_params'] / 1e6:.1f}M quantised weights, "
+               f"{st['dir_bytes'] / 2**20:.1f} MiB, {time.perf_counter() - t0:.1f}s")
+    click.echo(f"relative RMS error per matrix: mean {sum(errs.values()) / len(errs):.4f}; worst "
+               + ", ".join(f"{n} {e:.4f}" for n, e in worst))
+
+
 def _backend_options(f):
     f = click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
                      help="torch backend weight dtype")(f)
@@ -190,7 +238,7 @@ def verify_cmd(ref: str, cand: str, text: Path | None, ctx: int, max_kld: float 
         if r.tokenizer.tokens[: r.tokenizer.n_real] != c.tokenizer.tokens[: c.tokenizer.n_real]:
             raise QConvertError(f"{ref} and {cand} have different vocabularies; they are not the same model")
         ids = _tokens(r, text, None, ctx)
-        kind = candidate_kind({t.stype for t in c.tensors.values()})
+        kind = candidate_kind({t.quant or t.stype for t in c.tensors.values()})
     lr = _model_logits(ref, ids, backend, device, dtype)
     lc = _model_logits(cand, ids, backend, device, dtype)
     rep, kl = compare(lr, lc, np.asarray(ids), kind, max_kld, min_top1)

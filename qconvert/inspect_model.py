@@ -11,7 +11,8 @@ def describe(src: Source) -> dict[str, Any]:
     """A JSON-ready summary: format, config, tokenizer, tensors (name, shape, type, bytes)."""
     cfg = src.config
     tok = src.tokenizer
-    tensors = [{"name": n, "shape": list(t.shape), "type": t.stype, "nbytes": t.nbytes} for n, t in src.tensors.items()]
+    tensors = [{"name": n, "shape": list(t.shape), "type": t.quant or t.stype, "nbytes": t.nbytes}
+               for n, t in src.tensors.items()]
     cfg_d = cfg.to_hf_dict()
     return {
         "path": src.path, "format": src.kind, "arch": cfg.arch, "config": cfg_d,
@@ -48,7 +49,7 @@ def render(d: dict[str, Any], max_rows: int | None = None) -> str:
     rows = d["tensors"] if max_rows is None else d["tensors"][:max_rows]
     w = max((len(r["name"]) for r in rows), default=10)
     for r in rows:
-        lines.append(f"  {r['name']:<{w}}  {r['type']:>5}  {str(r['shape']):>16}  {r['nbytes'] / 2**20:9.2f} MiB")
+        lines.append(f"  {r['name']:<{w}}  {r['type']:>14}  {str(r['shape']):>16}  {r['nbytes'] / 2**20:9.2f} MiB")
     if max_rows is not None and len(d["tensors"]) > max_rows:
         lines.append(f"  ... {len(d['tensors']) - max_rows} more (use --all)")
     return "\n".join(lines)

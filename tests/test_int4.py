@@ -1,0 +1,92 @@
+"""Group-wise quantisation and the int4 layout."""
+import json
+
+import numpy as np
+import pytest
+
+from conftest import qconvert
+from formats.int4 import dequant_rows, pack, unpack
+from qconvert.quant.groupwise import dequantize, quantize
+
+
+def test_pack_unpack_round_trip():
+    rng = np.random.default_rng(0)
+    for cols in (64, 63):
+        q = rng.integers(0, 16, size=(5, cols), dtype=np.uint8)
+        b = pack(q, 4)
+        assert b.shape == (5, (cols + 1) // 2)
+        assert np.array_equal(unpack(b, 4, cols), q)
+        assert b[0, 0] == q[0, 0] | (q[0, 1] << 4)  # low nibble first
+
+
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_rtn_error_within_half_a_step(sym, group):
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((64, 300)) * 0.05).astype(np.float32)  # 300: last group is partial
+    g = quantize(w, 4, group, sym, "rtn")
+    err = np.abs(dequantize(g) - w)
+    step = np.abs(g.scales.view(np.float16).astype(np.float32))[:, np.arange(300) // group]
+    # half a step, plus the f16 rounding of scale and offset (and the clipped extreme of a symmetric group)
+    slack = 0.5 if not sym else 1.0
+    assert (err <= step * slack * 1.01 + 1e-4).all(), float((err / step).max())
+    assert np.array_equal(dequantize(g), dequant_rows(g.q, g.scales, g.offsets, 4, group))
+
+
+def test_search_beats_rtn():
+    rng = np.random.default_rng(2)
+    w = (rng.standard_normal((256, 1024)) * 0.02).astype(np.float32)
+    e = {m: float(np.square(dequantize(quantize(w, 4, 128, False, m)) - w).mean()) for m in ("rtn", "search")}
+    assert e["search"] < 0.95 * e["rtn"], e
+
+
+@pytest.mark.parametrize("bits", [2, 3, 8])
+def test_other_bit_widths(bits):
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((32, 256)).astype(np.float32)
+    g = quantize(w, bits, 64, False, "search")
+    assert g.q.max() <= (1 << bits) - 1
+    rel = np.sqrt(np.square(dequantize(g) - w).mean()) / w.std()
+    assert rel < {2: 0.5, 3: 0.25, 8: 0.01}[bits], rel
+
+
+def test_int4_folder_end_to_end(tiny, tmp_path, sample_tokens):
+    """quantize -> inspect / verify / gguf-to-hf read it; the numpy decoder and transformers agree on it."""
+    from formats.detect import open_model
+    from qconvert.decoder import make_decoder
+    from qconvert.peers import hf_logits, kl_stats
+    out = tmp_path / "int4"
+    r = qconvert("quantize", str(tiny("moe")), str(out), "--group-size", "64", "--quiet")
+    assert "4.500 bits per weight" in r.stdout
+    meta = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert meta["quant_method"] == "qconvert-int4" and meta["group_size"] == 64 and meta["scheme"] == "asym"
+    d = json.loads(qconvert("inspect", str(out), "--json").stdout)
+    assert d["format"] == "int4" and d["types"]["int4 g64 asym"] > 0
+    rep = tmp_path / "r.json"
+    qconvert("verify", str(tiny("moe")), str(out), "--ctx", "32", "--json", str(rep), check=False)
+    assert json.loads(rep.read_text())["kind"] == "quantised"
+    qconvert("gguf-to-hf", str(out), str(tmp_path / "hf"), "--dtype", "f32")
+    ids = sample_tokens[:48]
+    with open_model(str(out)) as src:
+        ours = make_decoder(src, "numpy").logits(ids)
+    s = kl_stats(hf_logits(tmp_path / "hf", ids), ours)
+    assert s["mean_kl"] < 1e-6, s
+
+
+def test_quantize_gguf_equals_hf_to_gguf(tiny, tmp_path):
+    qconvert("quantize", str(tiny("h256")), str(tmp_path / "a.gguf"), "--format", "gguf", "--type", "q4_k_m", "--quiet")
+    qconvert("hf-to-gguf", str(tiny("h256")), str(tmp_path / "b.gguf"), "--outtype", "q4_k_m")
+    assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
+
+
+def test_unknown_int4_version_is_refused(tiny, tmp_path):
+    import struct
+    out = tmp_path / "int4"
+    qconvert("quantize", str(tiny("tied")), str(out), "--method", "rtn", "--quiet")
+    f = out / "model.int4.safetensors"
+    data = bytearray(f.read_bytes())
+    n = struct.unpack("<Q", data[:8])[0]
+    header = data[8:8 + n].replace(b'"version":"1"', b'"version":"9"')
+    f.write_bytes(bytes(data[:8]) + header + bytes(data[8 + n:]))
+    r = qconvert("inspect", str(out), check=False)
+    assert r.returncode == 1 and "version 9 is not supported" in r.stderr
