@@ -69,16 +69,18 @@ def dequant_rows(codes: np.ndarray, scales: np.ndarray, offsets: np.ndarray | No
 
 
 def write_int4(src: Source, out: Path, bits: int = 4, group_size: int = 128, sym: bool = False,
-               method: str = "search", force: bool = False, progress: bool = True,
+               method: str = "search", force: bool = False, progress: bool = True, head_bits: int = 8,
                on_tensor: Callable[[str, float], None] | None = None) -> dict[str, Any]:
     """Quantise every 2-D tensor of ``src`` group-wise and write the int4 folder. Returns a summary.
 
-    ``on_tensor(name, rel_rmse)`` is called after each matrix with its relative RMS error.
+    The output head (``lm_head``, or the embedding of a tied model) gets ``head_bits`` (8 by default,
+    as llama.cpp keeps its head at Q8_0/Q6_K). ``on_tensor(name, rel_rmse)`` is called after each matrix.
     """
     from qconvert.quant.groupwise import quantize  # the maths lives in qconvert/quant
 
     cfg = src.config
     names = canonical_names(cfg)
+    head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
     plan, qinfo = [], {}
     for n in names:
         shape = canonical_shape(n, cfg)
@@ -87,12 +89,14 @@ def write_int4(src: Source, out: Path, bits: int = 4, group_size: int = 128, sym
             continue
         rows, cols = shape
         ng = -(-cols // group_size)
-        plan.append((f"{n}.qweight", "U8", (rows, (cols + 1) // 2 if bits == 4 else cols)))
+        b = head_bits if n == head else bits
+        plan.append((f"{n}.qweight", "U8", (rows, (cols + 1) // 2 if b == 4 else cols)))
         plan.append((f"{n}.scales", "F16", (rows, ng)))
         if not sym:
             plan.append((f"{n}.offsets", "F16", (rows, ng)))
-        qinfo[n] = {"shape": [rows, cols]}
-    meta = {"bits": bits, "group_size": group_size, "scheme": "sym" if sym else "asym", "method": method}
+        qinfo[n] = {"shape": [rows, cols], "bits": b}
+    meta = {"bits": bits, "head_bits": head_bits, "group_size": group_size, "scheme": "sym" if sym else "asym",
+            "method": method}
     header_meta = {"format": FORMAT, "version": VERSION, "quantization": json.dumps(meta),
                    "tensors": json.dumps(qinfo)}
     stats = {"quantised_params": 0, "quantised_bytes": 0, "errors": {}}
@@ -108,14 +112,15 @@ def write_int4(src: Source, out: Path, bits: int = 4, group_size: int = 128, sym
                     pb.update(t.n_rows * t.row_len * 4)
                     continue
                 scales, offsets, err, ref = [], [], 0.0, 0.0
+                b = qinfo[n]["bits"]
                 for r0, r1 in row_chunks(t, 1 << 22):
                     x = t.rows(r0, r1)
-                    g = quantize(x, bits, group_size, sym, method, pool)
-                    w.write(pack(g.q, bits))
+                    g = quantize(x, b, group_size, sym, method, pool)
+                    w.write(pack(g.q, b))
                     scales.append(g.scales)
                     if g.offsets is not None:
                         offsets.append(g.offsets)
-                    d = dequant_rows(g.q, g.scales, g.offsets, bits, group_size) - x
+                    d = dequant_rows(g.q, g.scales, g.offsets, b, group_size) - x
                     err += float(np.square(d).sum())
                     ref += float(np.square(x).sum())
                     pb.update(x.nbytes)
@@ -124,11 +129,12 @@ def write_int4(src: Source, out: Path, bits: int = 4, group_size: int = 128, sym
                     w.write(np.concatenate(offsets))
                 rel = float(np.sqrt(err / max(ref, 1e-30)))
                 stats["errors"][n] = rel
-                stats["quantised_params"] += t.n_rows * t.row_len
+                if n != head:
+                    stats["quantised_params"] += t.n_rows * t.row_len
                 if on_tensor:
                     on_tensor(n, rel)
-        stats["quantised_bytes"] = sum(int(np.prod(s)) * (1 if dt == "U8" else 2)
-                                       for name, dt, s in plan if not name.endswith(".weight") and dt != "F32")
+        stats["quantised_bytes"] = sum(int(np.prod(s)) * (1 if dt == "U8" else 2) for name, dt, s in plan
+                                       if dt != "F32" and name.rsplit(".", 1)[0] != head)
         c = cfg.to_hf_dict()
         c["quantization_config"] = {"quant_method": FORMAT, "version": VERSION, **meta}
         _json(tmp / "config.json", c)
@@ -136,7 +142,8 @@ def write_int4(src: Source, out: Path, bits: int = 4, group_size: int = 128, sym
             _json(tmp / "generation_config.json", src.generation_config)
         for fname, obj in src.tokenizer.to_hf_files().items():
             _json(tmp / fname, obj)
-    stats["bits_per_weight"] = 8 * stats["quantised_bytes"] / max(1, stats["quantised_params"])
+    stats["bits_per_weight"] = 8 * stats["quantised_bytes"] / max(1, stats["quantised_params"])  # head excluded
+    stats["head"] = (head, head_bits)
     stats["dir_bytes"] = sum(p.stat().st_size for p in Path(out).iterdir())
     return stats
 
@@ -166,7 +173,7 @@ def open_int4(d: Path) -> Source:
                  closers=[f.close])
     if (d / "generation_config.json").is_file():
         src.generation_config = json.loads((d / "generation_config.json").read_text())
-    label = f"int{bits} g{group} {'sym' if sym else 'asym'}"
+    per = json.loads(meta.get("tensors", "{}"))
     for n in canonical_names(cfg):
         if n in f.header:
             src.tensors[n] = f.tensor(n)
@@ -174,8 +181,10 @@ def open_int4(d: Path) -> Source:
         qw, sc = f.tensor(f"{n}.qweight"), f.tensor(f"{n}.scales")
         of = f.tensor(f"{n}.offsets") if not sym else None
         shape = canonical_shape(n, cfg)
-        reader = _reader(qw, sc, of, bits, group, shape[1])
+        b = int(per.get(n, {}).get("bits", bits))
+        reader = _reader(qw, sc, of, b, group, shape[1])
         stored = qw.nbytes + sc.nbytes + (of.nbytes if of is not None else 0)
+        label = f"int{b} g{group} {'sym' if sym else 'asym'}"
         src.tensors[n] = LazyTensor(n, shape, "F32", reader, quant=label, stored_nbytes=stored)
     src.check_complete()
     return src

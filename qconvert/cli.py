@@ -101,12 +101,14 @@ def inspect_cmd(model: str, as_json: bool, show_all: bool) -> None:
 @click.option("--method", type=click.Choice(["rtn", "search"]), default="search", show_default=True,
               help="rtn: min/max; search: error-minimising scale/offset search")
 @click.option("--sym", is_flag=True, help="symmetric groups (no offsets)")
+@click.option("--head-bits", type=click.IntRange(2, 8), default=8, show_default=True,
+              help="int4 format: bits of the output head (lm_head, or the tied embedding)")
 @click.option("--type", "gtype", default="q4_k_m", show_default=True,
               help="gguf format: q8_0, q4_0, q4_1, q5_0, q5_1 or a mixture q4_k_m, q4_k_s, q5_k_m, q5_k_s, q6_k")
 @click.option("--force", is_flag=True, help="replace OUT if it exists")
 @click.option("--quiet", is_flag=True, help="no progress bar")
-def quantize_cmd(src: str, out: Path, fmt: str, bits: int, group_size: str, method: str, sym: bool, gtype: str,
-                 force: bool, quiet: bool) -> None:
+def quantize_cmd(src: str, out: Path, fmt: str, bits: int, group_size: str, method: str, sym: bool, head_bits: int,
+                 gtype: str, force: bool, quiet: bool) -> None:
     """Quantise a model (HF folder, Hub id or GGUF) to the int4 layout or to a GGUF type / mixture."""
     from formats.detect import open_model
     from formats.output import check_target
@@ -130,11 +132,13 @@ def quantize_cmd(src: str, out: Path, fmt: str, bits: int, group_size: str, meth
         return
     from formats.int4 import write_int4
     with open_model(src) as s:
-        st = write_int4(s, out, bits, int(group_size), sym, method, force=force, progress=not quiet)
+        st = write_int4(s, out, bits, int(group_size), sym, method, force=force, progress=not quiet,
+                        head_bits=head_bits)
     errs = st["errors"]
     worst = sorted(errs.items(), key=lambda kv: -kv[1])[:3]
     click.echo(f"wrote {out}: int{bits} g{group_size} {'sym' if sym else 'asym'} ({method}), "
-               f"{st['bits_per_weight']:.3f} bits per weight on {st['quantised_params'] / 1e6:.1f}M quantised weights, "
+               f"{st['bits_per_weight']:.3f} bits per weight on {st['quantised_params'] / 1e6:.1f}M quantised weights "
+               f"(head {st['head'][0]} at {st['head'][1]} bits), "
                f"{st['dir_bytes'] / 2**20:.1f} MiB, {time.perf_counter() - t0:.1f}s")
     click.echo(f"relative RMS error per matrix: mean {sum(errs.values()) / len(errs):.4f}; worst "
                + ", ".join(f"{n} {e:.4f}" for n, e in worst))
