@@ -27,6 +27,17 @@ def _size(s: str) -> int:
         raise QConvertError(f"cannot read size {s!r}; write e.g. 2G, 500M or a byte count") from None
 
 
+def _write_gguf(src, out: Path, outtype: str, force: bool, progress: bool, name: str | None = None) -> dict:
+    """Write a GGUF with a plain output type or a llama-quantize K-quant mixture."""
+    from formats.gguf import write_gguf
+
+    if outtype in MIXTURES:
+        from qconvert.quant.mixtures import mixture_types
+        return write_gguf(src, out, force=force, progress=progress, name=name,
+                          types=mixture_types(src.config, outtype), file_type=MIXTURES[outtype][1])
+    return write_gguf(src, out, outtype, force=force, progress=progress, name=name)
+
+
 @cli.command("hf-to-gguf")
 @click.argument("src")
 @click.argument("out", type=click.Path(path_type=Path))
@@ -38,18 +49,12 @@ def _size(s: str) -> int:
 def hf_to_gguf(src: str, out: Path, outtype: str, name: str | None, force: bool, quiet: bool) -> None:
     """Convert an HF checkpoint (folder or Hub id) or a GGUF to a GGUF file."""
     from formats.detect import open_model
-    from formats.gguf import write_gguf
     from formats.output import check_target
 
     check_target(out, force)
     t0 = time.perf_counter()
     with open_model(src) as s:
-        if outtype in MIXTURES:
-            from qconvert.quant.mixtures import mixture_types
-            types = write_gguf(s, out, force=force, progress=not quiet, name=name,
-                               types=mixture_types(s.config, outtype), file_type=MIXTURES[outtype][1])
-        else:
-            types = write_gguf(s, out, outtype, force=force, progress=not quiet, name=name)
+        types = _write_gguf(s, out, outtype, force, not quiet, name)
     counts: dict[str, int] = {}
     for t in types.values():
         counts[t] = counts.get(t, 0) + 1
@@ -116,16 +121,10 @@ def quantize_cmd(src: str, out: Path, fmt: str, bits: int, group_size: str, meth
     check_target(out, force)
     t0 = time.perf_counter()
     if fmt == "gguf":
-        from formats.gguf import write_gguf
-        from qconvert.quant.mixtures import mixture_types
         if gtype not in MIXTURES and gtype not in ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1"):
             raise QConvertError(f"--type {gtype} is not a GGUF quantisation qconvert writes; see --help")
         with open_model(src) as s:
-            if gtype in MIXTURES:
-                types = write_gguf(s, out, force=force, progress=not quiet, types=mixture_types(s.config, gtype),
-                                   file_type=MIXTURES[gtype][1])
-            else:
-                types = write_gguf(s, out, gtype, force=force, progress=not quiet)
+            types = _write_gguf(s, out, gtype, force, not quiet)
         n = sum(1 for t in types.values() if t != "F32")
         click.echo(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {n} quantised tensors, {gtype}) "
                    f"in {time.perf_counter() - t0:.1f}s")
