@@ -82,3 +82,23 @@ def test_numpy_decoder_reads_q4_k_m_gguf(real_gguf, real_hf):
     s = kl_stats(hf_logits(real_hf, ids), _decoder(real_gguf, "numpy").logits(ids))
     print(f"real Q4_K_M GGUF numpy decoder vs transformers: {s}")
     assert s["mean_kl"] <= 1e-4 and s["top1"] >= 0.99, s
+
+
+def test_fused_softmax_and_silu_kernels_match_float64():
+    """The C prefill kernels (causal softmax with a fast exp, silu(g) * u) against float64 formulas."""
+    from qconvert.decoder import matvec
+    rng = np.random.default_rng(3)
+    b, S, pos0 = 40, 100, 60
+    x = (rng.standard_normal((3, b, S)) * 8).astype(np.float32)
+    ref = x.astype(np.float64)
+    ref[..., np.arange(S)[None, :] > (pos0 + np.arange(b))[:, None]] = -np.inf
+    ref = np.exp(ref - ref.max(-1, keepdims=True))
+    ref /= ref.sum(-1, keepdims=True)
+    got = matvec.softmax_causal(x.copy(), b, pos0)
+    assert np.abs(got - ref).max() <= 1e-6 and np.all(got[..., 0, pos0 + 1:] == 0)
+    gu = (rng.standard_normal((70, 2 * 333)) * 6).astype(np.float32)
+    g, u = gu[:, :333], gu[:, 333:]
+    want = g.astype(np.float64) / (1 + np.exp(-g.astype(np.float64))) * u
+    got = matvec.silu_mul(g, u)
+    assert np.abs(got - want).max() <= 2e-6 * np.abs(want).max()
+    assert matvec._LIB is not None  # the build ships the kernels; the numpy fallback is for other platforms

@@ -23,6 +23,11 @@ if _LIB is not None:
     _LIB.qc_matvec16.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                  ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
     _LIB.qc_matvec16.restype = None
+    _LIB.qc_softmax_causal.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 5
+    _LIB.qc_softmax_causal.restype = None
+    _LIB.qc_silu_mul.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                                 ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+    _LIB.qc_silu_mul.restype = None
 THREADS = max(1, min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2))
 _POOL = ThreadPoolExecutor(THREADS) if THREADS > 1 else None
 DECODE_ROWS = 8  # up to this many rows of x use the 16-bit kernel; more use float32 BLAS
@@ -39,6 +44,35 @@ def on_two_threads(fn, n: int) -> None:
     fut = _POOL.submit(fn, mid, n)
     fn(0, mid)
     fut.result()
+
+
+def softmax_causal(scores: np.ndarray, b: int, pos0: int) -> np.ndarray:
+    """Causal softmax in place over the last axis of contiguous float32 ``scores`` [..., b, S]: query
+    i of the block sits at absolute position pos0 + i and sees keys 0..pos0 + i (later ones get 0)."""
+    S = scores.shape[-1]
+    if _LIB is None:
+        keys = np.arange(S)[None, :] > (pos0 + np.arange(b))[:, None]
+        scores[..., keys] = -np.inf
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+        return scores
+    assert scores.dtype == np.float32 and scores.flags.c_contiguous
+    rows = scores.size // S
+    on_two_threads(lambda r0, r1: _LIB.qc_softmax_causal(scores.ctypes.data, r0, r1, S, b, pos0), rows)
+    return scores
+
+
+def silu_mul(g: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """silu(g) * u = g * sigmoid(g) * u for float32 g, u [T, f] (row-strided views allowed), one pass."""
+    if _LIB is None or g.dtype != np.float32 or u.dtype != np.float32 or g.strides[1] != 4 or u.strides[1] != 4:
+        return g / (np.float32(1) + np.exp(-g)) * u
+    T, f = g.shape
+    out = np.empty((T, f), np.float32)
+    ldg, ldu = g.strides[0] // 4, u.strides[0] // 4
+    on_two_threads(lambda r0, r1: _LIB.qc_silu_mul(g.ctypes.data, ldg, u.ctypes.data, ldu, f,
+                                                   out.ctypes.data, r0, r1), T)
+    return out
 
 
 class Matrix:

@@ -11,7 +11,7 @@ import numpy as np
 
 from formats.config import ModelConfig
 from formats.source import Source
-from qconvert.decoder.matvec import Matrix, on_two_threads
+from qconvert.decoder.matvec import Matrix, silu_mul, softmax_causal
 from qconvert.decoder.model import LayerNames, lm_head_name, load_f32
 from qconvert.decoder.rope import cos_sin, inv_freq_and_scale
 
@@ -41,18 +41,6 @@ def rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     half = x.shape[-1] // 2
     rot = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos[:, None, :] + rot * sin[:, None, :]
-
-
-def silu(x: np.ndarray) -> np.ndarray:
-    """x * sigmoid(x) = x / (1 + exp(-x)), computed in one temporary (rows split over two threads)."""
-    t = np.negative(x)
-
-    def part(r0: int, r1: int) -> None:
-        np.exp(t[r0:r1], out=t[r0:r1])
-        t[r0:r1] += np.float32(1)
-        np.divide(x[r0:r1], t[r0:r1], out=t[r0:r1])
-    on_two_threads(part, x.shape[0])
-    return t
 
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -116,10 +104,8 @@ class NumpyDecoder:
             K, V = cache.k[layer][:, :S], cache.v[layer][:, :S]           # [nkv, S, hd]
             qb = np.ascontiguousarray(qg[:, :, b0:b1]).reshape(nkv, g * b, hd)
             scores = (qb @ K.transpose(0, 2, 1)).reshape(nkv, g, b, S)      # one GEMM per kv head
-            if b > 1 or S > start + b0 + 1:  # causal: query i (absolute start+i) sees keys <= start+i
-                scores += np.where(np.arange(S)[None, :] > (start + np.arange(b0, b1))[:, None],
-                                   np.float32(-np.inf), np.float32(0))
-            pv = softmax(scores).reshape(nkv, g * b, S) @ V                  # [nkv, g*b, hd]
+            # causal: query i of the block (absolute position start + b0 + i) sees keys <= its position
+            pv = softmax_causal(scores, b, start + b0).reshape(nkv, g * b, S) @ V   # [nkv, g*b, hd]
             out[b0:b1] = pv.reshape(nkv, g, b, hd).transpose(2, 0, 1, 3)
         return m[n.o](out.reshape(T, nh * hd))
 
@@ -129,9 +115,7 @@ class NumpyDecoder:
             g, u = m[gate].split(m[gate](x))
         else:
             g, u = m[gate](x), m[up](x)
-        h = silu(g)
-        h *= u
-        return m[down](h)
+        return m[down](silu_mul(g, u))
 
     def moe(self, x: np.ndarray, n: LayerNames) -> np.ndarray:
         cfg, m = self.cfg, self.m
