@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -108,11 +108,15 @@ def size_label(cfg: ModelConfig) -> str:
 
 
 def write_gguf(src: Source, out: Path, outtype: str = "auto", force: bool = False, progress: bool = True,
-               name: str | None = None, types: dict[str, str] | None = None, file_type: int | None = None) -> dict[str, str]:
+               name: str | None = None, types: dict[str, str] | None = None, file_type: int | None = None,
+               raw_chunks: Callable[[str, str, ThreadPoolExecutor], Iterable[np.ndarray] | None] | None = None,
+               ) -> dict[str, str]:
     """Write ``src`` as a GGUF at ``out``. Returns {gguf tensor name: GGML type}.
 
     ``types`` (GGUF name -> GGML type) overrides the per-tensor choice made from ``outtype``, as the
-    K-quant mixtures do; ``file_type`` is then the llama_ftype to record.
+    K-quant mixtures do; ``file_type`` is then the llama_ftype to record. ``raw_chunks(canonical name,
+    GGML type, pool)`` may return that tensor's bytes already encoded (e.g. int4 codes repacked into
+    GGML blocks, formats/int4_gguf.py); None converts it from the source as usual.
     """
     import gguf
 
@@ -151,10 +155,14 @@ def write_gguf(src: Source, out: Path, outtype: str = "auto", force: bool = Fals
                 w.write_padding(fout, fout.tell())
                 n = 0
                 for m in members:
-                    for chunk in stream_converted(src.tensors[m], t, pool):
+                    chunks = raw_chunks(m, t, pool) if raw_chunks else None
+                    for chunk in stream_converted(src.tensors[m], t, pool) if chunks is None else chunks:
                         fout.write(memoryview(chunk).cast("B"))
                         n += chunk.nbytes
                         pb.update(chunk.nbytes)
+                if n != int(np.prod(shape[:-1])) * row_nbytes(t, shape[-1]):
+                    raise QConvertError(f"{gname}: wrote {n} bytes of {t} data, expected "
+                                        f"{int(np.prod(shape[:-1])) * row_nbytes(t, shape[-1])}")
                 w.write_padding(fout, n)
         w.close()
     return {g: t for g, _, _, t in plan}

@@ -28,9 +28,23 @@ def _size(s: str) -> int:
 
 
 def _write_gguf(src, out: Path, outtype: str, force: bool, progress: bool, name: str | None = None) -> dict:
-    """Write a GGUF with a plain output type or a llama-quantize K-quant mixture."""
+    """Write a GGUF with a plain output type or a llama-quantize K-quant mixture.
+
+    From an int4 folder, ``auto`` / ``q4_0`` / ``q4_1`` / ``q8_0`` repack the stored codes into GGML blocks
+    where that is exact and requantise the rest (formats/int4_gguf.py); one line reports which.
+    """
     from formats.gguf import write_gguf
 
+    if src.kind == "int4":
+        from formats.int4_gguf import EXACT_OUTTYPES, plan_int4_gguf
+        if outtype in EXACT_OUTTYPES:
+            plan = plan_int4_gguf(src, outtype)
+            types = write_gguf(src, out, force=force, progress=progress, name=name, types=plan.types,
+                               file_type=plan.file_type, raw_chunks=plan.raw_chunks)
+            click.echo(plan.summary())
+            return types
+        click.echo(f"int4 -> GGUF: no tensor mapped exactly; every matrix dequantised and re-encoded as {outtype} "
+                   f"(exact mapping of the codes needs --outtype {', '.join(EXACT_OUTTYPES)})")
     if outtype in MIXTURES:
         from qconvert.quant.mixtures import mixture_types
         return write_gguf(src, out, force=force, progress=progress, name=name,
@@ -42,12 +56,16 @@ def _write_gguf(src, out: Path, outtype: str, force: bool, progress: bool, name:
 @click.argument("src")
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--outtype", type=click.Choice(OUTTYPES + tuple(MIXTURES)), default="auto", show_default=True,
-              help="type of 2-D weights (1-D tensors and norms stay F32), or a llama-quantize K-quant mixture")
+              help="type of 2-D weights (1-D tensors and norms stay F32), or a llama-quantize K-quant mixture. "
+                   "auto: bf16 for a bf16 source, else f16; for an int4 folder, its codes repacked exactly into "
+                   "Q4_0 (sym) / Q4_1 (asym) blocks, Q8_0 for 5-8-bit sym codes (the 8-bit head), requantising "
+                   "only what cannot map (reported). q4_0 / q4_1 / q8_0 from an int4 folder also map exactly "
+                   "where the codes fit that type")
 @click.option("--name", default=None, help="general.name to store (default: the model's own name)")
 @click.option("--force", is_flag=True, help="overwrite OUT if it exists")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def hf_to_gguf(src: str, out: Path, outtype: str, name: str | None, force: bool, quiet: bool) -> None:
-    """Convert an HF checkpoint (folder or Hub id) or a GGUF to a GGUF file."""
+    """Convert an HF checkpoint (folder or Hub id), an int4 folder or a GGUF to a GGUF file."""
     from formats.detect import open_model
     from formats.output import check_target
 
@@ -103,17 +121,28 @@ def inspect_cmd(model: str, as_json: bool, show_all: bool) -> None:
 @click.option("--format", "fmt", type=click.Choice(["int4", "gguf"]), default="int4", show_default=True)
 @click.option("--bits", type=click.IntRange(2, 8), default=4, show_default=True, help="int4 format: bits per code")
 @click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="128", show_default=True)
-@click.option("--method", type=click.Choice(["rtn", "search"]), default="search", show_default=True,
-              help="rtn: min/max; search: error-minimising scale/offset search")
+@click.option("--method", type=click.Choice(["rtn", "search", "gptq"]), default="search", show_default=True,
+              help="rtn: min/max; search: error-minimising scale/offset search; gptq: data-aware (calibration text)")
 @click.option("--sym", is_flag=True, help="symmetric groups (no offsets)")
 @click.option("--head-bits", type=click.IntRange(2, 8), default=8, show_default=True,
               help="int4 format: bits of the output head (lm_head, or the tied embedding)")
+@click.option("--calib", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              help="gptq: calibration text file (default: a fixed set of Python standard-library modules)")
+@click.option("--calib-samples", type=click.IntRange(1), default=16, show_default=True,
+              help="gptq: number of calibration windows")
+@click.option("--calib-ctx", type=click.IntRange(16), default=512, show_default=True, help="gptq: tokens per window")
+@click.option("--act-order", is_flag=True, help="gptq: sweep columns by decreasing Hessian diagonal (static groups)")
+@click.option("--damp", type=click.FloatRange(0, 1), default=0.01, show_default=True,
+              help="gptq: Hessian dampening, a fraction of its mean diagonal")
+@click.option("--report", "report_png", type=click.Path(path_type=Path, dir_okay=False),
+              help="int4 format: write the per-layer error as a PNG plot")
 @click.option("--type", "gtype", default="q4_k_m", show_default=True,
-              help="gguf format: q8_0, q4_0, q4_1, q5_0, q5_1 or a mixture q4_k_m, q4_k_s, q5_k_m, q5_k_s, q6_k")
+              help="gguf format: q8_0, q4_0, q4_1, q5_0, q5_1 or a mixture (" + ", ".join(MIXTURES) + ")")
 @click.option("--force", is_flag=True, help="replace OUT if it exists")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def quantize_cmd(src: str, out: Path, fmt: str, bits: int, group_size: str, method: str, sym: bool, head_bits: int,
-                 gtype: str, force: bool, quiet: bool) -> None:
+                 calib: Path | None, calib_samples: int, calib_ctx: int, act_order: bool, damp: float,
+                 report_png: Path | None, gtype: str, force: bool, quiet: bool) -> None:
     """Quantise a model (HF folder, Hub id or GGUF) to the int4 layout or to a GGUF type / mixture."""
     from formats.detect import open_model
     from formats.output import check_target
@@ -130,17 +159,47 @@ def quantize_cmd(src: str, out: Path, fmt: str, bits: int, group_size: str, meth
                    f"in {time.perf_counter() - t0:.1f}s")
         return
     from formats.int4 import write_int4
+    from qconvert.quant.report import layer_table, plot_errors
     with open_model(src) as s:
+        pre = None
+        if method == "gptq":
+            pre = _gptq(s, calib, calib_samples, calib_ctx, bits, int(group_size), sym, act_order, damp, quiet)
         st = write_int4(s, out, bits, int(group_size), sym, method, force=force, progress=not quiet,
-                        head_bits=head_bits)
+                        head_bits=head_bits, precomputed=pre)
     errs = st["errors"]
     worst = sorted(errs.items(), key=lambda kv: -kv[1])[:3]
-    click.echo(f"wrote {out}: int{bits} g{group_size} {'sym' if sym else 'asym'} ({method}), "
+    title = f"int{bits} g{group_size} {'sym' if sym else 'asym'} ({method})"
+    click.echo(f"wrote {out}: {title}, "
                f"{st['bits_per_weight']:.3f} bits per weight on {st['quantised_params'] / 1e6:.1f}M quantised weights "
                f"(head {st['head'][0]} at {st['head'][1]} bits), "
                f"{st['dir_bytes'] / 2**20:.1f} MiB, {time.perf_counter() - t0:.1f}s")
+    if not quiet:
+        click.echo("relative RMS error per layer and matrix:\n" + layer_table(errs))
     click.echo(f"relative RMS error per matrix: mean {sum(errs.values()) / len(errs):.4f}; worst "
                + ", ".join(f"{n} {e:.4f}" for n, e in worst))
+    if report_png:
+        plot_errors(errs, report_png, f"{src}: {title}")
+        click.echo(f"wrote {report_png}")
+
+
+def _gptq(s, calib: Path | None, n: int, ctx: int, bits: int, group: int, sym: bool, act_order: bool, damp: float,
+          quiet: bool) -> dict:
+    """GPTQ results for every decoder-layer matrix of source ``s`` (the head is left to the plain quantiser)."""
+    from formats.progress import bar
+    from qconvert.corpus import CALIB_MODULES, stdlib_text, tokens_digest, windows
+    from qconvert.quant.gptq import gptq_model
+    from qconvert.text import encode
+
+    text = calib.read_text(encoding="utf-8", errors="replace") if calib else stdlib_text(CALIB_MODULES)
+    ws = windows(encode(s.tokenizer, text), n, ctx)
+    t0 = time.perf_counter()
+    head = "model.embed_tokens.weight" if s.config.tie_word_embeddings else "lm_head.weight"
+    with bar(s.config.num_hidden_layers, "gptq layers", not quiet) as pb:
+        pre = gptq_model(s, ws, bits, group, sym, "search", damp, act_order, skip={head},
+                         on_layer=lambda i, total: pb.update(1))
+    click.echo(f"gptq: {len(ws)} x {len(ws[0])} calibration tokens (ids {tokens_digest(ws)}), "
+               f"{len(pre)} matrices in {time.perf_counter() - t0:.1f}s")
+    return pre
 
 
 def _backend_options(f):

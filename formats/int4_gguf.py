@@ -1,0 +1,313 @@
+"""int4 layout -> GGML blocks by repacking bytes, where the int4 grid is a GGML grid (no rounding).
+
+A GGML block covers 32 consecutive values of a row with one f16 scale ``d`` (and, for Q4_1, one f16 ``m``):
+
+- Q4_0: ``d``, 16 bytes; byte ``j`` holds value ``j`` (low nibble) and ``j + 16`` (high nibble); ``d * (q - 8)``;
+- Q4_1: ``d``, ``m``, 16 bytes as Q4_0; ``d * q + m``;
+- Q8_0: ``d``, 32 int8; ``d * q``.
+
+An int4 group (``group_size`` 32/64/128 columns, one f16 scale, plus an f16 offset when asymmetric) spans
+whole blocks when the row length is a multiple of 32 (a short last group then is too), so:
+
+- b-bit symmetric codes (``s * (q - 2^(b-1))``), b <= 4 -> Q4_0 with ``d = s``, code ``q + 8 - 2^(b-1)``;
+- b-bit asymmetric codes (``s * q + m``), b <= 4 -> Q4_1 with ``d = s``, ``m = m``, code ``q``;
+- b-bit symmetric codes, b <= 4 -> Q4_1 with ``d = s``, ``m = -2^(b-1) * s`` (exact unless that overflows f16);
+- b-bit symmetric codes, b <= 8 -> Q8_0 with ``d = s``, int8 ``q - 2^(b-1)``.
+
+Everything else (asymmetric codes to Q4_0 / Q8_0, more than 4 bits to Q4_x, a row length that is not a
+multiple of 32) cannot be written exactly and is requantised from the dequantised values by the usual
+GGUF writer. ``repack`` is the pure byte-level function; ``Int4GGUFPlan`` chooses per tensor and streams.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from formats.dtypes import row_nbytes
+from formats.errors import QConvertError
+from formats.names import canonical_shape, gguf_layout
+from formats.source import Source
+from formats.tensor import LazyTensor
+
+MAPPABLE = ("Q4_0", "Q4_1", "Q8_0")
+EXACT_OUTTYPES = ("auto", "q4_0", "q4_1", "q8_0")  # --outtype values that map int4 codes exactly
+QK = 32  # values per GGML block of the three mappable types
+_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+
+
+def exact_reason(bits: int, sym: bool, group_size: int, cols: int, ggml_type: str) -> str | None:
+    """None when codes of this kind map exactly onto ``ggml_type`` blocks, else why not (a short phrase)."""
+    if ggml_type not in MAPPABLE:
+        return f"codes map onto {', '.join(MAPPABLE)} only, not {ggml_type}"
+    if cols % QK:
+        return f"row length {cols} is not a multiple of {QK}"
+    if group_size % QK:
+        return f"group size {group_size} is not a multiple of {QK}"
+    if ggml_type == "Q8_0":
+        if not sym:
+            return "asymmetric codes have an offset Q8_0 cannot hold"
+        if bits > 8:
+            return f"{bits}-bit codes do not fit Q8_0"
+        return None
+    if bits > 4:
+        return f"{bits}-bit codes do not fit {ggml_type}'s 4 bits"
+    if ggml_type == "Q4_0" and not sym:
+        return "asymmetric codes have an offset Q4_0 cannot hold"
+    return None
+
+
+def _sym_offset(scales_u16: np.ndarray, bits: int) -> np.ndarray:
+    """Raw f16 ``m = -2^(bits-1) * s`` (Q4_1 offset of symmetric codes); exact unless it overflows."""
+    s = scales_u16.view(np.float16).astype(np.float32)
+    return (s * np.float32(-(1 << (bits - 1)))).astype(np.float16).view(np.uint16)
+
+
+def offset_overflows(scales_u16: np.ndarray, bits: int) -> bool:
+    """True when some finite scale ``s`` makes ``-2^(bits-1) * s`` overflow f16 (then Q4_1 is not exact)."""
+    s = scales_u16.view(np.float16)
+    with np.errstate(over="ignore"):
+        m = _sym_offset(scales_u16, bits).view(np.float16)
+    return bool((np.isfinite(s) & ~np.isfinite(m)).any())
+
+
+def _codes(qweight: np.ndarray, bits: int, cols: int) -> np.ndarray:
+    """Codes [rows, cols] uint8 from stored bytes (two 4-bit codes per byte, low nibble first)."""
+    if bits != 4:
+        return qweight[:, :cols]
+    out = np.empty((qweight.shape[0], qweight.shape[1] * 2), np.uint8)
+    out[:, 0::2] = qweight & 0x0F
+    out[:, 1::2] = qweight >> 4
+    return out[:, :cols]
+
+
+def _per_block(v: np.ndarray, group_size: int, nb: int) -> np.ndarray:
+    """Raw f16 per group [rows, G] -> per 32-block [rows, nb, 2] bytes (a group covers group_size/32 blocks)."""
+    b = np.ascontiguousarray(v).view(np.uint8).reshape(v.shape[0], v.shape[1], 2)
+    if group_size != QK:
+        b = np.repeat(b, group_size // QK, axis=1)
+    return b[:, :nb]
+
+
+def repack(qweight: np.ndarray, scales: np.ndarray, offsets: np.ndarray | None, bits: int, group_size: int,
+           cols: int, ggml_type: str) -> np.ndarray:
+    """Stored int4-layout rows -> GGML ``ggml_type`` rows, uint8 [rows, row_nbytes], by byte repacking only.
+
+    ``qweight``: uint8 [rows, ceil(cols/2)] for 4 bits, [rows, cols] otherwise; ``scales`` / ``offsets``:
+    raw f16 (uint16 or float16) [rows, G]; ``offsets`` None for symmetric codes. Raises QConvertError when
+    the mapping would not be exact (see ``exact_reason``).
+    """
+    sym = offsets is None
+    kind = f"{bits}-bit {'sym' if sym else 'asym'} g{group_size}"
+    why = exact_reason(bits, sym, group_size, cols, ggml_type)
+    if why:
+        raise QConvertError(f"cannot map {kind} codes onto {ggml_type}: {why}")
+    rows, nb = qweight.shape[0], cols // QK
+    want_q = (rows, (cols + 1) // 2 if bits == 4 else cols)
+    want_s = (rows, -(-cols // group_size))
+    if qweight.shape != want_q or scales.shape != want_s or (offsets is not None and offsets.shape != want_s):
+        raise QConvertError(f"{kind} codes of {cols} columns: got qweight {list(qweight.shape)}, scales "
+                            f"{list(scales.shape)}, expected {list(want_q)} and {list(want_s)}; the int4 file is corrupt")
+    scales = np.ascontiguousarray(scales).view(np.uint16)
+    if sym and ggml_type == "Q4_1":
+        if offset_overflows(scales, bits):
+            raise QConvertError(f"cannot map symmetric codes onto Q4_1: -{1 << (bits - 1)} x scale overflows f16")
+        offsets = _sym_offset(scales, bits)
+    out = np.empty((rows, nb, _BLOCK_BYTES[ggml_type]), np.uint8)
+    out[:, :, 0:2] = _per_block(scales, group_size, nb)
+    if ggml_type == "Q8_0":
+        c = _codes(qweight, bits, cols).reshape(rows, nb, QK)
+        shift = np.uint8((256 - (1 << (bits - 1))) & 0xFF)  # q - 2^(b-1) in two's complement
+        np.add(c, shift, out=out[:, :, 2:], casting="unsafe")
+        return out.reshape(rows, -1)
+    body = 2
+    if ggml_type == "Q4_1":
+        out[:, :, 2:4] = _per_block(np.ascontiguousarray(offsets).view(np.uint16), group_size, nb)
+        body = 4
+    nib = out[:, :, body:]
+    if bits == 4:  # codes unchanged (Q4_0 of sym, Q4_1 of sym or asym): move nibbles only
+        # byte i of an int4 block holds values 2i, 2i+1; GGML byte j holds values j and j+16
+        b = np.ascontiguousarray(qweight[:, : cols // 2]).reshape(rows, nb, 16)
+        lo, hi = b[:, :, :8], b[:, :, 8:]
+        nib[:, :, 0::2] = (lo & 0x0F) | (hi << 4)
+        nib[:, :, 1::2] = (lo >> 4) | (hi & 0xF0)
+        return out.reshape(rows, -1)
+    c = _codes(qweight, bits, cols).reshape(rows, nb, QK)
+    if sym and ggml_type == "Q4_0":
+        c = c + np.uint8(8 - (1 << (bits - 1)))
+    nib[...] = c[:, :, :16] | (c[:, :, 16:] << 4)
+    return out.reshape(rows, -1)
+
+
+@dataclass
+class StoredMatrix:
+    """One quantised matrix of an int4 folder as stored: lazy qweight / scales / offsets and its parameters."""
+
+    name: str
+    rows: int
+    cols: int
+    bits: int
+    group_size: int
+    qweight: LazyTensor
+    scales: LazyTensor
+    offsets: LazyTensor | None
+
+    @property
+    def sym(self) -> bool:
+        """True for symmetric codes (no offsets)."""
+        return self.offsets is None
+
+    def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Stored (qweight uint8, scales uint16, offsets uint16 | None) of rows [start, stop)."""
+        n = stop - start
+        q = self.qweight.raw_rows(start, stop).reshape(n, -1)
+        s = self.scales.raw_rows(start, stop).view(np.uint16).reshape(n, -1)
+        o = self.offsets.raw_rows(start, stop).view(np.uint16).reshape(n, -1) if self.offsets is not None else None
+        return q, s, o
+
+    def stream(self, ggml_type: str, pool: ThreadPoolExecutor | None = None,
+               chunk_values: int = 1 << 22) -> Iterator[np.ndarray]:
+        """Yield the matrix as GGML ``ggml_type`` bytes, row chunk by row chunk (two chunks ahead on ``pool``)."""
+        step = max(1, chunk_values // self.cols)
+        ranges = [(r, min(r + step, self.rows)) for r in range(0, self.rows, step)]
+
+        def work(r: tuple[int, int]) -> np.ndarray:
+            q, s, o = self.read(*r)
+            return repack(q, s, o, self.bits, self.group_size, self.cols, ggml_type).reshape(-1)
+
+        if pool is None or len(ranges) == 1:
+            for r in ranges:
+                yield work(r)
+            return
+        pending = [pool.submit(work, r) for r in ranges[:2]]
+        for i in range(len(ranges)):
+            done = pending.pop(0)
+            if i + 2 < len(ranges):
+                pending.append(pool.submit(work, ranges[i + 2]))
+            yield done.result()
+
+
+def stored_matrices(src: Source) -> dict[str, StoredMatrix]:
+    """The quantised matrices of an int4 Source, read straight from its safetensors file.
+
+    The file is opened once more (its handle is closed with ``src``).
+    """
+    from formats.int4 import FILENAME
+    from formats.safetensors_io import SafetensorsFile
+
+    if src.kind != "int4":
+        raise QConvertError(f"{src.path}: not an int4 folder")
+    f = SafetensorsFile(Path(src.path) / FILENAME)
+    src.closers.append(f.close)
+    meta = f.header.get("__metadata__") or {}
+    try:
+        q = json.loads(meta["quantization"])
+        per = json.loads(meta.get("tensors", "{}"))
+        bits, group, sym = int(q["bits"]), int(q["group_size"]), q["scheme"] == "sym"
+    except (KeyError, ValueError, TypeError) as e:
+        raise QConvertError(f"{f.path}: broken int4 metadata ({e}); re-run `qconvert quantize`") from None
+    out = {}
+    for n, t in src.tensors.items():
+        if t.quant is None or f"{n}.qweight" not in f.header:
+            continue
+        rows, cols = t.shape
+        out[n] = StoredMatrix(n, rows, cols, int(per.get(n, {}).get("bits", bits)), group,
+                              f.tensor(f"{n}.qweight"), f.tensor(f"{n}.scales"),
+                              None if sym else f.tensor(f"{n}.offsets"))
+    return out
+
+
+def auto_type(bits: int, sym: bool) -> str:
+    """GGML type ``--outtype auto`` gives an int4-layout matrix: Q4_0 / Q4_1 up to 4 bits, Q8_0 above."""
+    if bits <= 4:
+        return "Q4_0" if sym else "Q4_1"
+    return "Q8_0"
+
+
+@dataclass
+class Int4GGUFPlan:
+    """Per-tensor GGML types for writing an int4 folder as GGUF, and which matrices are mapped exactly.
+
+    ``types``: GGUF name -> GGML type (for ``write_gguf(types=...)``); ``exact``: canonical name -> type of
+    the matrices written by repacking; ``requantised``: GGUF name -> (type, reason).
+    """
+
+    types: dict[str, str]
+    file_type: int
+    exact: dict[str, str]
+    requantised: dict[str, tuple[str, str]]
+    matrices: dict[str, StoredMatrix] = field(repr=False)
+
+    def raw_chunks(self, name: str, ggml_type: str, pool: ThreadPoolExecutor | None) -> Iterator[np.ndarray] | None:
+        """Pre-encoded bytes of canonical tensor ``name`` (a ``write_gguf`` hook), or None to convert as usual."""
+        if self.exact.get(name) != ggml_type:
+            return None
+        return self.matrices[name].stream(ggml_type, pool)
+
+    @property
+    def n_exact(self) -> int:
+        """GGUF tensors written by exact mapping (every member mapped)."""
+        return sum(1 for g, t in self.types.items() if t in MAPPABLE and g not in self.requantised)
+
+    def summary(self) -> str:
+        """One line: how many tensors were mapped exactly, and which were requantised and why."""
+        mapped = Counter(t for g, t in self.types.items() if t in MAPPABLE and g not in self.requantised)
+        n = self.n_exact + len(self.requantised)
+        line = (f"int4 -> GGUF: {self.n_exact} of {n} quantised tensors mapped exactly"
+                + (f" ({', '.join(f'{k} x{v}' for k, v in sorted(mapped.items()))})" if mapped else ""))
+        if not self.requantised:
+            return line + "; none requantised"
+        groups: dict[tuple[str, str], list[str]] = {}
+        for g, (t, why) in self.requantised.items():
+            groups.setdefault((t, why), []).append(g)
+        parts = []
+        for (t, why), names in groups.items():
+            shown = ", ".join(names[:3]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")
+            parts.append(f"{shown} -> {t} ({why})")
+        return f"{line}; requantised {len(self.requantised)}: " + "; ".join(parts)
+
+
+def plan_int4_gguf(src: Source, outtype: str) -> Int4GGUFPlan:
+    """Choose GGML types for an int4 Source: ``auto`` -> per matrix Q4_0 (sym) / Q4_1 (asym) up to 4 bits,
+    Q8_0 above (so an 8-bit head is Q8_0); ``q4_0`` / ``q4_1`` / ``q8_0`` -> that type for every matrix.
+
+    Matrices whose codes map exactly are repacked; the others are requantised from their dequantised values
+    (F16 when the row length is not a multiple of 32, as for any source). 1-D tensors, norms and routers
+    stay F32.
+    """
+    from formats.gguf import FILE_TYPE, tensor_type
+
+    if outtype not in EXACT_OUTTYPES:
+        raise QConvertError(f"--outtype {outtype} does not map int4 codes; choose one of {', '.join(EXACT_OUTTYPES)}")
+    cfg = src.config
+    mats = stored_matrices(src)
+    types, exact, req = {}, {}, {}
+    for gname, members in gguf_layout(cfg):
+        shape = canonical_shape(members[0], cfg)
+        base = tensor_type(gname, shape, "q8_0")  # F32 (1-D, norms, routers), F16 (row not in blocks) or Q8_0
+        ms = [mats.get(m) for m in members]
+        if base == "F32" or any(m is None for m in ms):
+            types[gname] = base if base == "F32" else tensor_type(gname, shape, "f16" if outtype == "auto" else outtype)
+            continue
+        m0 = ms[0]
+        want = auto_type(m0.bits, m0.sym) if outtype == "auto" else outtype.upper()
+        t = "F16" if base == "F16" else want
+        why = exact_reason(m0.bits, m0.sym, m0.group_size, m0.cols, t)
+        if why is None and m0.sym and t == "Q4_1":
+            if any(offset_overflows(m.scales.raw_rows(0, m.rows).view(np.uint16), m.bits) for m in ms):
+                why = f"-{1 << (m0.bits - 1)} x scale overflows f16"
+        if base == "F16":
+            why = f"row length {m0.cols} is not a multiple of {QK}"
+        types[gname] = t
+        if why is None:
+            exact.update({m.name: t for m in ms})
+        else:
+            req[gname] = (t, f"{m0.bits}-bit {'sym' if m0.sym else 'asym'}: {why}")
+    counts = Counter(t for t in types.values() if t != "F32")
+    main = counts.most_common(1)[0][0] if counts else "F32"
+    return Int4GGUFPlan(types, FILE_TYPE.get(main, FILE_TYPE["F16"]), exact, req, mats)
