@@ -236,6 +236,108 @@ static void q_q6_k(const float *x, uint8_t *b, int64_t nb) {
     }
 }
 
+/* 2-bit fields of a Q2_K / Q3_K block: byte l of each 32-byte group holds values l, l+32, l+64, l+96 of
+ * its 128-value half, lowest bits first */
+static void pack_2bit(const uint8_t *L, uint8_t *qs) {
+    for (int j = 0; j < 256; j += 128, qs += 32)
+        for (int l = 0; l < 32; l++)
+            qs[l] = (uint8_t)(L[j + l] | (L[j + l + 32] << 2) | (L[j + l + 64] << 4) | (L[j + l + 96] << 6));
+}
+
+/* Squared error of 16 values coded as dl * L - ml, L in [0, 3] (the nearest code); writes L. */
+static float q2_sub_err(const float *x, float dl, float ml, uint8_t *L) {
+    float err = 0;
+    for (int l = 0; l < 16; l++) {
+        const int q = dl ? clampi(rnd((x[l] + ml) / dl), 0, 3) : 0;
+        const float e = dl * q - ml - x[l];
+        L[l] = (uint8_t)q; err += e * e;
+    }
+    return err;
+}
+
+/* Q2_K: 16 sub-blocks of 16, x ~ d * sc * L - dmin * m with L in [0, 3] and 4-bit sc, m. The per
+ * sub-block fit is the weighted search of fit_scale_min; once the super-block scales are rounded to f16,
+ * each sub-block picks, among the 4-bit (sc, m) pairs next to the rounded ones, the pair whose re-coded
+ * values have the smallest squared error. */
+static void q_q2_k(const float *x, uint8_t *b, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, x += 256, b += 84) {
+        uint8_t L[256], La[16]; float w[16], scales[16], mins[16], max_scale = 0, max_min = 0;
+        memset(b, 0, 84);
+        for (int j = 0; j < 16; j++) {
+            const float *xs = x + 16 * j;
+            for (int l = 0; l < 16; l++) w[l] = fabsf(xs[l]);
+            scales[j] = fit_scale_min(16, 3, xs, w, L + 16 * j, &mins[j], -0.5f, 0.1f, 15);
+            if (scales[j] > max_scale) max_scale = scales[j];
+            if (mins[j] > max_min) max_min = mins[j];
+        }
+        put16(b + 80, max_scale / 15.f); put16(b + 82, max_min / 15.f);
+        const float d = h2f(rd16(b + 80)), dmin = h2f(rd16(b + 82));
+        for (int j = 0; j < 16; j++) {
+            const float *xs = x + 16 * j;
+            const int s0 = d ? clampi(rnd(scales[j] / d), 0, 15) : 0, m0 = dmin ? clampi(rnd(mins[j] / dmin), 0, 15) : 0;
+            float best = INFINITY; int bs = s0, bm = m0;
+            for (int s = s0 - 1; s <= s0 + 1; s++) {
+                if (s < 0 || s > 15 || (s && !d)) continue;
+                for (int m = m0 - 1; m <= m0 + 1; m++) {
+                    if (m < 0 || m > 15 || (m && !dmin)) continue;
+                    const float e = q2_sub_err(xs, d * s, dmin * m, La);
+                    if (e < best) { best = e; bs = s; bm = m; memcpy(L + 16 * j, La, 16); }
+                }
+            }
+            b[j] = (uint8_t)(bs | (bm << 4));
+        }
+        pack_2bit(L, b + 16);
+    }
+}
+
+/* Squared error of 16 values coded as dl * (L - 4), L in [0, 7]; writes L. */
+static float q3_sub_err(const float *x, float dl, uint8_t *L) {
+    float err = 0;
+    for (int l = 0; l < 16; l++) {
+        const int q = dl ? clampi(rnd(x[l] / dl), -4, 3) : 0;
+        const float e = dl * q - x[l];
+        L[l] = (uint8_t)(q + 4); err += e * e;
+    }
+    return err;
+}
+
+/* Q3_K: 16 sub-blocks of 16, x ~ d * sc * (L - 4) with L in [0, 7] and signed 6-bit sc. Sub-block scales
+ * come from fit_scale_sym; after the super-block scale is rounded to f16, each sub-block takes the 6-bit
+ * scale next to the rounded one whose re-coded values have the smallest squared error. */
+static void q_q3_k(const float *x, uint8_t *b, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, x += 256, b += 110) {
+        uint8_t L[256], La[16]; int8_t Ls[16]; float scales[16], max_scale = 0, max_abs = 0;
+        memset(b, 0, 110);
+        for (int j = 0; j < 16; j++) {
+            scales[j] = fit_scale_sym(16, 4, x + 16 * j, Ls);
+            if (fabsf(scales[j]) > max_abs) { max_abs = fabsf(scales[j]); max_scale = scales[j]; }
+        }
+        memset(L, 4, 256);
+        if (max_abs >= 1e-15f) {
+            put16(b + 108, max_scale / -32.f);
+            const float d = h2f(rd16(b + 108));
+            uint8_t *sc = b + 96;
+            for (int j = 0; j < 16; j++) {
+                const float *xs = x + 16 * j;
+                const int s0 = d ? clampi(rnd(scales[j] / d), -32, 31) : 0;
+                float best = INFINITY; int bs = s0;
+                for (int s = s0 - 1; s <= s0 + 1; s++) {
+                    if (s < -32 || s > 31) continue;
+                    const float e = q3_sub_err(xs, d * s, La);
+                    if (e < best) { best = e; bs = s; memcpy(L + 16 * j, La, 16); }
+                }
+                const int u = bs + 32;  /* 6 bits: low nibble in bytes 0-7, high pair in bytes 8-11 */
+                sc[j % 8] |= (uint8_t)((u & 0xF) << (j < 8 ? 0 : 4));
+                sc[8 + j % 4] |= (uint8_t)((u >> 4) << (2 * (j / 4)));
+            }
+        }
+        uint8_t *hm = b;  /* bit k of hm[l] is the high bit of value 32 k + l */
+        for (int j = 0; j < 256; j++)
+            if (L[j] > 3) { hm[j % 32] |= (uint8_t)(1u << (j / 32)); L[j] -= 4; }
+        pack_2bit(L, b + 32);
+    }
+}
+
 /* type ids are GGMLQuantizationType values; returns 0 on success, -1 for an unhandled type */
 int qc_quant(int type, const float *x, uint8_t *out, int64_t n_blocks) {
     switch (type) {
@@ -244,6 +346,8 @@ int qc_quant(int type, const float *x, uint8_t *out, int64_t n_blocks) {
         case 6: q_q5_0(x, out, n_blocks); return 0;
         case 7: q_q5_1(x, out, n_blocks); return 0;
         case 8: q_q8_0(x, out, n_blocks); return 0;
+        case 10: q_q2_k(x, out, n_blocks); return 0;
+        case 11: q_q3_k(x, out, n_blocks); return 0;
         case 12: q_k45(0, x, out, n_blocks); return 0;
         case 13: q_k45(1, x, out, n_blocks); return 0;
         case 14: q_q6_k(x, out, n_blocks); return 0;

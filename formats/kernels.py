@@ -51,7 +51,7 @@ def _keep_chunk_buffers() -> None:
 
 _keep_chunk_buffers()
 C_DEQUANT = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
-C_QUANT = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"}
+C_QUANT = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
 _FLOAT_DT = {"F32": np.float32, "F16": np.uint16, "BF16": np.uint16}
 
 

@@ -1,10 +1,12 @@
 """K-quant encoders and llama-quantize's mixtures, against llama.cpp's own quantiser."""
+import gguf
 import numpy as np
 import pytest
 
 from conftest import qconvert
 from formats import kernels
 from formats.gguf_file import read_header
+from qconvert import peers, tiny as tiny_mod
 from qconvert.peers import kl_stats, llama_logits, llama_quantize
 
 
@@ -21,7 +23,8 @@ def f16_h256(tiny, tmp_path_factory):
 
 
 @pytest.mark.parametrize("qtype,ftype,max_ratio", [("Q4_K", "Q4_K_S", 1.03), ("Q5_K", "Q5_K_S", 1.03),
-                                                   ("Q6_K", "Q6_K", 1.0)])
+                                                   ("Q6_K", "Q6_K", 1.0), ("Q2_K", "Q2_K", 1.0),
+                                                   ("Q3_K", "Q3_K_S", 1.0)])
 def test_k_quant_error_matches_llama_quantize(f16_h256, tmp_path, qtype, ftype, max_ratio):
     """Squared error of our encoder vs llama-quantize's (pure, no imatrix) on the same F16 tensors."""
     theirs = _tensors(llama_quantize(f16_h256, tmp_path / "t.gguf", ftype, pure=True))
@@ -43,11 +46,44 @@ def test_k_quant_error_matches_llama_quantize(f16_h256, tmp_path, qtype, ftype, 
     assert ours_err <= max_ratio * theirs_err
 
 
-@pytest.mark.parametrize("variant", ["h256", "moe"])
-def test_mixture_types_equal_llama_quantize(tiny, tmp_path, variant):
+def test_k_quant_bytes_decode_the_same_in_gguf_package():
+    """Every K-quant we write decodes identically with the gguf package and with our C dequant,
+    including all-zero, constant, one-outlier and same-sign blocks."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((64, 256)).astype(np.float32) * rng.uniform(1e-3, 3, (64, 1)).astype(np.float32)
+    x[0] = 0
+    x[1] = 0.25
+    x[2, 7] = 40.0
+    x[3] = np.abs(x[3])
+    x[4] = -np.abs(x[4]) - 1
+    x[5, ::2] = 0
+    x = np.concatenate([x.reshape(-1), (rng.standard_normal(4096) * 1e-6).astype(np.float32)])
+    for qtype in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"):
+        raw = kernels.from_f32(x, qtype)
+        ours = kernels.to_f32(raw, qtype)
+        theirs = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype]).reshape(-1)
+        assert theirs.shape == x.shape and np.array_equal(ours, theirs), qtype
+        rel = float(((ours - x) ** 2).sum() / (x ** 2).sum())
+        assert rel < {"Q2_K": 0.15, "Q3_K": 0.05, "Q4_K": 0.012, "Q5_K": 0.003, "Q6_K": 0.001}[qtype], (qtype, rel)
+
+
+_MIXES = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_m", "q4_k_s", "q5_k_m", "q6_k")
+_EXTRA_VARIANTS = {  # llama.cpp's special cases: an 80-layer dense Qwen2 ("70B") and an 8-expert MoE
+    "l80": dict(tiny_mod.VARIANTS["untied_yarn"], num_hidden_layers=80, rope_scaling=None),
+    "moe8": dict(tiny_mod.VARIANTS["moe"], num_experts=8),
+}
+
+
+@pytest.mark.parametrize("variant,mixes", [("h256", _MIXES), ("moe", _MIXES), ("untied_yarn", ("q2_k",)),
+                                           ("l80", ("q2_k", "q3_k_s", "q3_k_m", "q4_k_s")),
+                                           ("moe8", ("q2_k", "q3_k_l", "q4_k_m"))])
+def test_mixture_types_equal_llama_quantize(tiny, tmp_path, monkeypatch, variant, mixes):
+    """Per-tensor types equal llama-quantize's (no imatrix) and file sizes are within 1%."""
+    if variant in _EXTRA_VARIANTS:
+        monkeypatch.setitem(tiny_mod.VARIANTS, variant, _EXTRA_VARIANTS[variant])
     f16 = tmp_path / "f16.gguf"
     qconvert("hf-to-gguf", str(tiny(variant)), str(f16), "--outtype", "f16")
-    for mix in ("q4_k_m", "q4_k_s", "q5_k_m", "q6_k"):
+    for mix in mixes:
         ours, theirs = tmp_path / f"o-{mix}.gguf", tmp_path / f"t-{mix}.gguf"
         qconvert("hf-to-gguf", str(f16), str(ours), "--outtype", mix)
         llama_quantize(f16, theirs, mix.upper())
@@ -57,11 +93,20 @@ def test_mixture_types_equal_llama_quantize(tiny, tmp_path, variant):
         assert abs(ours.stat().st_size - theirs.stat().st_size) <= 0.01 * theirs.stat().st_size
 
 
-def test_q4_k_m_quality_in_line_with_llama_quantize(tiny, f16_h256, tmp_path, sample_tokens):
+@pytest.fixture(scope="module")
+def f16_h256_logits(f16_h256, sample_tokens):
+    """llama.cpp's logits of the F16 h256 file over the sample tokens (the KL reference)."""
+    return llama_logits(f16_h256, sample_tokens)
+
+
+@pytest.mark.parametrize("mix,max_ratio", [("q4_k_m", 1.1), ("q3_k_m", 1.15), ("q2_k", 1.15)])
+def test_k_mixture_quality_in_line_with_llama_quantize(tiny, f16_h256, f16_h256_logits, tmp_path, sample_tokens,
+                                                       mix, max_ratio):
+    """llama.cpp loads our mixture; its mean KL vs the F16 file is close to llama-quantize's own."""
     ours, theirs = tmp_path / "o.gguf", tmp_path / "t.gguf"
-    qconvert("hf-to-gguf", str(tiny("h256")), str(ours), "--outtype", "q4_k_m")
-    llama_quantize(f16_h256, theirs, "Q4_K_M")
-    ref = llama_logits(f16_h256, sample_tokens)
+    qconvert("hf-to-gguf", str(tiny("h256")), str(ours), "--outtype", mix)
+    llama_quantize(f16_h256, theirs, mix.upper())
+    ref = f16_h256_logits
     a, b = kl_stats(ref, llama_logits(ours, sample_tokens)), kl_stats(ref, llama_logits(theirs, sample_tokens))
-    print(f"q4_k_m KL ours {a['mean_kl']:.5f} llama-quantize {b['mean_kl']:.5f}")
-    assert a["mean_kl"] <= 1.1 * b["mean_kl"], (a, b)
+    print(f"{mix} KL ours {a['mean_kl']:.5f} llama-quantize {b['mean_kl']:.5f} ({a['mean_kl'] / b['mean_kl']:.3f}x)")
+    assert a["mean_kl"] <= max_ratio * b["mean_kl"], (a, b)

@@ -1,29 +1,76 @@
-"""llama-quantize's K-quant mixtures (q4_k_m, q4_k_s, q5_k_m, q5_k_s, q6_k) as per-tensor type rules.
+"""llama-quantize's K-quant mixtures (q2_k, q3_k_s/m/l, q4_k_s/m, q5_k_s/m, q6_k) as per-tensor type rules.
 
 The rules follow llama.cpp's ``llama_tensor_get_type`` for the Qwen2 family (no importance matrix):
-the output head (and a tied embedding) gets Q6_K, ``attn_v`` and ``ffn_down`` get more bits in the
-first and last eighth of the layers and every third layer between, and a row length that is not a
-multiple of 256 falls back (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0; F16 if 32 does not divide it).
+the output head (and a tied embedding) gets Q6_K; ``attn_v``, ``ffn_down`` and ``attn_output`` get
+more bits by mixture and layer (``RULES``); a dense 80-layer Qwen2 (llama.cpp's "70B") and an
+8-expert MoE get llama.cpp's extra bumps; and a row length that is not a multiple of 256 falls back
+(Q2_K / Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0; F16 if 32 does not divide it).
 """
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 from formats.config import ModelConfig
 from formats.names import KEEP_F32_SUFFIXES, canonical_shape, gguf_layout
 
 MIXTURES = {  # name -> (base type, llama_ftype)
+    "q2_k": ("Q2_K", 10), "q3_k_s": ("Q3_K", 11), "q3_k_m": ("Q3_K", 12), "q3_k_l": ("Q3_K", 13),
     "q4_k_m": ("Q4_K", 15), "q4_k_s": ("Q4_K", 14), "q5_k_m": ("Q5_K", 17), "q5_k_s": ("Q5_K", 16),
     "q6_k": ("Q6_K", 18),
 }
-FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
-BLOCK = {"Q4_K": 256, "Q5_K": 256, "Q6_K": 256, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32, "Q4_0": 32, "Q4_1": 32}
+FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+BLOCK = {"Q2_K": 256, "Q3_K": 256, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256,
+         "Q5_0": 32, "Q5_1": 32, "Q8_0": 32, "Q4_0": 32, "Q4_1": 32}
 _LAYER = re.compile(r"^blk\.(\d+)\.")
 
 
 def use_more_bits(i: int, n: int) -> bool:
     """llama.cpp's layer pattern for extra bits: first and last eighth, and every third layer between."""
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+# Conditions on (layer index i, number of layers n, query heads per kv head g).
+CONDITIONS: dict[str, Callable[[int, int, int], bool]] = {
+    "all": lambda i, n, g: True,
+    "more_bits": lambda i, n, g: use_more_bits(i, n),
+    "first_eighth": lambda i, n, g: i < n // 8,
+    "first_sixteenth": lambda i, n, g: i < n // 16,
+    "first_2": lambda i, n, g: i < 2,
+    "first_4": lambda i, n, g: i < 4,
+    "gqa>=4": lambda i, n, g: g >= 4,
+}
+# role -> mixture -> [(condition, type), ...]: the first condition that holds picks the type; none keeps
+# the mixture's base type. (llama.cpp counts attn_v tensors; for Qwen2 that count is the layer index.)
+RULES: dict[str, dict[str, list[tuple[str, str]]]] = {
+    "attn_v": {
+        "q2_k": [("gqa>=4", "Q4_K"), ("all", "Q3_K")],
+        "q3_k_m": [("first_2", "Q5_K"), ("all", "Q4_K")],
+        "q3_k_l": [("all", "Q5_K")],
+        "q4_k_m": [("more_bits", "Q6_K")], "q5_k_m": [("more_bits", "Q6_K")],
+        "q4_k_s": [("first_4", "Q5_K")],
+    },
+    "ffn_down": {
+        "q2_k": [("all", "Q3_K")],
+        "q3_k_m": [("first_sixteenth", "Q5_K"), ("all", "Q4_K")],
+        "q3_k_l": [("all", "Q5_K")],
+        "q4_k_m": [("more_bits", "Q6_K")], "q5_k_m": [("more_bits", "Q6_K")],
+        "q4_k_s": [("first_eighth", "Q5_K")],
+    },
+    "attn_output": {
+        "q2_k": [("all", "Q3_K")], "q3_k_m": [("all", "Q4_K")], "q3_k_l": [("all", "Q5_K")],
+    },
+}
+# 8-expert MoE: llama.cpp gives attn_v / attn_k Q8_0, and attn_output Q5_K under these mixtures
+_MOE8_ATTN_OUTPUT_Q5K = {"q2_k", "q3_k_s", "q3_k_m", "q4_k_s", "q4_k_m"}
+
+
+def _role(gname: str) -> str | None:
+    """The llama.cpp tensor category that the rules distinguish (attn_v, attn_k, attn_output, ffn_down)."""
+    for role in ("attn_v.weight", "attn_k.weight", "attn_output.weight"):
+        if role in gname:
+            return role[:-7]
+    return "ffn_down" if "ffn_down" in gname else None
 
 
 def fallback(t: str, cols: int) -> str:
@@ -34,10 +81,27 @@ def fallback(t: str, cols: int) -> str:
     return t if cols % BLOCK.get(t, 1) == 0 else "F16"
 
 
-def mixture_types(cfg: ModelConfig, mixture: str) -> dict[str, str]:
-    """{GGUF tensor name: GGML type} for every tensor of ``cfg`` under ``mixture``."""
+def layer_type(cfg: ModelConfig, mixture: str, role: str | None, i: int) -> str:
+    """GGML type (before the row-length fallback) of a layer tensor of ``role`` in layer ``i``."""
     base, _ = MIXTURES[mixture]
     n = cfg.num_hidden_layers
+    t = base
+    for cond, typ in RULES.get(role or "", {}).get(mixture, []):
+        if CONDITIONS[cond](i, n, cfg.n_kv_groups):
+            t = typ
+            break
+    if role == "attn_v" and not cfg.is_moe and n == 80 and t in ("Q3_K", "Q4_K"):
+        t = "Q5_K"  # llama.cpp's 70B bump (Qwen2-72B has 80 layers)
+    if cfg.is_moe and cfg.num_experts == 8:
+        if role in ("attn_v", "attn_k"):
+            t = "Q8_0"
+        elif role == "attn_output":
+            t = "Q5_K" if mixture in _MOE8_ATTN_OUTPUT_Q5K else base
+    return t
+
+
+def mixture_types(cfg: ModelConfig, mixture: str) -> dict[str, str]:
+    """{GGUF tensor name: GGML type} for every tensor of ``cfg`` under ``mixture``."""
     out = {}
     for gname, members in gguf_layout(cfg):
         shape = canonical_shape(members[0], cfg)
@@ -45,20 +109,10 @@ def mixture_types(cfg: ModelConfig, mixture: str) -> dict[str, str]:
         if len(shape) == 1 or shape[0] == 1 or gname.endswith(KEEP_F32_SUFFIXES):
             out[gname] = "F32"
             continue
-        m = _LAYER.match(gname)
-        i = int(m.group(1)) if m else -1
-        t = base
         if gname == "output.weight" or (gname == "token_embd.weight" and cfg.tie_word_embeddings):
             t = "Q8_0" if cols % 256 else "Q6_K"
-        elif gname.endswith("attn_v.weight"):
-            if mixture in ("q4_k_m", "q5_k_m") and use_more_bits(i, n):
-                t = "Q6_K"
-            elif mixture == "q4_k_s" and i < 4:
-                t = "Q5_K"
-        elif "ffn_down" in gname:
-            if mixture in ("q4_k_m", "q5_k_m") and use_more_bits(i, n):
-                t = "Q6_K"
-            elif mixture == "q4_k_s" and i < n // 8:
-                t = "Q5_K"
+        else:
+            m = _LAYER.match(gname)
+            t = layer_type(cfg, mixture, _role(gname), int(m.group(1)) if m else -1)
         out[gname] = fallback(t, cols)
     return out
