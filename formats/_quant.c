@@ -364,6 +364,44 @@ int qc_quant(int type, const float *x, uint8_t *out, int64_t n_blocks) {
  * the values re-quantised with the rounded pair, so what is stored is what was optimised for. */
 /* Same search as fit_scale_min (x ~ scale * L + offset, offset <= 0), but each candidate costs one pass:
  * the weighted error follows from the sums, err = s^2 Sll + 2 s m Sl - 2 s Slx + m^2 Sw - 2 m Sx + Sxx. */
+#ifdef QC_X86
+__attribute__((target("avx2,fma"))) static void cand_sums_avx2(int n, const float *x, const float *w, float lo,
+                                                               float is, float nmax, float out[3][8]) {
+    const __m256 vlo = _mm256_set1_ps(lo), vis = _mm256_set1_ps(is), vmax = _mm256_set1_ps(nmax);
+    __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps(), c = _mm256_setzero_ps();
+    for (int i = 0; i < n; i += 8) {
+        const __m256 xv = _mm256_loadu_ps(x + i), wv = _mm256_loadu_ps(w + i);
+        __m256 l = _mm256_round_ps(_mm256_mul_ps(vis, _mm256_sub_ps(xv, vlo)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        l = _mm256_min_ps(_mm256_max_ps(l, _mm256_setzero_ps()), vmax);
+        const __m256 wl = _mm256_mul_ps(wv, l);
+        a = _mm256_add_ps(a, wl);
+        b = _mm256_fmadd_ps(wl, l, b);
+        c = _mm256_fmadd_ps(wl, xv, c);
+    }
+    _mm256_storeu_ps(out[0], a); _mm256_storeu_ps(out[1], b); _mm256_storeu_ps(out[2], c);
+}
+#endif
+/* Weighted sums of one candidate grid: l = clamp(round(is * (x - lo)), 0, nmax); returns sum w l, sum w l^2,
+ * sum w l x. The AVX2 path computes the same codes (same float operations, round half to even). */
+static void cand_sums(int n, const float *x, const float *w, float lo, float is, int nmax,
+                      double *sl_out, double *sl2_out, double *sxl_out) {
+    int i = 0;
+    double sl = 0, sl2 = 0, sxl = 0;
+#ifdef QC_X86
+    if (has_f16c() && n >= 8) {
+        float a[3][8];
+        cand_sums_avx2(n & ~7, x, w, lo, is, (float)nmax, a);
+        for (int k = 0; k < 8; k++) { sl += a[0][k]; sl2 += a[1][k]; sxl += a[2][k]; }
+        i = n & ~7;
+    }
+#endif
+    for (; i < n; i++) {
+        const int l = clampi(rnd(is * (x[i] - lo)), 0, nmax);
+        sl += w[i] * l; sl2 += (double)w[i] * l * l; sxl += (double)w[i] * l * x[i];
+    }
+    *sl_out = sl; *sl2_out = sl2; *sxl_out = sxl;
+}
+
 static float fit_group_asym(int n, int nmax, const float *x, const float *w, float *off_out, int nstep) {
     float lo = x[0], hi = x[0];
     double sw = 0, sx = 0, sxx = 0;
@@ -376,11 +414,8 @@ static float fit_group_asym(int n, int nmax, const float *x, const float *w, flo
     double best = INFINITY; float bs = (hi - lo) / nmax, bm = lo;
     for (int k = -1; k <= nstep; k++) {  /* k = -1: plain min/max */
         const float is = (k < 0 ? (float)nmax : (-1.0f + 2.0f * k / nstep + nmax)) / (hi - lo);
-        double sl = 0, sl2 = 0, sxl = 0;
-        for (int i = 0; i < n; i++) {
-            const int l = clampi(rnd(is * (x[i] - lo)), 0, nmax);
-            sl += w[i] * l; sl2 += (double)w[i] * l * l; sxl += (double)w[i] * l * x[i];
-        }
+        double sl, sl2, sxl;
+        cand_sums(n, x, w, lo, is, nmax, &sl, &sl2, &sxl);
         double sc, m;
         if (k < 0) { sc = 1.0 / is; m = lo; }
         else {
@@ -396,8 +431,10 @@ static float fit_group_asym(int n, int nmax, const float *x, const float *w, flo
     return bs;
 }
 
+/* err_out (may be NULL) receives the sum of squared dequantisation errors of the rows. */
 void qc_group_quant(const float *x, int64_t rows, int64_t cols, int group, int bits, int sym, int method,
-                    uint8_t *q, uint16_t *scale_out, uint16_t *offset_out) {
+                    uint8_t *q, uint16_t *scale_out, uint16_t *offset_out, double *err_out) {
+    double err = 0;
     const int nmax = (1 << bits) - 1, half = 1 << (bits - 1);
     const int64_t ng = (cols + group - 1) / group;
     float w[256]; int8_t Ls[256];
@@ -426,10 +463,15 @@ void qc_group_quant(const float *x, int64_t rows, int64_t cols, int group, int b
             scale_out[r * ng + g] = sh;
             if (!sym) offset_out[r * ng + g] = mh;
             const float sf = h2f(sh), mf = h2f(mh), is = sf ? 1.0f / sf : 0.0f;
+            float e = 0;
             for (int i = 0; i < n; i++) {
-                const int v = sym ? rnd(xs[i] * is) + half : rnd((xs[i] - mf) * is);
-                qs[i] = (uint8_t)clampi(v, 0, nmax);
+                const int v = clampi(sym ? rnd(xs[i] * is) + half : rnd((xs[i] - mf) * is), 0, nmax);
+                qs[i] = (uint8_t)v;
+                const float d = (sym ? sf * (float)(v - half) : (float)v * sf + mf) - xs[i];
+                e += d * d;
             }
+            err += e;
         }
     }
+    if (err_out) *err_out = err;
 }

@@ -70,13 +70,16 @@ def dequant_rows(codes: np.ndarray, scales: np.ndarray, offsets: np.ndarray | No
 
 def write_int4(src: Source, out: Path, bits: int = 4, group_size: int = 128, sym: bool = False,
                method: str = "search", force: bool = False, progress: bool = True, head_bits: int = 8,
-               on_tensor: Callable[[str, float], None] | None = None) -> dict[str, Any]:
+               on_tensor: Callable[[str, float], None] | None = None,
+               precomputed: dict[str, Any] | None = None) -> dict[str, Any]:
     """Quantise every 2-D tensor of ``src`` group-wise and write the int4 folder. Returns a summary.
 
     The output head (``lm_head``, or the embedding of a tied model) gets ``head_bits`` (8 by default,
     as llama.cpp keeps its head at Q8_0/Q6_K). ``on_tensor(name, rel_rmse)`` is called after each matrix.
+    ``precomputed`` maps tensor names to ready GroupQuant results (e.g. from GPTQ, ``method`` names it)
+    with the same bits and group size; those matrices are stored as given.
     """
-    from qconvert.quant.groupwise import quantize  # the maths lives in qconvert/quant
+    from qconvert.quant.groupwise import GroupQuant, quantize  # the maths lives in qconvert/quant
 
     cfg = src.config
     names = canonical_names(cfg)
@@ -113,16 +116,23 @@ def write_int4(src: Source, out: Path, bits: int = 4, group_size: int = 128, sym
                     continue
                 scales, offsets, err, ref = [], [], 0.0, 0.0
                 b = qinfo[n]["bits"]
+                pre = (precomputed or {}).get(n)
                 for r0, r1 in row_chunks(t, 1 << 22):
                     x = t.rows(r0, r1)
-                    g = quantize(x, b, group_size, sym, method, pool)
+                    if pre is not None:
+                        g = GroupQuant(pre.q[r0:r1], pre.scales[r0:r1],
+                                       None if pre.offsets is None else pre.offsets[r0:r1], b, group_size)
+                    else:
+                        g = quantize(x, b, group_size, sym, "search" if method == "gptq" else method, pool)
                     w.write(pack(g.q, b))
                     scales.append(g.scales)
                     if g.offsets is not None:
                         offsets.append(g.offsets)
-                    d = dequant_rows(g.q, g.scales, g.offsets, b, group_size) - x
-                    err += float(np.square(d).sum())
-                    ref += float(np.square(x).sum())
+                    if g.sq_err is None:
+                        g.sq_err = float(np.square(dequant_rows(g.q, g.scales, g.offsets, b, group_size) - x).sum())
+                    err += g.sq_err
+                    flat = x.reshape(-1)
+                    ref += float(np.dot(flat, flat))
                     pb.update(x.nbytes)
                 w.write(np.concatenate(scales))
                 if offsets:

@@ -93,6 +93,16 @@ class Matrix:
             self.raw = None
             self.f32 = np.concatenate([np.asarray(t.numpy(), dtype=np.float32) for t in ts])
 
+    @classmethod
+    def from_f32(cls, w: np.ndarray, splits: list[int] | None = None) -> "Matrix":
+        """A float32 matrix held in memory (e.g. a dequantised one), optionally stacked from ``splits`` rows."""
+        m = cls.__new__(cls)
+        m.f32 = np.ascontiguousarray(w, dtype=np.float32)
+        m.raw = None
+        m.rows, m.cols = m.f32.shape
+        m.splits = list(splits) if splits else [m.rows]
+        return m
+
     def split(self, y: np.ndarray) -> list[np.ndarray]:
         """Cut ``self(x)`` back into the stacked tensors' outputs."""
         return np.split(y, np.cumsum(self.splits)[:-1], axis=-1)

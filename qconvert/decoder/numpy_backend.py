@@ -134,6 +134,15 @@ class NumpyDecoder:
         return out + gate * shared
 
     # ---------------------------------------------------------------- model
+    def layer(self, i: int, x: np.ndarray, cache: KVCache, cos: np.ndarray, sin: np.ndarray,
+              keep: slice = slice(None)) -> np.ndarray:
+        """Decoder layer ``i`` on hidden states x [T, hidden] (positions cache.length..+T, whose
+        cos/sin are given); returns the new hidden states of rows ``keep``. The cache is not advanced."""
+        cfg, w, n = self.cfg, self.w, self.layers[i]
+        x = x[keep] + self.attention(rms_norm(x, w[n.ln1], cfg.rms_norm_eps), n, cache, i, cos, sin, keep)
+        h = rms_norm(x, w[n.ln2], cfg.rms_norm_eps)
+        return x + (self.moe(h, n) if cfg.is_moe else self.mlp(h, n.gate, n.up, n.down))
+
     def forward(self, tokens: np.ndarray, cache: KVCache, last_only: bool = False) -> np.ndarray:
         """Logits [T, vocab] of ``tokens`` following what the cache holds (only the last row with
         ``last_only``, as generation needs); the cache grows by T."""
@@ -145,12 +154,10 @@ class NumpyDecoder:
         cos, sin = cos_sin(self.inv_freq, self.rope_scale, np.arange(cache.length, cache.length + T))
         x = self.m["model.embed_tokens.weight"].rows_f32(tokens)
         last = len(self.layers) - 1
-        for i, n in enumerate(self.layers):
+        for i in range(len(self.layers)):
             # with last_only, the last layer needs every position's keys/values but only the last query
             keep = slice(T - 1, T) if last_only and i == last else slice(None)
-            x = x[keep] + self.attention(rms_norm(x, w[n.ln1], cfg.rms_norm_eps), n, cache, i, cos, sin, keep)
-            h = rms_norm(x, w[n.ln2], cfg.rms_norm_eps)
-            x = x + (self.moe(h, n) if cfg.is_moe else self.mlp(h, n.gate, n.up, n.down))
+            x = self.layer(i, x, cache, cos, sin, keep)
         cache.length += T
         return self.head(rms_norm(x[-1:] if last_only else x, w["model.norm.weight"], cfg.rms_norm_eps))
 

@@ -28,6 +28,7 @@ class GroupQuant:
     offsets: np.ndarray | None
     bits: int
     group_size: int
+    sq_err: float | None = None  # sum of squared dequantisation errors, when the quantiser measured it
 
     @property
     def sym(self) -> bool:
@@ -40,7 +41,8 @@ def _lib():
         raise QConvertError("the compiled kernels are missing; reinstall qconvert (pip install -e .)")
     if not getattr(lib, "_gq_ready", False):
         lib.qc_group_quant.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
-                                       ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+                                       ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                       ctypes.c_void_p]
         lib.qc_group_quant.restype = None
         lib._gq_ready = True
     return lib
@@ -62,20 +64,21 @@ def quantize(w: np.ndarray, bits: int = 4, group_size: int = 128, sym: bool = Fa
     scales = np.empty((rows, ng), np.uint16)
     offsets = None if sym else np.empty((rows, ng), np.uint16)
     lib = _lib()
+    errs = np.zeros(2, np.float64)
 
-    def run(r0: int, r1: int) -> None:
+    def run(r0: int, r1: int, part: int) -> None:
         lib.qc_group_quant(w[r0:].ctypes.data, r1 - r0, cols, group_size, bits, int(sym), METHODS[method],
                            q[r0:].ctypes.data, scales[r0:].ctypes.data,
-                           None if offsets is None else offsets[r0:].ctypes.data)
+                           None if offsets is None else offsets[r0:].ctypes.data, errs[part:].ctypes.data)
 
     if pool is None or rows < 64:
-        run(0, rows)
+        run(0, rows, 0)
     else:
         mid = rows // 2
-        fut = pool.submit(run, mid, rows)
-        run(0, mid)
+        fut = pool.submit(run, mid, rows, 1)
+        run(0, mid, 0)
         fut.result()
-    return GroupQuant(q, scales, offsets, bits, group_size)
+    return GroupQuant(q, scales, offsets, bits, group_size, float(errs.sum()))
 
 
 def dequantize(g: GroupQuant) -> np.ndarray:

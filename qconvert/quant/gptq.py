@@ -1,0 +1,162 @@
+"""GPTQ: data-aware group-wise quantisation (Frantar et al., 2022) through the numpy reference decoder.
+
+For each linear layer ``y = x W^T`` GPTQ minimises ``||X W^T - X Q^T||^2`` over calibration inputs X:
+columns are quantised one at a time and the rounding error of each is spread over the columns not
+yet quantised, weighted by the inverse Hessian ``H = X^T X``. The model is processed layer by layer;
+the inputs of layer i+1 come from layer i with its weights already quantised, so later layers
+compensate earlier errors. Group scale/offset pairs are fitted (by the ``rtn`` or ``search`` method)
+when the sweep reaches a group, on the error-updated weights; ``act_order`` sweeps columns in order of
+decreasing Hessian diagonal and fits the groups up front ("static groups"), so the stored layout is
+unchanged. Linear algebra runs in torch when it is installed (numpy otherwise).
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import numpy as np
+
+from formats.source import Source
+from qconvert.quant.groupwise import GroupQuant, dequantize, quantize
+
+BLOCK = 128  # columns per lazy-update block
+
+
+def inverse_hessian_factor(H: np.ndarray, damp: float) -> np.ndarray:
+    """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1 (so that H^-1 = U^T U), float32.
+
+    With J the order reversal and J H J = L L^T, H^-1 = (J L^-1 J)^T (J L^-1 J) and J L^-1 J is upper
+    triangular: one Cholesky factorisation and one triangular inversion, no explicit inverse of H.
+    """
+    H = np.array(H, dtype=np.float64, copy=True)
+    H[np.diag_indices_from(H)] += damp * float(np.mean(np.diag(H)))
+    R = np.ascontiguousarray(H[::-1, ::-1], dtype=np.float32)
+    try:
+        import torch
+        L = torch.linalg.cholesky(torch.from_numpy(R))
+        Li = torch.linalg.solve_triangular(L, torch.eye(len(R), dtype=L.dtype), upper=False).numpy()
+    except ImportError:
+        Li = np.linalg.inv(np.linalg.cholesky(R)).astype(np.float32)
+    return np.ascontiguousarray(Li[::-1, ::-1])
+
+
+def _grid(sc: np.ndarray, off: np.ndarray | None, bits: int):
+    """(quantise, dequantise) functions for one column given per-row scale / offset (float32)."""
+    nmax, half = (1 << bits) - 1, 1 << (bits - 1)
+    inv = np.divide(1.0, sc, out=np.zeros_like(sc), where=sc != 0)
+    if off is None:
+        return (lambda w: np.clip(np.rint(w * inv) + half, 0, nmax),
+                lambda q: (q - np.float32(half)) * sc)
+    return (lambda w: np.clip(np.rint((w - off) * inv), 0, nmax),
+            lambda q: q * sc + off)
+
+
+def gptq_matrix(W: np.ndarray, H: np.ndarray, bits: int = 4, group_size: int = 128, sym: bool = False,
+                method: str = "search", damp: float = 0.01, act_order: bool = False,
+                pool: ThreadPoolExecutor | None = None) -> GroupQuant:
+    """GPTQ-quantise W [rows, cols] (float32) given the input Hessian H [cols, cols] = X^T X."""
+    W = np.array(W, dtype=np.float32, copy=True)
+    rows, cols = W.shape
+    H = np.array(H, dtype=np.float64, copy=True)
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    ng = -(-cols // group_size)
+    scales = np.empty((rows, ng), np.uint16)
+    offsets = None if sym else np.empty((rows, ng), np.uint16)
+    perm = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(cols)
+    if act_order:  # static groups: fitted on the original weights, then the sweep follows perm
+        g0 = quantize(W, bits, group_size, sym, method, pool)
+        scales[:], offsets = g0.scales, g0.offsets
+        W, H = W[:, perm], H[perm][:, perm]
+    U = inverse_hessian_factor(H, damp)
+    Q = np.empty((rows, cols), np.uint8)
+    block = max(BLOCK, group_size) // group_size * group_size
+    sc = off = None
+    for i1 in range(0, cols, block):
+        i2 = min(cols, i1 + block)
+        W1, E = W[:, i1:i2], np.empty((rows, i2 - i1), np.float32)  # W1 is a view: updated in place
+        for i in range(i2 - i1):
+            c = i1 + i
+            g = perm[c] // group_size
+            if act_order:
+                sc = scales[:, g].view(np.float16).astype(np.float32)
+                off = None if sym else offsets[:, g].view(np.float16).astype(np.float32)
+            elif c % group_size == 0:  # a new group: fit its scale/offset on the error-updated weights
+                gq = quantize(W1[:, i:i + group_size], bits, group_size, sym, method, pool)
+                scales[:, g], sc = gq.scales[:, 0], gq.scales[:, 0].view(np.float16).astype(np.float32)
+                if not sym:
+                    offsets[:, g], off = gq.offsets[:, 0], gq.offsets[:, 0].view(np.float16).astype(np.float32)
+            qf, dq = _grid(sc, off, bits)
+            w = W1[:, i]
+            q = qf(w)
+            Q[:, perm[c]] = q
+            err = (w - dq(q)) / U[c, c]
+            W1[:, i:] -= np.outer(err, U[c, c:i2])
+            E[:, i] = err
+        if i2 < cols:
+            W[:, i2:] -= E @ U[i1:i2, i2:]
+    return GroupQuant(Q, scales, offsets, bits, group_size)
+
+
+class _Recorder:
+    """Wraps a decoder Matrix: accumulates X^T X of every input it multiplies."""
+
+    def __init__(self, mat):
+        self.mat, self.H, self.n = mat, np.zeros((mat.cols, mat.cols), np.float64), 0
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        self.H += x.T @ x
+        self.n += x.shape[0]
+        return self.mat(x)
+
+    def split(self, y: np.ndarray) -> list[np.ndarray]:
+        return self.mat.split(y)
+
+
+def gptq_model(src: Source, windows: list[np.ndarray], bits: int = 4, group_size: int = 128, sym: bool = False,
+               method: str = "search", damp: float = 0.01, act_order: bool = False, skip: set[str] = frozenset(),
+               on_layer: Callable[[int, int], None] | None = None) -> dict[str, GroupQuant]:
+    """GPTQ every decoder-layer matrix of ``src`` on calibration token ``windows``; {tensor name: GroupQuant}.
+
+    Matrices named in ``skip`` (and those no calibration token reaches, e.g. an unused expert) are left
+    to the caller's plain quantiser. ``on_layer(i, n_layers)`` reports progress.
+    """
+    from qconvert.decoder.matvec import Matrix
+    from qconvert.decoder.numpy_backend import KVCache, NumpyDecoder
+    from qconvert.decoder.rope import cos_sin
+
+    dec = NumpyDecoder(src)
+    cfg = dec.cfg
+    ctx = max(len(w) for w in windows)
+    cos, sin = cos_sin(dec.inv_freq, dec.rope_scale, np.arange(ctx))
+    xs = [dec.m["model.embed_tokens.weight"].rows_f32(w) for w in windows]
+    cache = KVCache(cfg, ctx)
+    out: dict[str, GroupQuant] = {}
+    with ThreadPoolExecutor(2) as pool:
+        for i, n in enumerate(dec.layers):
+            prefix = f"model.layers.{i}."
+            keys = [k for k in dec.m if k.startswith(prefix) and not k.endswith("mlp.gate.weight")
+                    and dec.m[k].rows > 1 and k not in skip]
+            rec = {k: _Recorder(dec.m[k]) for k in keys}
+            dec.m.update(rec)
+            for x in xs:
+                dec.layer(i, x, cache, cos[:len(x)], sin[:len(x)])
+            for k, r in rec.items():
+                dec.m[k] = r.mat
+                if r.n == 0:
+                    continue
+                gq = gptq_matrix(r.mat.dense(), r.H, bits, group_size, sym, method, damp, act_order, pool)
+                members = [k] if len(r.mat.splits) == 1 else (
+                    [n.q, n.k, n.v] if k == n.q else [n.gate, n.up])
+                r0 = 0
+                for name, rows in zip(members, r.mat.splits):
+                    out[name] = GroupQuant(gq.q[r0:r0 + rows], gq.scales[r0:r0 + rows],
+                                           None if gq.offsets is None else gq.offsets[r0:r0 + rows], bits, group_size)
+                    r0 += rows
+                dec.m[k] = Matrix.from_f32(dequantize(gq), r.mat.splits)
+            xs = [dec.layer(i, x, cache, cos[:len(x)], sin[:len(x)]) for x in xs]
+            if on_layer:
+                on_layer(i + 1, len(dec.layers))
+    return out
