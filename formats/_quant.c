@@ -431,41 +431,52 @@ static float fit_group_asym(int n, int nmax, const float *x, const float *w, flo
     return bs;
 }
 
+/* Scale and offset (f16 bits) of one group of n values: min/max (method 0) or the weighted search (1). */
+static void fit_one_group(const float *xs, int n, int bits, int sym, int method, uint16_t *sh, uint16_t *mh) {
+    const int nmax = (1 << bits) - 1, half = 1 << (bits - 1);
+    float w[256]; int8_t Ls[256];
+    float s, m = 0;
+    if (sym) {
+        /* signed scale: the extreme value maps to q = 0 (l = -half), as Q4_0 does */
+        if (method == 1 && n <= 256) s = fit_scale_sym(n, half, xs, Ls);
+        else { float mx = 0, amax = 0; for (int i = 0; i < n; i++) if (fabsf(xs[i]) > amax) { amax = fabsf(xs[i]); mx = xs[i]; } s = mx / -half; }
+    } else if (method == 1 && n <= 256) {
+        float s2 = 0; for (int i = 0; i < n; i++) s2 += xs[i] * xs[i];
+        const float av = sqrtf(s2 / n);
+        for (int i = 0; i < n; i++) w[i] = av + fabsf(xs[i]);
+        s = fit_group_asym(n, nmax, xs, w, &m, 10);
+    } else {
+        float lo = xs[0], hi = xs[0];
+        for (int i = 1; i < n; i++) { lo = xs[i] < lo ? xs[i] : lo; hi = xs[i] > hi ? xs[i] : hi; }
+        s = (hi - lo) / nmax; m = lo;
+    }
+    *sh = f2h(s); *mh = f2h(m);
+}
+
+static inline int code_of(float x, float is, float mf, int sym, int half, int nmax) {
+    return clampi(sym ? rnd(x * is) + half : rnd((x - mf) * is), 0, nmax);
+}
+
 /* err_out (may be NULL) receives the sum of squared dequantisation errors of the rows. */
 void qc_group_quant(const float *x, int64_t rows, int64_t cols, int group, int bits, int sym, int method,
                     uint8_t *q, uint16_t *scale_out, uint16_t *offset_out, double *err_out) {
     double err = 0;
     const int nmax = (1 << bits) - 1, half = 1 << (bits - 1);
     const int64_t ng = (cols + group - 1) / group;
-    float w[256]; int8_t Ls[256];
     for (int64_t r = 0; r < rows; r++) {
         for (int64_t g = 0; g < ng; g++) {
             const int64_t c0 = g * group;
             const int n = (int)(cols - c0 < group ? cols - c0 : group);
             const float *xs = x + r * cols + c0;
             uint8_t *qs = q + r * cols + c0;
-            float s, m = 0;
-            if (sym) {
-                /* signed scale: the extreme value maps to q = 0 (l = -half), as Q4_0 does */
-                if (method == 1 && n <= 256) s = fit_scale_sym(n, half, xs, Ls);
-                else { float mx = 0, amax = 0; for (int i = 0; i < n; i++) if (fabsf(xs[i]) > amax) { amax = fabsf(xs[i]); mx = xs[i]; } s = mx / -half; }
-            } else if (method == 1 && n <= 256) {
-                float s2 = 0; for (int i = 0; i < n; i++) s2 += xs[i] * xs[i];
-                const float av = sqrtf(s2 / n);
-                for (int i = 0; i < n; i++) w[i] = av + fabsf(xs[i]);
-                s = fit_group_asym(n, nmax, xs, w, &m, 10);
-            } else {
-                float lo = xs[0], hi = xs[0];
-                for (int i = 1; i < n; i++) { lo = xs[i] < lo ? xs[i] : lo; hi = xs[i] > hi ? xs[i] : hi; }
-                s = (hi - lo) / nmax; m = lo;
-            }
-            const uint16_t sh = f2h(s), mh = f2h(m);
+            uint16_t sh, mh;
+            fit_one_group(xs, n, bits, sym, method, &sh, &mh);
             scale_out[r * ng + g] = sh;
             if (!sym) offset_out[r * ng + g] = mh;
             const float sf = h2f(sh), mf = h2f(mh), is = sf ? 1.0f / sf : 0.0f;
             float e = 0;
             for (int i = 0; i < n; i++) {
-                const int v = clampi(sym ? rnd(xs[i] * is) + half : rnd((xs[i] - mf) * is), 0, nmax);
+                const int v = code_of(xs[i], is, mf, sym, half, nmax);
                 qs[i] = (uint8_t)v;
                 const float d = (sym ? sf * (float)(v - half) : (float)v * sf + mf) - xs[i];
                 e += d * d;
@@ -474,4 +485,39 @@ void qc_group_quant(const float *x, int64_t rows, int64_t cols, int group, int b
         }
     }
     if (err_out) *err_out = err;
+}
+
+/* GPTQ's sequential sweep over one block of n columns, rows [r0, r1) (rows are independent, so callers
+ * split them over threads). W: the block's first column, row stride ld, updated in place; U: the
+ * block's n x n corner of the upper Cholesky factor of H^-1 (row stride ldu). At each column that starts
+ * a group (the block starts on a group boundary) the group's scale/offset are fitted on the updated
+ * weights and written to scales/offsets [rows, ng] at group g0 + i / group; codes go to Q (row stride
+ * ldq); each column's scaled error (w - dequant) / U[i,i] goes to E [rows, n], for the caller's update
+ * of the columns after the block. */
+void qc_gptq_block(float *W, int64_t ld, const float *U, int64_t ldu, int64_t n, int64_t r0, int64_t r1,
+                   int group, int bits, int sym, int method, uint8_t *Q, int64_t ldq,
+                   uint16_t *scales, uint16_t *offsets, int64_t ng, int64_t g0, float *E) {
+    const int nmax = (1 << bits) - 1, half = 1 << (bits - 1);
+    for (int64_t r = r0; r < r1; r++) {
+        float *w = W + r * ld, *e = E + r * n;
+        float sf = 0, mf = 0, is = 0;
+        for (int64_t i = 0; i < n; i++) {
+            if (i % group == 0) {
+                uint16_t sh, mh;
+                const int gn = (int)(n - i < group ? n - i : group);
+                fit_one_group(w + i, gn, bits, sym, method, &sh, &mh);
+                const int64_t g = g0 + i / group;
+                scales[r * ng + g] = sh;
+                if (!sym) offsets[r * ng + g] = mh;
+                sf = h2f(sh); mf = h2f(mh); is = sf ? 1.0f / sf : 0.0f;
+            }
+            const int v = code_of(w[i], is, mf, sym, half, nmax);
+            Q[r * ldq + i] = (uint8_t)v;
+            const float deq = sym ? (float)(v - half) * sf : (float)v * sf + mf;
+            const float err = (w[i] - deq) / U[i * ldu + i];
+            e[i] = err;
+            const float *u = U + i * ldu;
+            for (int64_t j = i + 1; j < n; j++) w[j] -= err * u[j];
+        }
+    }
 }

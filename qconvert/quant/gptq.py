@@ -11,6 +11,7 @@ unchanged. Linear algebra runs in torch when it is installed (numpy otherwise).
 """
 from __future__ import annotations
 
+import ctypes
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -53,8 +54,11 @@ def _grid(sc: np.ndarray, off: np.ndarray | None, bits: int):
 
 def gptq_matrix(W: np.ndarray, H: np.ndarray, bits: int = 4, group_size: int = 128, sym: bool = False,
                 method: str = "search", damp: float = 0.01, act_order: bool = False,
-                pool: ThreadPoolExecutor | None = None) -> GroupQuant:
-    """GPTQ-quantise W [rows, cols] (float32) given the input Hessian H [cols, cols] = X^T X."""
+                pool: ThreadPoolExecutor | None = None, use_c: bool = True) -> GroupQuant:
+    """GPTQ-quantise W [rows, cols] (float32) given the input Hessian H [cols, cols] = X^T X.
+
+    The column sweep runs in C when the kernels are built (``use_c``), else in numpy (the readable
+    reference the C path is tested against)."""
     W = np.array(W, dtype=np.float32, copy=True)
     rows, cols = W.shape
     H = np.array(H, dtype=np.float64, copy=True)
@@ -72,6 +76,8 @@ def gptq_matrix(W: np.ndarray, H: np.ndarray, bits: int = 4, group_size: int = 1
     U = inverse_hessian_factor(H, damp)
     Q = np.empty((rows, cols), np.uint8)
     block = max(BLOCK, group_size) // group_size * group_size
+    if use_c and not act_order and _c_sweep(W, U, Q, scales, offsets, bits, group_size, sym, method, block, pool):
+        return GroupQuant(Q, scales, offsets, bits, group_size)
     sc = off = None
     for i1 in range(0, cols, block):
         i2 = min(cols, i1 + block)
@@ -97,6 +103,43 @@ def gptq_matrix(W: np.ndarray, H: np.ndarray, bits: int = 4, group_size: int = 1
         if i2 < cols:
             W[:, i2:] -= E @ U[i1:i2, i2:]
     return GroupQuant(Q, scales, offsets, bits, group_size)
+
+
+def _c_sweep(W, U, Q, scales, offsets, bits, group_size, sym, method, block, pool) -> bool:
+    """The column sweep in C (``qc_gptq_block``, rows split over two threads); False when unavailable."""
+    from formats import kernels
+    from qconvert.quant.groupwise import METHODS
+    lib = kernels._LIB
+    if lib is None or not hasattr(lib, "qc_gptq_block"):
+        return False
+    if not getattr(lib, "_gptq_ready", False):
+        i64, p = ctypes.c_int64, ctypes.c_void_p
+        lib.qc_gptq_block.argtypes = [p, i64, p, i64, i64, i64, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                      ctypes.c_int, p, i64, p, p, i64, i64, p]
+        lib.qc_gptq_block.restype = None
+        lib._gptq_ready = True
+    rows, cols = W.shape
+    ng = scales.shape[1]
+    off_ptr = None if offsets is None else offsets.ctypes.data
+    for i1 in range(0, cols, block):
+        i2 = min(cols, i1 + block)
+        n = i2 - i1
+        E = np.empty((rows, n), np.float32)
+        Ub = np.ascontiguousarray(U[i1:i2, i1:i2])
+
+        def run(r0: int, r1: int) -> None:
+            lib.qc_gptq_block(W.ctypes.data + 4 * i1, cols, Ub.ctypes.data, n, n, r0, r1, group_size, bits,
+                              int(sym), METHODS[method], Q.ctypes.data + i1, cols, scales.ctypes.data, off_ptr,
+                              ng, i1 // group_size, E.ctypes.data)
+        if pool is None or rows < 64:
+            run(0, rows)
+        else:
+            fut = pool.submit(run, rows // 2, rows)
+            run(0, rows // 2)
+            fut.result()
+        if i2 < cols:
+            W[:, i2:] -= E @ U[i1:i2, i2:]
+    return True
 
 
 class _Recorder:
