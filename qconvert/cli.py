@@ -128,7 +128,7 @@ def inspect_cmd(model: str, as_json: bool, show_all: bool) -> None:
               help="int4 format: bits of the output head (lm_head, or the tied embedding)")
 @click.option("--calib", type=click.Path(path_type=Path, dir_okay=False, exists=True),
               help="gptq: calibration text file (default: a fixed set of Python standard-library modules)")
-@click.option("--calib-samples", type=click.IntRange(1), default=16, show_default=True,
+@click.option("--calib-samples", type=click.IntRange(1), default=32, show_default=True,
               help="gptq: number of calibration windows")
 @click.option("--calib-ctx", type=click.IntRange(16), default=512, show_default=True, help="gptq: tokens per window")
 @click.option("--act-order", is_flag=True, help="gptq: sweep columns by decreasing Hessian diagonal (static groups)")
