@@ -33,7 +33,7 @@ from formats.dtypes import row_nbytes
 from formats.errors import QConvertError
 from formats.names import canonical_shape, gguf_layout
 from formats.source import Source
-from formats.tensor import LazyTensor
+from formats.tensor import LazyTensor, pipelined
 
 MAPPABLE = ("Q4_0", "Q4_1", "Q8_0")
 EXACT_OUTTYPES = ("auto", "q4_0", "q4_1", "q8_0")  # --outtype values that map int4 codes exactly
@@ -180,16 +180,7 @@ class StoredMatrix:
             q, s, o = self.read(*r)
             return repack(q, s, o, self.bits, self.group_size, self.cols, ggml_type).reshape(-1)
 
-        if pool is None or len(ranges) == 1:
-            for r in ranges:
-                yield work(r)
-            return
-        pending = [pool.submit(work, r) for r in ranges[:2]]
-        for i in range(len(ranges)):
-            done = pending.pop(0)
-            if i + 2 < len(ranges):
-                pending.append(pool.submit(work, ranges[i + 2]))
-            yield done.result()
+        return pipelined(work, ranges, pool)
 
 
 def stored_matrices(src: Source) -> dict[str, StoredMatrix]:

@@ -70,17 +70,19 @@ def stream_converted(t: LazyTensor, dst: str, pool: ThreadPoolExecutor | None = 
 
     With a thread pool, up to two chunks ahead are converted while the caller writes the current one.
     """
-    def work(r: tuple[int, int]) -> np.ndarray:
-        return kernels.convert(t.raw_rows(*r), t.stype, dst)
+    return pipelined(lambda r: kernels.convert(t.raw_rows(*r), t.stype, dst), row_chunks(t), pool)
 
-    chunks = row_chunks(t)
-    if pool is None or len(chunks) == 1:
-        for r in chunks:
+
+def pipelined(work: Callable[[tuple[int, int]], np.ndarray], ranges: list[tuple[int, int]],
+              pool: ThreadPoolExecutor | None = None) -> Iterator[np.ndarray]:
+    """Yield ``work(r)`` for each row range in order; with a pool, up to two ranges are computed ahead."""
+    if pool is None or len(ranges) == 1:
+        for r in ranges:
             yield work(r)
         return
-    pending = [pool.submit(work, r) for r in chunks[:2]]
-    for i in range(len(chunks)):
+    pending = [pool.submit(work, r) for r in ranges[:2]]
+    for i in range(len(ranges)):
         done = pending.pop(0)
-        if i + 2 < len(chunks):
-            pending.append(pool.submit(work, chunks[i + 2]))
+        if i + 2 < len(ranges):
+            pending.append(pool.submit(work, ranges[i + 2]))
         yield done.result()
