@@ -196,3 +196,37 @@ int qc_dequant(int type, const uint8_t *src, float *dst, int64_t n_blocks) {
 static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_kernels",
     "C kernels for qconvert, called through ctypes (see formats/kernels.py).", -1, NULL};
 PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&moddef); }
+
+/* int4 layout bit packing (formats/int4.py: pack / unpack): every 8 codes of a row fill `bits` bytes,
+ * little-endian, code k at bits k*bits..; a row is padded with zero codes to a multiple of 8 and stored in
+ * ceil(cols * bits / 8) bytes. */
+void qc_pack_bits(const uint8_t *q, int64_t rows, int64_t cols, int bits, uint8_t *out) {
+    const int64_t rb = (cols * bits + 7) / 8;
+    for (int64_t r = 0; r < rows; r++) {
+        const uint8_t *c = q + r * cols;
+        uint8_t *o = out + r * rb;
+        for (int64_t j = 0; j < cols; j += 8) {
+            uint64_t v = 0;
+            const int n = cols - j < 8 ? (int)(cols - j) : 8;
+            for (int k = 0; k < n; k++) v |= (uint64_t)c[j + k] << (k * bits);
+            const int64_t o0 = j / 8 * bits;
+            for (int b = 0; b < bits && o0 + b < rb; b++) o[o0 + b] = (uint8_t)(v >> (8 * b));
+        }
+    }
+}
+
+void qc_unpack_bits(const uint8_t *in, int64_t rows, int64_t cols, int bits, uint8_t *q) {
+    const int64_t rb = (cols * bits + 7) / 8;
+    const uint64_t mask = (1u << bits) - 1;
+    for (int64_t r = 0; r < rows; r++) {
+        const uint8_t *s = in + r * rb;
+        uint8_t *c = q + r * cols;
+        for (int64_t j = 0; j < cols; j += 8) {
+            uint64_t v = 0;
+            const int64_t o0 = j / 8 * bits;
+            for (int b = 0; b < bits && o0 + b < rb; b++) v |= (uint64_t)s[o0 + b] << (8 * b);
+            const int n = cols - j < 8 ? (int)(cols - j) : 8;
+            for (int k = 0; k < n; k++) c[j + k] = (uint8_t)((v >> (k * bits)) & mask);
+        }
+    }
+}

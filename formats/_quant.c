@@ -2,6 +2,7 @@
  * 32-value types are bit-identical to ggml's reference quantisers; K-quants use the same weighted
  * least-squares search (see the comment above q_k45). */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <math.h>
 #include "_half.h"
@@ -431,8 +432,8 @@ static float fit_group_asym(int n, int nmax, const float *x, const float *w, flo
     return bs;
 }
 
-/* Scale and offset (f16 bits) of one group of n values: min/max (method 0) or the weighted search (1). */
-static void fit_one_group(const float *xs, int n, int bits, int sym, int method, uint16_t *sh, uint16_t *mh) {
+/* Scale and offset (float) of one group of n values: min/max (method 0) or the weighted search (1). */
+static void fit_one_group(const float *xs, int n, int bits, int sym, int method, float *s_out, float *m_out) {
     const int nmax = (1 << bits) - 1, half = 1 << (bits - 1);
     float w[256]; int8_t Ls[256];
     float s, m = 0;
@@ -450,30 +451,76 @@ static void fit_one_group(const float *xs, int n, int bits, int sym, int method,
         for (int i = 1; i < n; i++) { lo = xs[i] < lo ? xs[i] : lo; hi = xs[i] > hi ? xs[i] : hi; }
         s = (hi - lo) / nmax; m = lo;
     }
-    *sh = f2h(s); *mh = f2h(m);
+    *s_out = s; *m_out = m;
+}
+
+/* The stored form of a group's scale s and offset m, and the float values dequantisation will use.
+ * dq == NULL: f16 bits. Otherwise 8-bit codes on the row's steps dq = {scale step, offset step} (f16 bits):
+ * scale code in [0, 255] (asymmetric) or [-127, 127] (symmetric, signed scale), offset code in [-127, 127],
+ * returned as 16-bit two's complement; the value is step * code. */
+static void store_group(float s, float m, int sym, const uint16_t *dq, uint16_t *sh, uint16_t *mh,
+                        float *sf, float *mf) {
+    if (!dq) {
+        *sh = f2h(s); *mh = f2h(m);
+        *sf = h2f(*sh); *mf = sym ? 0.0f : h2f(*mh);
+        return;
+    }
+    const float ds = h2f(dq[0]), dm = h2f(dq[1]);
+    const int cs = ds > 0 ? clampi(rnd(s / ds), sym ? -127 : 0, sym ? 127 : 255) : 0;
+    const int cm = (!sym && dm > 0) ? clampi(rnd(m / dm), -127, 127) : 0;
+    *sh = (uint16_t)(int16_t)cs; *mh = (uint16_t)(int16_t)cm;
+    *sf = ds * (float)cs; *mf = dm * (float)cm;
+}
+
+/* Row steps for 8-bit scale codes: the largest |scale| / 255 (127 when symmetric) and |offset| / 127, as f16
+ * bits, rounded up so that the largest value still has a code. */
+static void row_steps(const float *s, const float *m, int64_t ng, int sym, uint16_t *dq) {
+    float smax = 0, mmax = 0;
+    for (int64_t g = 0; g < ng; g++) {
+        smax = fabsf(s[g]) > smax ? fabsf(s[g]) : smax;
+        if (!sym) mmax = fabsf(m[g]) > mmax ? fabsf(m[g]) : mmax;
+    }
+    const float t[2] = {smax / (sym ? 127.0f : 255.0f), mmax / 127.0f};
+    for (int k = 0; k < 2; k++) {
+        uint16_t h = f2h(t[k]);
+        if (h2f(h) < t[k] && h < 0x7bff) h++;  /* positive f16: the next bit pattern is the next value up */
+        dq[k] = h;
+    }
 }
 
 static inline int code_of(float x, float is, float mf, int sym, int half, int nmax) {
     return clampi(sym ? rnd(x * is) + half : rnd((x - mf) * is), 0, nmax);
 }
 
-/* err_out (may be NULL) receives the sum of squared dequantisation errors of the rows. */
+/* Quantise rows of x group-wise: codes to q [rows, cols], scales / offsets [rows, ng] as f16 bits, or, when dq
+ * is not NULL, as 8-bit codes (store_group) on per-row steps dq [rows, 2]: computed and written there, or,
+ * with fixed_steps, read from there. err_out (may be NULL) receives the sum of squared dequantisation errors. */
 void qc_group_quant(const float *x, int64_t rows, int64_t cols, int group, int bits, int sym, int method,
-                    uint8_t *q, uint16_t *scale_out, uint16_t *offset_out, double *err_out) {
+                    uint8_t *q, uint16_t *scale_out, uint16_t *offset_out, uint16_t *dq, int fixed_steps,
+                    double *err_out) {
     double err = 0;
     const int nmax = (1 << bits) - 1, half = 1 << (bits - 1);
     const int64_t ng = (cols + group - 1) / group;
+    float *sbuf = malloc(2 * ng * sizeof(float)), *mbuf = sbuf + ng;
+    if (!sbuf) { if (err_out) *err_out = -1; return; }
     for (int64_t r = 0; r < rows; r++) {
+        for (int64_t g = 0; g < ng; g++) {
+            const int64_t c0 = g * group;
+            const int n = (int)(cols - c0 < group ? cols - c0 : group);
+            fit_one_group(x + r * cols + c0, n, bits, sym, method, &sbuf[g], &mbuf[g]);
+        }
+        if (dq && !fixed_steps) row_steps(sbuf, mbuf, ng, sym, dq + 2 * r);
         for (int64_t g = 0; g < ng; g++) {
             const int64_t c0 = g * group;
             const int n = (int)(cols - c0 < group ? cols - c0 : group);
             const float *xs = x + r * cols + c0;
             uint8_t *qs = q + r * cols + c0;
             uint16_t sh, mh;
-            fit_one_group(xs, n, bits, sym, method, &sh, &mh);
+            float sf, mf;
+            store_group(sbuf[g], mbuf[g], sym, dq ? dq + 2 * r : NULL, &sh, &mh, &sf, &mf);
             scale_out[r * ng + g] = sh;
             if (!sym) offset_out[r * ng + g] = mh;
-            const float sf = h2f(sh), mf = h2f(mh), is = sf ? 1.0f / sf : 0.0f;
+            const float is = sf ? 1.0f / sf : 0.0f;
             float e = 0;
             for (int i = 0; i < n; i++) {
                 const int v = code_of(xs[i], is, mf, sym, half, nmax);
@@ -484,6 +531,7 @@ void qc_group_quant(const float *x, int64_t rows, int64_t cols, int group, int b
             err += e;
         }
     }
+    free(sbuf);
     if (err_out) *err_out = err;
 }
 
@@ -491,12 +539,13 @@ void qc_group_quant(const float *x, int64_t rows, int64_t cols, int group, int b
  * split them over threads). W: the block's first column, row stride ld, updated in place; U: the
  * block's n x n corner of the upper Cholesky factor of H^-1 (row stride ldu). At each column that starts
  * a group (the block starts on a group boundary) the group's scale/offset are fitted on the updated
- * weights and written to scales/offsets [rows, ng] at group g0 + i / group; codes go to Q (row stride
+ * weights and written to scales/offsets [rows, ng] at group g0 + i / group (f16 bits, or 8-bit codes on the
+ * fixed row steps dq [rows, 2] when dq is not NULL, see store_group); codes go to Q (row stride
  * ldq); each column's scaled error (w - dequant) / U[i,i] goes to E [rows, n], for the caller's update
  * of the columns after the block. */
 void qc_gptq_block(float *W, int64_t ld, const float *U, int64_t ldu, int64_t n, int64_t r0, int64_t r1,
                    int group, int bits, int sym, int method, uint8_t *Q, int64_t ldq,
-                   uint16_t *scales, uint16_t *offsets, int64_t ng, int64_t g0, float *E) {
+                   uint16_t *scales, uint16_t *offsets, const uint16_t *dq, int64_t ng, int64_t g0, float *E) {
     const int nmax = (1 << bits) - 1, half = 1 << (bits - 1);
     for (int64_t r = r0; r < r1; r++) {
         float *w = W + r * ld, *e = E + r * n;
@@ -504,12 +553,14 @@ void qc_gptq_block(float *W, int64_t ld, const float *U, int64_t ldu, int64_t n,
         for (int64_t i = 0; i < n; i++) {
             if (i % group == 0) {
                 uint16_t sh, mh;
+                float s, m;
                 const int gn = (int)(n - i < group ? n - i : group);
-                fit_one_group(w + i, gn, bits, sym, method, &sh, &mh);
+                fit_one_group(w + i, gn, bits, sym, method, &s, &m);
+                store_group(s, m, sym, dq ? dq + 2 * r : NULL, &sh, &mh, &sf, &mf);
                 const int64_t g = g0 + i / group;
                 scales[r * ng + g] = sh;
                 if (!sym) offsets[r * ng + g] = mh;
-                sf = h2f(sh); mf = h2f(mh); is = sf ? 1.0f / sf : 0.0f;
+                is = sf ? 1.0f / sf : 0.0f;
             }
             const int v = code_of(w[i], is, mf, sym, half, nmax);
             Q[r * ldq + i] = (uint8_t)v;

@@ -2,7 +2,8 @@
 
 One ``model.int4.safetensors`` holds, for every quantised matrix ``W`` [rows, cols], the tensors
 ``W.qweight`` (uint8 codes: two 4-bit codes per byte, low nibble first, for 4 bits; one code per byte
-otherwise), ``W.scales`` (f16 [rows, groups]) and, when asymmetric, ``W.offsets`` (f16 [rows, groups]);
+otherwise), ``W.scales`` and, when asymmetric, ``W.offsets`` ([rows, groups]: f16, or 8-bit codes with
+per-row f16 steps ``W.steps`` [rows, 2]), each matrix with its own bits / group size (version 2);
 1-D tensors are stored as F32. The header's ``__metadata__`` carries the format name, version and the
 quantisation choices so a reader repeats them.
 """
@@ -16,6 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from formats import kernels
 from formats.config import ModelConfig
 from formats.errors import QConvertError
 from formats.names import canonical_names, canonical_shape
@@ -26,7 +28,7 @@ from formats.source import Source
 from formats.tensor import LazyTensor, row_chunks, stream_converted
 from formats.tokenizer import TokenizerData
 
-FORMAT, VERSION, FILENAME = "qconvert-int4", "1", "model.int4.safetensors"
+FORMAT, VERSION, FILENAME = "qconvert-int4", "2", "model.int4.safetensors"  # reads versions 1 and 2
 
 
 def is_int4_dir(d: Path) -> bool:
@@ -34,50 +36,101 @@ def is_int4_dir(d: Path) -> bool:
     return (Path(d) / FILENAME).is_file()
 
 
-def pack(q: np.ndarray, bits: int) -> np.ndarray:
-    """Codes [rows, cols] -> stored bytes: 4-bit codes two per byte (low nibble = even column)."""
-    if bits != 4:
-        return q
-    if q.shape[1] % 2:
-        q = np.concatenate([q, np.zeros((q.shape[0], 1), np.uint8)], axis=1)
-    return q[:, 0::2] | (q[:, 1::2] << 4)
+def row_bytes(cols: int, bits: int) -> int:
+    """Stored bytes of one row of ``cols`` b-bit codes: ceil(cols * bits / 8)."""
+    return -(-cols * bits // 8)
 
 
-def unpack(b: np.ndarray, bits: int, cols: int) -> np.ndarray:
-    """Stored bytes -> codes [rows, cols]."""
-    if bits != 4:
-        return b
-    out = np.empty((b.shape[0], b.shape[1] * 2), np.uint8)
-    out[:, 0::2] = b & 0x0F
-    out[:, 1::2] = b >> 4
-    return out[:, :cols]
+_SHIFTS = {b: (np.arange(8, dtype=np.uint64) * np.uint64(b)) for b in range(1, 9)}
 
 
-def dequant_rows(codes: np.ndarray, scales: np.ndarray, offsets: np.ndarray | None, bits: int, group: int) -> np.ndarray:
-    """float32 rows from codes and f16 (raw uint16) scales / offsets: a few vectorised numpy ops."""
+def pack(q: np.ndarray, bits: int, use_c: bool = True) -> np.ndarray:
+    """Codes [rows, cols] -> stored bytes [rows, row_bytes(cols, bits)].
+
+    Every 8 consecutive codes of a row fill ``bits`` bytes, little-endian: code ``k`` of the eight occupies
+    bits ``k*bits .. k*bits + bits - 1`` (so 4-bit codes go two per byte, even column in the low nibble, and
+    8-bit codes one per byte). A row whose length is not a multiple of 8 is padded with zero codes and the
+    trailing all-padding bytes are dropped."""
+    rows, cols = q.shape
+    if bits == 8:
+        return np.ascontiguousarray(q, dtype=np.uint8)
+    if bits == 4:
+        if cols % 2:
+            q = np.concatenate([q, np.zeros((rows, 1), np.uint8)], axis=1)
+        return q[:, 0::2] | (q[:, 1::2] << 4)
+    if use_c and (out := kernels.pack_bits(q, bits)) is not None:
+        return out
+    n8 = -(-cols // 8)
+    c = np.zeros((rows, n8 * 8), np.uint64)
+    c[:, :cols] = q
+    v = (c.reshape(rows, n8, 8) << _SHIFTS[bits]).sum(axis=2, dtype=np.uint64)
+    out = v.astype("<u8").view(np.uint8).reshape(rows, n8, 8)[:, :, :bits].reshape(rows, n8 * bits)
+    return np.ascontiguousarray(out[:, :row_bytes(cols, bits)])
+
+
+def unpack(b: np.ndarray, bits: int, cols: int, use_c: bool = True) -> np.ndarray:
+    """Stored bytes [rows, row_bytes(cols, bits)] -> codes [rows, cols] uint8 (the inverse of ``pack``)."""
+    rows = b.shape[0]
+    if bits == 8:
+        return b[:, :cols]
+    if bits == 4:
+        out = np.empty((rows, b.shape[1] * 2), np.uint8)
+        out[:, 0::2] = b & 0x0F
+        out[:, 1::2] = b >> 4
+        return out[:, :cols]
+    if use_c and (out := kernels.unpack_bits(b, bits, cols)) is not None:
+        return out
+    n8 = -(-cols // 8)
+    full = np.zeros((rows, n8, 8), np.uint8)
+    padded = np.zeros((rows, n8 * bits), np.uint8)
+    padded[:, :b.shape[1]] = b
+    full[:, :, :bits] = padded.reshape(rows, n8, bits)
+    v = full.view("<u8").reshape(rows, n8, 1)
+    codes = (v >> _SHIFTS[bits]) & np.uint64((1 << bits) - 1)
+    return codes.astype(np.uint8).reshape(rows, n8 * 8)[:, :cols]
+
+
+def unpack_v1(b: np.ndarray, bits: int, cols: int) -> np.ndarray:
+    """Codes from a version-1 file: 4-bit codes as ``pack``, other widths one code per byte."""
+    return unpack(b, bits, cols) if bits == 4 else b[:, :cols]
+
+
+def dequant_rows(codes: np.ndarray, scales: np.ndarray, offsets: np.ndarray | None, bits: int, group: int,
+                 steps: np.ndarray | None = None) -> np.ndarray:
+    """float32 rows from codes and their group scales / offsets: a few vectorised numpy ops.
+
+    ``steps`` None: scales / offsets are f16 (raw uint16). Otherwise they are 8-bit codes (scales uint8, or
+    int8 when symmetric; offsets int8) and ``steps`` [rows, 2] (f16, raw uint16) holds each row's scale step
+    and offset step: scale = step * code."""
     rows, cols = codes.shape
     ng = scales.shape[1]
     pad = ng * group - cols
     c = codes if pad == 0 else np.concatenate([codes, np.zeros((rows, pad), np.uint8)], axis=1)
     c = c.reshape(rows, ng, group).astype(np.float32)
-    s = scales.view(np.float16).astype(np.float32)[:, :, None]
-    if offsets is None:
+    if steps is None:
+        s = scales.view(np.float16).astype(np.float32)[:, :, None]
+        m = None if offsets is None else offsets.view(np.float16).astype(np.float32)[:, :, None]
+    else:
+        st = steps.view(np.float16).astype(np.float32)
+        s = (scales.astype(np.float32) * st[:, :1])[:, :, None]
+        m = None if offsets is None else (offsets.astype(np.float32) * st[:, 1:2])[:, :, None]
+    if m is None:
         out = (c - np.float32(1 << (bits - 1))) * s
     else:
-        out = c * s + offsets.view(np.float16).astype(np.float32)[:, :, None]
+        out = c * s + m
     return out.reshape(rows, ng * group)[:, :cols]
 
 
-def write_int4(src: Source, out: Path, bits: int = 4, group_size: int = 128, sym: bool = False,
-               method: str = "search", force: bool = False, progress: bool = True, head_bits: int = 8,
-               on_tensor: Callable[[str, float], None] | None = None,
-               precomputed: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Quantise every 2-D tensor of ``src`` group-wise and write the int4 folder. Returns a summary.
+def write_int4(src: Source, out: Path, specs: dict[str, Any], method: str = "search", force: bool = False,
+               progress: bool = True, on_tensor: Callable[[str, float], None] | None = None,
+               precomputed: dict[str, Any] | None = None, summary: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Quantise every matrix of ``src`` group-wise as ``specs`` says and write the int4 folder; a summary back.
 
-    The output head (``lm_head``, or the embedding of a tied model) gets ``head_bits`` (8 by default,
-    as llama.cpp keeps its head at Q8_0/Q6_K). ``on_tensor(name, rel_rmse)`` is called after each matrix.
-    ``precomputed`` maps tensor names to ready GroupQuant results (e.g. from GPTQ, ``method`` names it)
-    with the same bits and group size; those matrices are stored as given.
+    ``specs`` maps every 2-D tensor name (router gates excepted: they stay F32 with the 1-D tensors) to a
+    ``qconvert.quant.groupwise.QuantSpec`` (``qconvert.quant.recipes.plan`` makes one). ``on_tensor(name,
+    rel_rmse)`` is called after each matrix. ``precomputed`` maps names to ready GroupQuant results (e.g. from
+    GPTQ, ``method`` names it) in their spec; those are stored as given. ``summary`` (the recipe: base bits,
+    group size, mix, ...) goes into the header's ``quantization`` entry.
     """
     from qconvert.quant.groupwise import GroupQuant, quantize  # the maths lives in qconvert/quant
 
@@ -90,16 +143,21 @@ def write_int4(src: Source, out: Path, bits: int = 4, group_size: int = 128, sym
         if len(shape) == 1 or shape[0] == 1 or n.endswith("mlp.gate.weight"):
             plan.append((n, "F32", shape))
             continue
+        if n not in specs:
+            raise QConvertError(f"no quantisation spec for {n}; this is a bug in the caller of write_int4")
         rows, cols = shape
-        ng = -(-cols // group_size)
-        b = head_bits if n == head else bits
-        plan.append((f"{n}.qweight", "U8", (rows, (cols + 1) // 2 if b == 4 else cols)))
-        plan.append((f"{n}.scales", "F16", (rows, ng)))
-        if not sym:
-            plan.append((f"{n}.offsets", "F16", (rows, ng)))
-        qinfo[n] = {"shape": [rows, cols], "bits": b}
-    meta = {"bits": bits, "head_bits": head_bits, "group_size": group_size, "scheme": "sym" if sym else "asym",
-            "method": method}
+        sp = specs[n]
+        ng = -(-cols // sp.group_size)
+        plan.append((f"{n}.qweight", "U8", (rows, row_bytes(cols, sp.bits))))
+        s8 = sp.scale_bits == 8
+        plan.append((f"{n}.scales", ("I8" if sp.sym else "U8") if s8 else "F16", (rows, ng)))
+        if not sp.sym:
+            plan.append((f"{n}.offsets", "I8" if s8 else "F16", (rows, ng)))
+        if s8:
+            plan.append((f"{n}.steps", "F16", (rows, 2)))
+        qinfo[n] = {"shape": [rows, cols], "bits": sp.bits, "group_size": sp.group_size,
+                    "scheme": "sym" if sp.sym else "asym", "scale_bits": sp.scale_bits}
+    meta = {**(summary or {}), "method": method}
     header_meta = {"format": FORMAT, "version": VERSION, "quantization": json.dumps(meta),
                    "tensors": json.dumps(qinfo)}
     stats = {"quantised_params": 0, "quantised_bytes": 0, "errors": {}}
@@ -114,36 +172,37 @@ def write_int4(src: Source, out: Path, bits: int = 4, group_size: int = 128, sym
                         w.write(chunk)
                     pb.update(t.n_rows * t.row_len * 4)
                     continue
-                scales, offsets, err, ref = [], [], 0.0, 0.0
-                b = qinfo[n]["bits"]
+                sp = specs[n]
+                parts, err, ref = [], 0.0, 0.0
                 pre = (precomputed or {}).get(n)
                 for r0, r1 in row_chunks(t, 1 << 22):
                     x = t.rows(r0, r1)
                     if pre is not None:
-                        g = GroupQuant(pre.q[r0:r1], pre.scales[r0:r1],
-                                       None if pre.offsets is None else pre.offsets[r0:r1], b, group_size)
-                    else:
-                        g = quantize(x, b, group_size, sym, "search" if method == "gptq" else method, pool)
-                    w.write(pack(g.q, b))
-                    scales.append(g.scales)
-                    if g.offsets is not None:
-                        offsets.append(g.offsets)
+                        g = pre.rows(r0, r1)
+                    else:  # at 8 bits the search gains nothing measurable over min/max: save its time
+                        m = "rtn" if sp.bits == 8 or method == "rtn" else "search"
+                        g = quantize(x, sp.bits, sp.group_size, sp.sym, m, pool, sp.scale_bits)
+                    w.write(pack(g.q, sp.bits))
+                    parts.append(g)
                     if g.sq_err is None:
-                        g.sq_err = float(np.square(dequant_rows(g.q, g.scales, g.offsets, b, group_size) - x).sum())
+                        g.sq_err = float(np.square(dequant_rows(g.q, g.scales, g.offsets, sp.bits, sp.group_size,
+                                                                g.steps) - x).sum())
                     err += g.sq_err
                     flat = x.reshape(-1)
                     ref += float(np.dot(flat, flat))
                     pb.update(x.nbytes)
-                w.write(np.concatenate(scales))
-                if offsets:
-                    w.write(np.concatenate(offsets))
+                w.write(np.concatenate([g.scales for g in parts]))
+                if not sp.sym:
+                    w.write(np.concatenate([g.offsets for g in parts]))
+                if sp.scale_bits == 8:
+                    w.write(np.concatenate([g.steps for g in parts]))
                 rel = float(np.sqrt(err / max(ref, 1e-30)))
                 stats["errors"][n] = rel
                 if n != head:
                     stats["quantised_params"] += t.n_rows * t.row_len
                 if on_tensor:
                     on_tensor(n, rel)
-        stats["quantised_bytes"] = sum(int(np.prod(s)) * (1 if dt == "U8" else 2) for name, dt, s in plan
+        stats["quantised_bytes"] = sum(int(np.prod(s)) * (2 if dt == "F16" else 1) for name, dt, s in plan
                                        if dt != "F32" and name.rsplit(".", 1)[0] != head)
         c = cfg.to_hf_dict()
         c["quantization_config"] = {"quant_method": FORMAT, "version": VERSION, **meta}
@@ -153,13 +212,14 @@ def write_int4(src: Source, out: Path, bits: int = 4, group_size: int = 128, sym
         for fname, obj in src.tokenizer.to_hf_files().items():
             _json(tmp / fname, obj)
     stats["bits_per_weight"] = 8 * stats["quantised_bytes"] / max(1, stats["quantised_params"])  # head excluded
-    stats["head"] = (head, head_bits)
+    stats["head"] = (head, specs[head].bits if head in specs else None)
     stats["dir_bytes"] = sum(p.stat().st_size for p in Path(out).iterdir())
     return stats
 
 
 def _json(p: Path, obj: Any) -> None:
-    p.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    big = p.name == "tokenizer.json"  # megabytes: the C encoder only runs without indent
+    p.write_text(json.dumps(obj, indent=None if big else 2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.chmod(p, 0o644)
 
 
@@ -173,12 +233,13 @@ def open_int4(d: Path) -> Source:
     if meta.get("format") != FORMAT:
         f.close()
         raise QConvertError(f"{d / FILENAME}: not a {FORMAT} file; write it with `qconvert quantize --format int4`")
-    if meta.get("version") != VERSION:
+    if meta.get("version") not in ("1", VERSION):
         f.close()
         raise QConvertError(f"{d / FILENAME}: int4 layout version {meta.get('version')} is not supported (this "
-                            f"qconvert reads version {VERSION}); upgrade qconvert")
+                            f"qconvert reads versions 1 to {VERSION}); upgrade qconvert")
     q = json.loads(meta["quantization"])
-    bits, group, sym = int(q["bits"]), int(q["group_size"]), q["scheme"] == "sym"
+    version = meta["version"]
+    bits, group, sym = int(q.get("bits", 4)), int(q.get("group_size", 128)), q.get("scheme", "asym") == "sym"
     src = Source(config=cfg, tokenizer=TokenizerData.from_hf_dir(d, raw_cfg), tensors={}, path=str(d), kind="int4",
                  closers=[f.close])
     if (d / "generation_config.json").is_file():
@@ -188,22 +249,35 @@ def open_int4(d: Path) -> Source:
         if n in f.header:
             src.tensors[n] = f.tensor(n)
             continue
-        qw, sc = f.tensor(f"{n}.qweight"), f.tensor(f"{n}.scales")
-        of = f.tensor(f"{n}.offsets") if not sym else None
+        info = per.get(n, {})
+        b = int(info.get("bits", bits))
+        g = int(info.get("group_size", group)) if version != "1" else group
+        sy = info.get("scheme", "sym" if sym else "asym") == "sym"
+        s8 = version != "1" and int(info.get("scale_bits", 16)) == 8
+        qw, sc = f.tensor(f"{n}.qweight", n), f.tensor(f"{n}.scales", n)
+        of = f.tensor(f"{n}.offsets", n) if not sy else None
+        st = f.tensor(f"{n}.steps", n) if s8 else None
         shape = canonical_shape(n, cfg)
-        b = int(per.get(n, {}).get("bits", bits))
-        reader = _reader(qw, sc, of, b, group, shape[1])
-        stored = qw.nbytes + sc.nbytes + (of.nbytes if of is not None else 0)
-        label = f"int{b} g{group} {'sym' if sym else 'asym'}"
+        reader = _reader(qw, sc, of, st, b, g, shape[1], unpack_v1 if version == "1" else unpack)
+        stored = sum(x.nbytes for x in (qw, sc, of, st) if x is not None)
+        label = f"int{b} g{g} {'sym' if sy else 'asym'}" + (" s8" if s8 else "")
         src.tensors[n] = LazyTensor(n, shape, "F32", reader, quant=label, stored_nbytes=stored)
     src.check_complete()
     return src
 
 
-def _reader(qw: LazyTensor, sc: LazyTensor, of: LazyTensor | None, bits: int, group: int, cols: int):
+def _reader(qw: LazyTensor, sc: LazyTensor, of: LazyTensor | None, st: LazyTensor | None, bits: int, group: int,
+            cols: int, unpacker: Callable[[np.ndarray, int, int], np.ndarray]):
+    def raw(t: LazyTensor, start: int, stop: int, dt) -> np.ndarray:
+        return t.raw_rows(start, stop).view(dt).reshape(stop - start, -1)
+
     def read(start: int, stop: int) -> np.ndarray:
-        codes = unpack(qw.raw_rows(start, stop).reshape(stop - start, -1), bits, cols)
-        s = sc.raw_rows(start, stop).view(np.uint16).reshape(stop - start, -1)
-        o = of.raw_rows(start, stop).view(np.uint16).reshape(stop - start, -1) if of is not None else None
-        return dequant_rows(codes, s, o, bits, group).astype(np.float32).reshape(-1).view(np.uint8)
+        codes = unpacker(raw(qw, start, stop, np.uint8), bits, cols)
+        if st is None:
+            s, o, steps = raw(sc, start, stop, np.uint16), None if of is None else raw(of, start, stop, np.uint16), None
+        else:
+            s = raw(sc, start, stop, np.int8 if of is None else np.uint8)
+            o = None if of is None else raw(of, start, stop, np.int8)
+            steps = raw(st, start, stop, np.uint16)
+        return dequant_rows(codes, s, o, bits, group, steps).astype(np.float32).reshape(-1).view(np.uint8)
     return read

@@ -14,6 +14,8 @@ whole blocks when the row length is a multiple of 32 (a short last group then is
 - b-bit symmetric codes, b <= 4 -> Q4_1 with ``d = s``, ``m = -2^(b-1) * s`` (exact unless that overflows f16);
 - b-bit symmetric codes, b <= 8 -> Q8_0 with ``d = s``, int8 ``q - 2^(b-1)``.
 
+Matrices stored with 8-bit scale codes (``scale_bits`` 8: scale = row step x code) map the same way, their
+scales and offsets rounded to f16 (the codes are kept; the summary says "scales rounded").
 Everything else (asymmetric codes to Q4_0 / Q8_0, more than 4 bits to Q4_x, a row length that is not a
 multiple of 32) cannot be written exactly and is requantised from the dequantised values by the usual
 GGUF writer. ``repack`` is the pure byte-level function; ``Int4GGUFPlan`` chooses per tensor and streams.
@@ -77,13 +79,9 @@ def offset_overflows(scales_u16: np.ndarray, bits: int) -> bool:
 
 
 def _codes(qweight: np.ndarray, bits: int, cols: int) -> np.ndarray:
-    """Codes [rows, cols] uint8 from stored bytes (two 4-bit codes per byte, low nibble first)."""
-    if bits != 4:
-        return qweight[:, :cols]
-    out = np.empty((qweight.shape[0], qweight.shape[1] * 2), np.uint8)
-    out[:, 0::2] = qweight & 0x0F
-    out[:, 1::2] = qweight >> 4
-    return out[:, :cols]
+    """Codes [rows, cols] uint8 from stored (bit-packed) bytes."""
+    from formats.int4 import unpack
+    return unpack(qweight, bits, cols)
 
 
 def _per_block(v: np.ndarray, group_size: int, nb: int) -> np.ndarray:
@@ -98,7 +96,7 @@ def repack(qweight: np.ndarray, scales: np.ndarray, offsets: np.ndarray | None, 
            cols: int, ggml_type: str) -> np.ndarray:
     """Stored int4-layout rows -> GGML ``ggml_type`` rows, uint8 [rows, row_nbytes], by byte repacking only.
 
-    ``qweight``: uint8 [rows, ceil(cols/2)] for 4 bits, [rows, cols] otherwise; ``scales`` / ``offsets``:
+    ``qweight``: uint8 [rows, ceil(cols * bits / 8)] (bit-packed codes, formats/int4.py: pack); ``scales`` / ``offsets``:
     raw f16 (uint16 or float16) [rows, G]; ``offsets`` None for symmetric codes. Raises QConvertError when
     the mapping would not be exact (see ``exact_reason``).
     """
@@ -108,7 +106,7 @@ def repack(qweight: np.ndarray, scales: np.ndarray, offsets: np.ndarray | None, 
     if why:
         raise QConvertError(f"cannot map {kind} codes onto {ggml_type}: {why}")
     rows, nb = qweight.shape[0], cols // QK
-    want_q = (rows, (cols + 1) // 2 if bits == 4 else cols)
+    want_q = (rows, -(-cols * bits // 8))
     want_s = (rows, -(-cols // group_size))
     if qweight.shape != want_q or scales.shape != want_s or (offsets is not None and offsets.shape != want_s):
         raise QConvertError(f"{kind} codes of {cols} columns: got qweight {list(qweight.shape)}, scales "
@@ -156,6 +154,8 @@ class StoredMatrix:
     qweight: LazyTensor
     scales: LazyTensor
     offsets: LazyTensor | None
+    steps: LazyTensor | None = None  # per-row f16 steps of 8-bit scale codes (layout version 2)
+    v1: bool = False  # a version-1 file: codes of widths other than 4 are stored one per byte
 
     @property
     def sym(self) -> bool:
@@ -163,11 +163,24 @@ class StoredMatrix:
         return self.offsets is None
 
     def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """Stored (qweight uint8, scales uint16, offsets uint16 | None) of rows [start, stop)."""
+        """(qweight uint8, scales f16 as uint16, offsets f16 as uint16 | None) of rows [start, stop); 8-bit
+        scale codes are turned into f16 values (step x code, rounded to f16)."""
         n = stop - start
         q = self.qweight.raw_rows(start, stop).reshape(n, -1)
-        s = self.scales.raw_rows(start, stop).view(np.uint16).reshape(n, -1)
-        o = self.offsets.raw_rows(start, stop).view(np.uint16).reshape(n, -1) if self.offsets is not None else None
+        if self.v1 and self.bits != 4:
+            from formats.int4 import pack
+            q = pack(q[:, :self.cols], self.bits)
+        if self.steps is None:
+            s = self.scales.raw_rows(start, stop).view(np.uint16).reshape(n, -1)
+            o = self.offsets.raw_rows(start, stop).view(np.uint16).reshape(n, -1) if self.offsets is not None else None
+            return q, s, o
+        st = self.steps.raw_rows(start, stop).view(np.float16).reshape(n, 2).astype(np.float32)
+        codes = self.scales.raw_rows(start, stop).view(np.int8 if self.sym else np.uint8).reshape(n, -1)
+        s = (codes.astype(np.float32) * st[:, :1]).astype(np.float16).view(np.uint16)
+        o = None
+        if self.offsets is not None:
+            oc = self.offsets.raw_rows(start, stop).view(np.int8).reshape(n, -1)
+            o = (oc.astype(np.float32) * st[:, 1:2]).astype(np.float16).view(np.uint16)
         return q, s, o
 
     def stream(self, ggml_type: str, pool: ThreadPoolExecutor | None = None,
@@ -196,20 +209,25 @@ def stored_matrices(src: Source) -> dict[str, StoredMatrix]:
     f = SafetensorsFile(Path(src.path) / FILENAME)
     src.closers.append(f.close)
     meta = f.header.get("__metadata__") or {}
+    out = {}
     try:
         q = json.loads(meta["quantization"])
         per = json.loads(meta.get("tensors", "{}"))
-        bits, group, sym = int(q["bits"]), int(q["group_size"]), q["scheme"] == "sym"
+        v1 = meta.get("version") == "1"
+        for n, t in src.tensors.items():
+            if t.quant is None or f"{n}.qweight" not in f.header:
+                continue
+            rows, cols = t.shape
+            info = {} if v1 else per[n]
+            bits = int(per.get(n, {}).get("bits", q["bits"]))
+            group = int(info.get("group_size", q.get("group_size", 0)))
+            sym = info.get("scheme", q.get("scheme")) == "sym"
+            s8 = int(info.get("scale_bits", 16)) == 8
+            out[n] = StoredMatrix(n, rows, cols, bits, group, f.tensor(f"{n}.qweight", n), f.tensor(f"{n}.scales", n),
+                                  None if sym else f.tensor(f"{n}.offsets", n), f.tensor(f"{n}.steps", n) if s8 else None,
+                                  v1)
     except (KeyError, ValueError, TypeError) as e:
         raise QConvertError(f"{f.path}: broken int4 metadata ({e}); re-run `qconvert quantize`") from None
-    out = {}
-    for n, t in src.tensors.items():
-        if t.quant is None or f"{n}.qweight" not in f.header:
-            continue
-        rows, cols = t.shape
-        out[n] = StoredMatrix(n, rows, cols, int(per.get(n, {}).get("bits", bits)), group,
-                              f.tensor(f"{n}.qweight"), f.tensor(f"{n}.scales"),
-                              None if sym else f.tensor(f"{n}.offsets"))
     return out
 
 
@@ -233,6 +251,7 @@ class Int4GGUFPlan:
     exact: dict[str, str]
     requantised: dict[str, tuple[str, str]]
     matrices: dict[str, StoredMatrix] = field(repr=False)
+    rounded: set[str] = field(default_factory=set)  # GGUF names mapped with scales rounded to f16
 
     def raw_chunks(self, name: str, ggml_type: str, pool: ThreadPoolExecutor | None) -> Iterator[np.ndarray] | None:
         """Pre-encoded bytes of canonical tensor ``name`` (a ``write_gguf`` hook), or None to convert as usual."""
@@ -250,7 +269,9 @@ class Int4GGUFPlan:
         mapped = Counter(t for g, t in self.types.items() if t in MAPPABLE and g not in self.requantised)
         n = self.n_exact + len(self.requantised)
         line = (f"int4 -> GGUF: {self.n_exact} of {n} quantised tensors mapped exactly"
-                + (f" ({', '.join(f'{k} x{v}' for k, v in sorted(mapped.items()))})" if mapped else ""))
+                + (f" ({', '.join(f'{k} x{v}' for k, v in sorted(mapped.items()))})" if mapped else "")
+                + (f", {len(self.rounded)} of them with their 8-bit scale codes rounded to f16 (codes kept)"
+                   if self.rounded else ""))
         if not self.requantised:
             return line + "; none requantised"
         groups: dict[tuple[str, str], list[str]] = {}
@@ -277,7 +298,7 @@ def plan_int4_gguf(src: Source, outtype: str) -> Int4GGUFPlan:
         raise QConvertError(f"--outtype {outtype} does not map int4 codes; choose one of {', '.join(EXACT_OUTTYPES)}")
     cfg = src.config
     mats = stored_matrices(src)
-    types, exact, req = {}, {}, {}
+    types, exact, req, rounded = {}, {}, {}, set()
     for gname, members in gguf_layout(cfg):
         shape = canonical_shape(members[0], cfg)
         base = tensor_type(gname, shape, "q8_0")  # F32 (1-D, norms, routers), F16 (row not in blocks) or Q8_0
@@ -290,15 +311,19 @@ def plan_int4_gguf(src: Source, outtype: str) -> Int4GGUFPlan:
         t = "F16" if base == "F16" else want
         why = exact_reason(m0.bits, m0.sym, m0.group_size, m0.cols, t)
         if why is None and m0.sym and t == "Q4_1":
-            if any(offset_overflows(m.scales.raw_rows(0, m.rows).view(np.uint16), m.bits) for m in ms):
+            if any(offset_overflows(m.read(0, m.rows)[1], m.bits) for m in ms):
                 why = f"-{1 << (m0.bits - 1)} x scale overflows f16"
         if base == "F16":
             why = f"row length {m0.cols} is not a multiple of {QK}"
         types[gname] = t
+        if why is None and len({(m.bits, m.sym, m.group_size) for m in ms}) > 1:
+            why = "its fused members differ in bits, scheme or group size"  # e.g. q/k/v of a mixed plan
         if why is None:
             exact.update({m.name: t for m in ms})
+            if any(m.steps is not None for m in ms):
+                rounded.add(gname)
         else:
             req[gname] = (t, f"{m0.bits}-bit {'sym' if m0.sym else 'asym'}: {why}")
     counts = Counter(t for t in types.values() if t != "F32")
     main = counts.most_common(1)[0][0] if counts else "F32"
-    return Int4GGUFPlan(types, FILE_TYPE.get(main, FILE_TYPE["F16"]), exact, req, mats)
+    return Int4GGUFPlan(types, FILE_TYPE.get(main, FILE_TYPE["F16"]), exact, req, mats, rounded)

@@ -33,6 +33,30 @@ if _LIB is not None:
     for _fn in ("qc_dequant", "qc_quant"):
         getattr(_LIB, _fn).argtypes = [ctypes.c_int, _P, _P, _N]
         getattr(_LIB, _fn).restype = ctypes.c_int
+    for _fn in ("qc_pack_bits", "qc_unpack_bits"):
+        getattr(_LIB, _fn).argtypes = [_P, _N, _N, ctypes.c_int, _P]
+        getattr(_LIB, _fn).restype = None
+
+
+def pack_bits(q: np.ndarray, bits: int) -> np.ndarray | None:
+    """C bit packing of codes [rows, cols] (formats/int4.py: pack); None without the kernels."""
+    if _LIB is None:
+        return None
+    q = np.ascontiguousarray(q, dtype=np.uint8)
+    rows, cols = q.shape
+    out = np.empty((rows, -(-cols * bits // 8)), np.uint8)
+    _LIB.qc_pack_bits(_ptr(q), rows, cols, bits, _ptr(out))
+    return out
+
+
+def unpack_bits(b: np.ndarray, bits: int, cols: int) -> np.ndarray | None:
+    """C unpacking (formats/int4.py: unpack); None without the kernels."""
+    if _LIB is None:
+        return None
+    b = np.ascontiguousarray(b, dtype=np.uint8)
+    out = np.empty((b.shape[0], cols), np.uint8)
+    _LIB.qc_unpack_bits(_ptr(b), b.shape[0], cols, bits, _ptr(out))
+    return out
 
 
 def _keep_chunk_buffers() -> None:

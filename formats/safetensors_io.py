@@ -16,7 +16,7 @@ import numpy as np
 from formats.errors import QConvertError
 from formats.tensor import LazyTensor
 
-ST_TYPES = {"F32": 4, "F16": 2, "BF16": 2, "U8": 1}  # U8: int4 codes (formats/int4.py)
+ST_TYPES = {"F32": 4, "F16": 2, "BF16": 2, "U8": 1, "I8": 1}  # U8 / I8: int4 codes and scale codes (formats/int4.py)
 
 
 def read_header(path: Path) -> tuple[dict[str, Any], int]:
@@ -71,8 +71,8 @@ class SafetensorsFile:
         dt = meta["dtype"]
         if dt not in ST_TYPES:
             raise QConvertError(f"{self.path}: tensor {name} has dtype {dt}; only F32/F16/BF16 checkpoints are supported")
-        if dt == "U8" and canonical is None and not name.endswith(".qweight"):
-            raise QConvertError(f"{self.path}: tensor {name} is U8; only F32/F16/BF16 checkpoints are supported")
+        if dt in ("U8", "I8") and canonical is None:
+            raise QConvertError(f"{self.path}: tensor {name} is {dt}; only F32/F16/BF16 checkpoints are supported")
         shape = tuple(int(x) for x in meta["shape"]) or (1,)
         begin = self.data_start + meta["data_offsets"][0]
         row_bytes = ST_TYPES[dt] * shape[-1]

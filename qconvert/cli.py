@@ -11,6 +11,7 @@ import click
 from formats.errors import QConvertError
 from formats.gguf import OUTTYPES
 from qconvert.quant.mixtures import MIXTURES
+from qconvert.quant.recipes import MIXES
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -120,7 +121,15 @@ def inspect_cmd(model: str, as_json: bool, show_all: bool) -> None:
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["int4", "gguf"]), default="int4", show_default=True)
 @click.option("--bits", type=click.IntRange(2, 8), default=4, show_default=True, help="int4 format: bits per code")
-@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="128", show_default=True)
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True,
+              help="int4 format: columns per group of one scale (and offset)")
+@click.option("--scale-bits", type=click.Choice(["8", "16"]), default="8", show_default=True,
+              help="int4 format: 8 = 8-bit scale/offset codes on per-row f16 steps; 16 = f16 scales/offsets")
+@click.option("--mix", type=click.Choice(MIXES), default="roles", show_default=True,
+              help="int4 format: roles = spend the bits budget on sensitive matrices (k/v 8-bit, q/o +1 bit, ...); "
+                   "uniform = every matrix at --bits")
+@click.option("--target-bpw", type=click.FloatRange(1, 16), help="--mix roles: bits-per-weight budget "
+              "(default: bits + 0.5)")
 @click.option("--method", type=click.Choice(["rtn", "search", "gptq"]), default="search", show_default=True,
               help="rtn: min/max; search: error-minimising scale/offset search; gptq: data-aware (calibration text)")
 @click.option("--sym", is_flag=True, help="symmetric groups (no offsets)")
@@ -140,9 +149,10 @@ def inspect_cmd(model: str, as_json: bool, show_all: bool) -> None:
               help="gguf format: q8_0, q4_0, q4_1, q5_0, q5_1 or a mixture (" + ", ".join(MIXTURES) + ")")
 @click.option("--force", is_flag=True, help="replace OUT if it exists")
 @click.option("--quiet", is_flag=True, help="no progress bar")
-def quantize_cmd(src: str, out: Path, fmt: str, bits: int, group_size: str, method: str, sym: bool, head_bits: int,
-                 calib: Path | None, calib_samples: int, calib_ctx: int, act_order: bool, damp: float,
-                 report_png: Path | None, gtype: str, force: bool, quiet: bool) -> None:
+def quantize_cmd(src: str, out: Path, fmt: str, bits: int, group_size: str, scale_bits: str, mix: str,
+                 target_bpw: float | None, method: str, sym: bool, head_bits: int, calib: Path | None,
+                 calib_samples: int, calib_ctx: int, act_order: bool, damp: float, report_png: Path | None,
+                 gtype: str, force: bool, quiet: bool) -> None:
     """Quantise a model (HF folder, Hub id or GGUF) to the int4 layout or to a GGUF type / mixture."""
     from formats.detect import open_model
     from formats.output import check_target
@@ -158,21 +168,22 @@ def quantize_cmd(src: str, out: Path, fmt: str, bits: int, group_size: str, meth
         click.echo(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {n} quantised tensors, {gtype}) "
                    f"in {time.perf_counter() - t0:.1f}s")
         return
-    from formats.int4 import write_int4
+    from qconvert.quant.groupwise import QuantSpec
     from qconvert.quant.report import layer_table, plot_errors
+    from qconvert.quant.run import CalibOptions, quantize_int4
+    base = QuantSpec(bits, int(group_size), sym, int(scale_bits))
+    calib_opts = CalibOptions(calib, calib_samples, calib_ctx, act_order, damp)
     with open_model(src) as s:
-        pre = None
-        if method == "gptq":
-            pre = _gptq(s, calib, calib_samples, calib_ctx, bits, int(group_size), sym, act_order, damp, quiet)
-        st = write_int4(s, out, bits, int(group_size), sym, method, force=force, progress=not quiet,
-                        head_bits=head_bits, precomputed=pre)
+        st = quantize_int4(s, out, base, method, mix, head_bits, target_bpw, calib_opts, force, quiet, click.echo)
     errs = st["errors"]
     worst = sorted(errs.items(), key=lambda kv: -kv[1])[:3]
-    title = f"int{bits} g{group_size} {'sym' if sym else 'asym'} ({method})"
+    title = f"{base.label()} ({method}, mix {mix})"
     click.echo(f"wrote {out}: {title}, "
                f"{st['bits_per_weight']:.3f} bits per weight on {st['quantised_params'] / 1e6:.1f}M quantised weights "
                f"(head {st['head'][0]} at {st['head'][1]} bits), "
                f"{st['dir_bytes'] / 2**20:.1f} MiB, {time.perf_counter() - t0:.1f}s")
+    if st["upgrades"]:
+        click.echo("mix: " + "; ".join(st["upgrades"]))
     if not quiet:
         click.echo("relative RMS error per layer and matrix:\n" + layer_table(errs))
     click.echo(f"relative RMS error per matrix: mean {sum(errs.values()) / len(errs):.4f}; worst "
@@ -180,26 +191,6 @@ def quantize_cmd(src: str, out: Path, fmt: str, bits: int, group_size: str, meth
     if report_png:
         plot_errors(errs, report_png, f"{src}: {title}")
         click.echo(f"wrote {report_png}")
-
-
-def _gptq(s, calib: Path | None, n: int, ctx: int, bits: int, group: int, sym: bool, act_order: bool, damp: float,
-          quiet: bool) -> dict:
-    """GPTQ results for every decoder-layer matrix of source ``s`` (the head is left to the plain quantiser)."""
-    from formats.progress import bar
-    from qconvert.corpus import CALIB_MODULES, stdlib_text, tokens_digest, windows
-    from qconvert.quant.gptq import gptq_model
-    from qconvert.text import encode
-
-    text = calib.read_text(encoding="utf-8", errors="replace") if calib else stdlib_text(CALIB_MODULES)
-    ws = windows(encode(s.tokenizer, text), n, ctx)
-    t0 = time.perf_counter()
-    head = "model.embed_tokens.weight" if s.config.tie_word_embeddings else "lm_head.weight"
-    with bar(s.config.num_hidden_layers, "gptq layers", not quiet) as pb:
-        pre = gptq_model(s, ws, bits, group, sym, "search", damp, act_order, skip={head},
-                         on_layer=lambda i, total: pb.update(1))
-    click.echo(f"gptq: {len(ws)} x {len(ws[0])} calibration tokens (ids {tokens_digest(ws)}), "
-               f"{len(pre)} matrices in {time.perf_counter() - t0:.1f}s")
-    return pre
 
 
 def _backend_options(f):

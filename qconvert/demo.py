@@ -57,8 +57,8 @@ def main() -> None:
     run("inspect", str(back))
     run("verify", str(src_gguf), str(hf), "--ctx", "128")
     run("verify", str(hf), str(back), "--ctx", "128")
-    int4 = args.out / "int4-g64"
-    run("quantize", str(hf), str(int4), "--group-size", "64", "--force", "--quiet")
+    int4 = args.out / "int4"
+    run("quantize", str(hf), str(int4), "--force", "--quiet")
     run("verify", str(hf), str(int4), "--ctx", "128", *loose)
     run("generate", str(hf), "--prompt", "Write a Python function that checks whether a number is prime.",
         "--chat", "--max-new-tokens", "48")

@@ -32,7 +32,11 @@ from qconvert.text import encode  # noqa: E402
 from qconvert.verify import log_softmax  # noqa: E402
 
 QC = str(Path(sys.executable).parent / "qconvert")
-INT4 = [(g, m) for m in ("rtn", "search", "gptq") for g in (32, 64, 128)]
+# int4 variants: tag -> quantize flags. Uniform plans with f16 scales (the version-1 layout's choices) per
+# group size and method, and the default plan (--mix roles, 32-wide groups, 8-bit scale codes).
+INT4 = {f"g{g}-{m}": ["--group-size", str(g), "--method", m, "--mix", "uniform", "--scale-bits", "16"]
+        for m in ("rtn", "search", "gptq") for g in (32, 64, 128)}
+INT4.update({"mix-search": [], "mix-gptq": ["--method", "gptq"]})
 
 
 def run(*args: str) -> float:
@@ -88,7 +92,7 @@ def int4_stats(d: Path) -> tuple[float, int]:
         if name == head:
             continue
         npar += int(np.prod(info["shape"]))
-        for part in ("qweight", "scales", "offsets"):
+        for part in ("qweight", "scales", "offsets", "steps"):
             if f"{name}.{part}" in header:
                 a, b = header[f"{name}.{part}"]["data_offsets"]
                 nb += b - a
@@ -101,7 +105,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/qconvert-bench-quant"), help="folder for the files made")
     ap.add_argument("--windows", type=int, default=16, help="evaluation windows")
     ap.add_argument("--ctx", type=int, default=512, help="tokens per window")
-    ap.add_argument("--only", nargs="*", help="int4 variants to run, e.g. g64-gptq g128-search (default: all)")
+    ap.add_argument("--only", nargs="*", help="int4 variants to run, e.g. mix-search g64-gptq (default: all: "
+                    + " ".join(INT4) + ")")
     ap.add_argument("--reuse", action="store_true", help="evaluate outputs already in --work instead of remaking them")
     args = ap.parse_args()
     work = args.work
@@ -130,16 +135,15 @@ def main() -> None:
             dt = time.perf_counter() - t0
         rows.append((f"llama.cpp {ftype}", gguf_bpw(out), out.stat().st_size, dt, *evaluate(out, ref, ws)))
         print(rows[-1], flush=True)
-    for g, m in INT4:
-        tag = f"g{g}-{m}"
+    for tag, flags in INT4.items():
         if args.only and tag not in args.only:
             continue
         out = work / f"int4-{tag}"
         dt = float("nan")
         if not (args.reuse and (out / "config.json").exists()):
-            dt = run("quantize", str(hf), str(out), "--group-size", str(g), "--method", m, "--force")
+            dt = run("quantize", str(hf), str(out), *flags, "--force")
         bpw, size = int4_stats(out)
-        rows.append((f"int4 {tag} asym", bpw, size, dt, *evaluate(out, ref, ws)))
+        rows.append((f"int4 {tag}", bpw, size, dt, *evaluate(out, ref, ws)))
         print(rows[-1], flush=True)
 
     q40 = rows[0]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import qconvert
-from qconvert.quant.groupwise import dequantize, quantize
+from qconvert.quant.groupwise import QuantSpec, dequantize, quantize
 from qconvert.quant.gptq import gptq_matrix
 
 
@@ -24,13 +24,15 @@ def _out_err(X, W, Q):
 
 
 @pytest.mark.parametrize("sym", [False, True])
-@pytest.mark.parametrize("group,act_order", [(32, False), (128, False), (128, True)])
-def test_gptq_beats_search_in_output_space(sym, group, act_order):
+@pytest.mark.parametrize("group,act_order,scale_bits", [(32, False, 16), (128, False, 16), (128, True, 16),
+                                                        (32, False, 8), (64, True, 8)])
+def test_gptq_beats_search_in_output_space(sym, group, act_order, scale_bits):
     X, W = _problem()
     H = X.T.astype(np.float64) @ X
-    g = gptq_matrix(W, H, 4, group, sym, act_order=act_order)
+    g = gptq_matrix(W, H, QuantSpec(4, group, sym, scale_bits), act_order=act_order)
     assert g.q.shape == W.shape and g.q.max() <= 15 and g.scales.shape == (192, 256 // group)
-    e_search = _out_err(X, W, dequantize(quantize(W, 4, group, sym, "search")))
+    assert g.scale_bits == scale_bits
+    e_search = _out_err(X, W, dequantize(quantize(W, 4, group, sym, "search", scale_bits=scale_bits)))
     e_gptq = _out_err(X, W, dequantize(g))
     print(f"sym={sym} g{group} act_order={act_order}: output RMS error gptq {e_gptq:.4f} search {e_search:.4f}")
     assert e_gptq < 0.7 * e_search
@@ -39,7 +41,7 @@ def test_gptq_beats_search_in_output_space(sym, group, act_order):
 def test_gptq_identity_hessian_is_plain_rounding():
     """With H = I there is nothing to compensate: GPTQ reduces to rounding on the fitted grid."""
     _, W = _problem(1)
-    g = gptq_matrix(W, np.eye(W.shape[1]), 4, 64, False, method="rtn", damp=0.0)
+    g = gptq_matrix(W, np.eye(W.shape[1]), QuantSpec(4, 64, False, 16), method="rtn", damp=0.0)
     r = quantize(W, 4, 64, False, "rtn")
     assert np.array_equal(g.scales, r.scales) and np.array_equal(g.offsets, r.offsets)
     assert np.mean(g.q == r.q) > 0.999  # ties may round the other way in float32 vs C
@@ -54,7 +56,7 @@ def test_gptq_on_tiny_model_beats_search(tiny, tmp_path):
     kl = {}
     for method in ("search", "gptq"):
         out = tmp_path / method
-        r = qconvert("quantize", str(src), str(out), "--group-size", "64", "--method", method,
+        r = qconvert("quantize", str(src), str(out), "--group-size", "64", "--mix", "uniform", "--method", method,
                      "--calib-samples", "16", "--calib-ctx", "128", "--report", str(tmp_path / f"{method}.png"),
                      "--quiet")
         assert (tmp_path / f"{method}.png").stat().st_size > 5000
@@ -68,14 +70,15 @@ def test_gptq_on_tiny_model_beats_search(tiny, tmp_path):
     assert kl["gptq"] < 0.97 * kl["search"]  # measured 0.92x; GPTQ without its error feedback lands at ~1x
 
 
-@pytest.mark.parametrize("sym", [False, True])
-def test_c_sweep_equals_numpy_reference(sym):
+@pytest.mark.parametrize("sym,scale_bits", [(False, 16), (True, 16), (False, 8), (True, 8)])
+def test_c_sweep_equals_numpy_reference(sym, scale_bits):
     """The C column sweep (rows on two threads) computes what the numpy reference sweep computes."""
     from concurrent.futures import ThreadPoolExecutor
     X, W = _problem(2)
     H = X.T.astype(np.float64) @ X
+    spec = QuantSpec(4, 64, sym, scale_bits)
     with ThreadPoolExecutor(2) as pool:
-        c = gptq_matrix(W, H, 4, 64, sym, pool=pool)
-    r = gptq_matrix(W, H, 4, 64, sym, use_c=False)
+        c = gptq_matrix(W, H, spec, pool=pool)
+    r = gptq_matrix(W, H, spec, use_c=False)
     assert np.mean(c.q == r.q) > 0.999 and np.mean(c.scales == r.scales) > 0.999
     assert np.abs(dequantize(c) - dequantize(r)).max() <= 0.05 * np.abs(W).max()

@@ -6,31 +6,65 @@ import pytest
 
 from conftest import qconvert
 from formats.int4 import dequant_rows, pack, unpack
-from qconvert.quant.groupwise import dequantize, quantize
+from qconvert.quant.groupwise import QuantSpec, dequantize, group_values, quantize
 
 
-def test_pack_unpack_round_trip():
-    rng = np.random.default_rng(0)
-    for cols in (64, 63):
-        q = rng.integers(0, 16, size=(5, cols), dtype=np.uint8)
-        b = pack(q, 4)
-        assert b.shape == (5, (cols + 1) // 2)
-        assert np.array_equal(unpack(b, 4, cols), q)
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_pack_unpack_round_trip(bits):
+    """Every width packs into ceil(cols * bits / 8) bytes, C and numpy alike, and unpacks to the same codes."""
+    rng = np.random.default_rng(bits)
+    for cols in (64, 63, 13, 1, 896):
+        q = rng.integers(0, 1 << bits, size=(5, cols), dtype=np.uint8)
+        b = pack(q, bits)
+        assert b.shape == (5, -(-cols * bits // 8))
+        assert np.array_equal(b, pack(q, bits, use_c=False))
+        assert np.array_equal(unpack(b, bits, cols), q) and np.array_equal(unpack(b, bits, cols, use_c=False), q)
+    if bits == 4:
         assert b[0, 0] == q[0, 0] | (q[0, 1] << 4)  # low nibble first
 
 
+def test_pack_golden_bytes():
+    """The documented bit order (docs/int4-format.md): code k of 8 at bits k*b.., little-endian."""
+    q = np.array([[1, 2, 3, 4, 5, 6, 7, 0, 5]], np.uint8)
+    # 3 bits: 0b000_111_110_101_100_011_010_001 = 0x1f5 8d1 -> bytes d1 58 1f; then code 5 alone: 05
+    assert pack(q, 3).tolist() == [[0xD1, 0x58, 0x1F, 0x05]]
+    assert pack(q[:, :8], 5).tolist() == [[0x41, 0x0C, 0x52, 0xCC, 0x01]]
+
+
+@pytest.mark.parametrize("scale_bits", [16, 8])
 @pytest.mark.parametrize("sym", [False, True])
 @pytest.mark.parametrize("group", [32, 64, 128])
-def test_rtn_error_within_half_a_step(sym, group):
+def test_rtn_error_within_half_a_step(sym, group, scale_bits):
     rng = np.random.default_rng(1)
     w = (rng.standard_normal((64, 300)) * 0.05).astype(np.float32)  # 300: last group is partial
-    g = quantize(w, 4, group, sym, "rtn")
+    g = quantize(w, 4, group, sym, "rtn", scale_bits=scale_bits)
+    assert g.scale_bits == scale_bits
     err = np.abs(dequantize(g) - w)
-    step = np.abs(g.scales.view(np.float16).astype(np.float32))[:, np.arange(300) // group]
-    # half a step, plus the f16 rounding of scale and offset (and the clipped extreme of a symmetric group)
-    slack = 0.5 if not sym else 1.0
-    assert (err <= step * slack * 1.01 + 1e-4).all(), float((err / step).max())
-    assert np.array_equal(dequantize(g), dequant_rows(g.q, g.scales, g.offsets, 4, group))
+    s, m = group_values(g.scales, g.offsets, g.steps)
+    step = np.abs(s)[:, np.arange(300) // group]
+    # half a step, plus the rounding of scale and offset (f16; or 8-bit codes: the offset moves by up to half
+    # an offset step, and the grid's far end by 15 (symmetric: 8) half scale steps), and the clipped extreme
+    # of a symmetric group
+    slack = (0.5 if not sym else 1.0) * 1.01
+    extra = 1e-4
+    if scale_bits == 8:
+        st = g.steps.view(np.float16).astype(np.float32)
+        extra = extra + 0.5 * st[:, 1:2] + (8 if sym else 15) * 0.5 * st[:, :1]
+    assert (err <= step * slack + extra).all(), float((err / step).max())
+    assert np.array_equal(dequantize(g), dequant_rows(g.q, g.scales, g.offsets, 4, group, g.steps))
+    ref = np.sqrt(np.square(dequantize(quantize(w, 4, group, sym, "rtn")) - w).mean())
+    assert np.sqrt(np.square(dequantize(g) - w).mean()) < 1.05 * ref  # 8-bit scale codes cost < 5% error
+
+
+def test_scale_codes_stored_compactly():
+    """scale_bits 8: uint8 scale codes (int8 when symmetric), int8 offset codes, f16 row steps; bits per
+    weight as QuantSpec counts them."""
+    w = np.random.default_rng(4).standard_normal((8, 896)).astype(np.float32)
+    g = quantize(w, 4, 32, False, "search", scale_bits=8)
+    assert g.scales.dtype == np.uint8 and g.offsets.dtype == np.int8 and g.steps.shape == (8, 2)
+    assert quantize(w, 4, 32, True, "search", scale_bits=8).scales.dtype == np.int8
+    assert QuantSpec(4, 32, False, 8).bits_per_weight(8, 896) == pytest.approx(4 + 16 / 32 + 32 / 896)
+    assert QuantSpec(3, 64, False, 16).bits_per_weight(8, 896) == pytest.approx(3 + 32 / 64)
 
 
 def test_search_beats_rtn():
@@ -57,7 +91,8 @@ def test_int4_folder_end_to_end(tiny, tmp_path, sample_tokens):
     from qconvert.peers import hf_logits, kl_stats
     out = tmp_path / "int4"
     import re
-    r = qconvert("quantize", str(tiny("moe")), str(out), "--group-size", "64", "--quiet")
+    r = qconvert("quantize", str(tiny("moe")), str(out), "--group-size", "64", "--mix", "uniform", "--scale-bits",
+                 "16", "--quiet")
     bpw = float(re.search(r"([0-9.]+) bits per weight", r.stdout).group(1))
     assert 4.5 <= bpw < 4.52, r.stdout  # 4 bits + 2 x f16 per 64; the 32-wide expert rows cost a little more
     assert "head lm_head.weight at 8 bits" in r.stdout
@@ -89,7 +124,7 @@ def test_unknown_int4_version_is_refused(tiny, tmp_path):
     f = out / "model.int4.safetensors"
     data = bytearray(f.read_bytes())
     n = struct.unpack("<Q", data[:8])[0]
-    header = data[8:8 + n].replace(b'"version":"1"', b'"version":"9"')
+    header = data[8:8 + n].replace(b'"version":"2"', b'"version":"9"')
     f.write_bytes(bytes(data[:8]) + header + bytes(data[8 + n:]))
     r = qconvert("inspect", str(out), check=False)
     assert r.returncode == 1 and "version 9 is not supported" in r.stderr

@@ -95,7 +95,8 @@ def test_sym_q4_1_offset_overflow_is_refused():
 
 @pytest.fixture(scope="module")
 def int4_dir(tiny, tmp_path_factory):
-    """int4_dir(variant, *quantize flags) -> int4 folder (cached per module)."""
+    """int4_dir(variant, *quantize flags) -> int4 folder (cached per module). Unless the flags name a --mix,
+    every matrix gets the same spec with f16 scales (--mix uniform --scale-bits 16): the exactly mappable case."""
     made: dict[tuple, Path] = {}
     root = tmp_path_factory.mktemp("int4")
 
@@ -104,7 +105,8 @@ def int4_dir(tiny, tmp_path_factory):
         if key not in made:
             out = root / f"{Path(str(variant)).name}{''.join(flags).replace('-', '_')}"
             src = variant if isinstance(variant, Path) else tiny(variant)
-            qconvert("quantize", str(src), str(out), *flags, "--quiet")
+            extra = () if "--mix" in flags else ("--mix", "uniform", "--scale-bits", "16")
+            qconvert("quantize", str(src), str(out), *flags, *extra, "--quiet")
             made[key] = out
         return made[key]
     return get
@@ -243,3 +245,26 @@ def test_explicit_outtypes(int4_dir, tmp_path):
 
     r = qconvert("hf-to-gguf", str(sym), str(tmp_path / "f16.gguf"), "--outtype", "f16")
     assert "no tensor mapped exactly; every matrix dequantised and re-encoded as f16" in r.stdout, r.stdout
+
+
+def test_default_mix_maps_with_rounded_scales(int4_dir, tmp_path, sample_tokens):
+    """The default int4 (--mix roles, 8-bit scale codes): 4-bit matrices still map onto Q4_1 with their codes
+    kept (scales rounded to f16, and said so); 3/5/8-bit asymmetric ones are requantised. llama.cpp on the
+    result stays close to our decoder on the int4 folder."""
+    from formats.detect import open_model
+    from qconvert.decoder import make_decoder
+    from qconvert.peers import kl_stats, llama_logits
+
+    d = int4_dir("untied_yarn", "--mix", "roles")
+    out = tmp_path / "m.gguf"
+    stdout, mapped, total = _to_gguf(d, out)
+    assert mapped > 0 and f"{mapped} of them with their 8-bit scale codes rounded to f16 (codes kept)" in stdout, stdout
+    assert "(5-bit asym: 5-bit codes do not fit Q4_1's 4 bits)" in stdout or "5-bit asym" in stdout, stdout
+    cmp = _compare(d, out)
+    q41 = [rel for t, same, rel in cmp.values() if t == "Q4_1"]
+    assert q41 and max(q41) < 2e-3, max(q41)  # f16 rounding of the scales only
+    with open_model(str(d)) as src:
+        ours = make_decoder(src, "numpy", "cpu", "float32").logits(sample_tokens)
+    s = kl_stats(ours, llama_logits(out, sample_tokens))
+    print(f"default mix -> auto GGUF: {s}")
+    assert s["mean_kl"] <= 0.01 and s["top1"] >= 0.9, s

@@ -5,7 +5,8 @@ columns are quantised one at a time and the rounding error of each is spread ove
 yet quantised, weighted by the inverse Hessian ``H = X^T X``. The model is processed layer by layer;
 the inputs of layer i+1 come from layer i with its weights already quantised, so later layers
 compensate earlier errors. Group scale/offset pairs are fitted (by the ``rtn`` or ``search`` method)
-when the sweep reaches a group, on the error-updated weights; ``act_order`` sweeps columns in order of
+when the sweep reaches a group, on the error-updated weights (with 8-bit scale codes, on row steps fixed
+beforehand from the original weights); ``act_order`` sweeps columns in order of
 decreasing Hessian diagonal and fits the groups up front ("static groups"), so the stored layout is
 unchanged. Linear algebra runs in torch when it is installed (numpy otherwise).
 """
@@ -18,7 +19,7 @@ from typing import Callable
 import numpy as np
 
 from formats.source import Source
-from qconvert.quant.groupwise import GroupQuant, dequantize, quantize
+from qconvert.quant.groupwise import GroupQuant, QuantSpec, codes_from_c, dequantize, group_values, quantize
 
 BLOCK = 128  # columns per lazy-update block
 
@@ -52,13 +53,15 @@ def _grid(sc: np.ndarray, off: np.ndarray | None, bits: int):
             lambda q: q * sc + off)
 
 
-def gptq_matrix(W: np.ndarray, H: np.ndarray, bits: int = 4, group_size: int = 128, sym: bool = False,
-                method: str = "search", damp: float = 0.01, act_order: bool = False,
-                pool: ThreadPoolExecutor | None = None, use_c: bool = True) -> GroupQuant:
-    """GPTQ-quantise W [rows, cols] (float32) given the input Hessian H [cols, cols] = X^T X.
+def gptq_matrix(W: np.ndarray, H: np.ndarray, spec: QuantSpec = QuantSpec(), method: str = "search",
+                damp: float = 0.01, act_order: bool = False, pool: ThreadPoolExecutor | None = None,
+                use_c: bool = True, U: np.ndarray | None = None) -> GroupQuant:
+    """GPTQ-quantise W [rows, cols] (float32) in ``spec`` given the input Hessian H [cols, cols] = X^T X.
 
     The column sweep runs in C when the kernels are built (``use_c``), else in numpy (the readable
-    reference the C path is tested against)."""
+    reference the C path is tested against). ``U`` may pass a ready ``inverse_hessian_factor`` (in sweep
+    order) when several matrices share one H."""
+    bits, group_size, sym = spec.bits, spec.group_size, spec.sym
     W = np.array(W, dtype=np.float32, copy=True)
     rows, cols = W.shape
     H = np.array(H, dtype=np.float64, copy=True)
@@ -68,16 +71,22 @@ def gptq_matrix(W: np.ndarray, H: np.ndarray, bits: int = 4, group_size: int = 1
     ng = -(-cols // group_size)
     scales = np.empty((rows, ng), np.uint16)
     offsets = None if sym else np.empty((rows, ng), np.uint16)
+    steps = None
+    if spec.scale_bits == 8 or act_order:  # row steps (and, for act-order, static groups) from the original weights
+        g0 = quantize(W, bits, group_size, sym, method, pool, spec.scale_bits)
+        steps = g0.steps
     perm = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(cols)
-    if act_order:  # static groups: fitted on the original weights, then the sweep follows perm
-        g0 = quantize(W, bits, group_size, sym, method, pool)
-        scales[:], offsets = g0.scales, g0.offsets
+    if act_order:
+        scales, offsets = g0.scales, g0.offsets
         W, H = W[:, perm], H[perm][:, perm]
-    U = inverse_hessian_factor(H, damp)
+    if U is None:
+        U = inverse_hessian_factor(H, damp)
     Q = np.empty((rows, cols), np.uint8)
     block = max(BLOCK, group_size) // group_size * group_size
-    if use_c and not act_order and _c_sweep(W, U, Q, scales, offsets, bits, group_size, sym, method, block, pool):
-        return GroupQuant(Q, scales, offsets, bits, group_size)
+    if use_c and not act_order and _c_sweep(W, U, Q, scales, offsets, steps, spec, method, block, pool):
+        if steps is not None:
+            scales, offsets = codes_from_c(scales, sym), None if sym else codes_from_c(offsets, True)
+        return GroupQuant(Q, scales, offsets, bits, group_size, None, steps)
     sc = off = None
     for i1 in range(0, cols, block):
         i2 = min(cols, i1 + block)
@@ -86,13 +95,16 @@ def gptq_matrix(W: np.ndarray, H: np.ndarray, bits: int = 4, group_size: int = 1
             c = i1 + i
             g = perm[c] // group_size
             if act_order:
-                sc = scales[:, g].view(np.float16).astype(np.float32)
-                off = None if sym else offsets[:, g].view(np.float16).astype(np.float32)
+                s_all, o_all = group_values(scales[:, g:g + 1], None if sym else offsets[:, g:g + 1], steps)
+                sc, off = s_all[:, 0], None if sym else o_all[:, 0]
             elif c % group_size == 0:  # a new group: fit its scale/offset on the error-updated weights
-                gq = quantize(W1[:, i:i + group_size], bits, group_size, sym, method, pool)
-                scales[:, g], sc = gq.scales[:, 0], gq.scales[:, 0].view(np.float16).astype(np.float32)
+                gq = quantize(W1[:, i:i + group_size], bits, group_size, sym, method, pool, spec.scale_bits, steps)
+                scales[:, g] = gq.scales[:, 0].astype(np.int16).view(np.uint16) if steps is not None else gq.scales[:, 0]
                 if not sym:
-                    offsets[:, g], off = gq.offsets[:, 0], gq.offsets[:, 0].view(np.float16).astype(np.float32)
+                    offsets[:, g] = gq.offsets[:, 0].astype(np.int16).view(np.uint16) if steps is not None \
+                        else gq.offsets[:, 0]
+                s_all, o_all = group_values(gq.scales, gq.offsets, gq.steps)
+                sc, off = s_all[:, 0], None if sym else o_all[:, 0]
             qf, dq = _grid(sc, off, bits)
             w = W1[:, i]
             q = qf(w)
@@ -102,10 +114,12 @@ def gptq_matrix(W: np.ndarray, H: np.ndarray, bits: int = 4, group_size: int = 1
             E[:, i] = err
         if i2 < cols:
             W[:, i2:] -= E @ U[i1:i2, i2:]
-    return GroupQuant(Q, scales, offsets, bits, group_size)
+    if steps is not None and not act_order:
+        scales, offsets = codes_from_c(scales, sym), None if sym else codes_from_c(offsets, True)
+    return GroupQuant(Q, scales, offsets, bits, group_size, None, steps)
 
 
-def _c_sweep(W, U, Q, scales, offsets, bits, group_size, sym, method, block, pool) -> bool:
+def _c_sweep(W, U, Q, scales, offsets, steps, spec, method, block, pool) -> bool:
     """The column sweep in C (``qc_gptq_block``, rows split over two threads); False when unavailable."""
     from formats import kernels
     from qconvert.quant.groupwise import METHODS
@@ -115,12 +129,14 @@ def _c_sweep(W, U, Q, scales, offsets, bits, group_size, sym, method, block, poo
     if not getattr(lib, "_gptq_ready", False):
         i64, p = ctypes.c_int64, ctypes.c_void_p
         lib.qc_gptq_block.argtypes = [p, i64, p, i64, i64, i64, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                      ctypes.c_int, p, i64, p, p, i64, i64, p]
+                                      ctypes.c_int, p, i64, p, p, p, i64, i64, p]
         lib.qc_gptq_block.restype = None
         lib._gptq_ready = True
     rows, cols = W.shape
     ng = scales.shape[1]
+    group_size = spec.group_size
     off_ptr = None if offsets is None else offsets.ctypes.data
+    dq_ptr = None if steps is None else steps.ctypes.data
     for i1 in range(0, cols, block):
         i2 = min(cols, i1 + block)
         n = i2 - i1
@@ -128,9 +144,9 @@ def _c_sweep(W, U, Q, scales, offsets, bits, group_size, sym, method, block, poo
         Ub = np.ascontiguousarray(U[i1:i2, i1:i2])
 
         def run(r0: int, r1: int) -> None:
-            lib.qc_gptq_block(W.ctypes.data + 4 * i1, cols, Ub.ctypes.data, n, n, r0, r1, group_size, bits,
-                              int(sym), METHODS[method], Q.ctypes.data + i1, cols, scales.ctypes.data, off_ptr,
-                              ng, i1 // group_size, E.ctypes.data)
+            lib.qc_gptq_block(W.ctypes.data + 4 * i1, cols, Ub.ctypes.data, n, n, r0, r1, group_size, spec.bits,
+                              int(spec.sym), METHODS[method], Q.ctypes.data + i1, cols, scales.ctypes.data, off_ptr,
+                              dq_ptr, ng, i1 // group_size, E.ctypes.data)
         if pool is None or rows < 64:
             run(0, rows)
         else:
@@ -158,13 +174,14 @@ class _Recorder:
         return self.mat.split(y)
 
 
-def gptq_model(src: Source, windows: list[np.ndarray], bits: int = 4, group_size: int = 128, sym: bool = False,
-               method: str = "search", damp: float = 0.01, act_order: bool = False, skip: set[str] = frozenset(),
+def gptq_model(src: Source, windows: list[np.ndarray], specs: dict[str, QuantSpec], method: str = "search",
+               damp: float = 0.01, act_order: bool = False, skip: set[str] = frozenset(),
                on_layer: Callable[[int, int], None] | None = None) -> dict[str, GroupQuant]:
     """GPTQ every decoder-layer matrix of ``src`` on calibration token ``windows``; {tensor name: GroupQuant}.
 
-    Matrices named in ``skip`` (and those no calibration token reaches, e.g. an unused expert) are left
-    to the caller's plain quantiser. ``on_layer(i, n_layers)`` reports progress.
+    ``specs`` gives each matrix its QuantSpec (fused q/k/v and gate/up share one Hessian and are swept
+    member by member in their own specs). Matrices named in ``skip`` (and those no calibration token reaches,
+    e.g. an unused expert) are left to the caller's plain quantiser. ``on_layer(i, n_layers)`` reports progress.
     """
     from qconvert.decoder.matvec import Matrix
     from qconvert.decoder.numpy_backend import KVCache, NumpyDecoder
@@ -190,16 +207,26 @@ def gptq_model(src: Source, windows: list[np.ndarray], bits: int = 4, group_size
                 dec.m[k] = r.mat
                 if r.n == 0:
                     continue
-                gq = gptq_matrix(r.mat.dense(), r.H, bits, group_size, sym, method, damp, act_order, pool)
                 members = [k] if len(r.mat.splits) == 1 else (
                     [n.q, n.k, n.v] if k == n.q else [n.gate, n.up])
-                r0 = 0
+                W = r.mat.dense()
+                U = None if act_order else inverse_hessian_factor(_undead(r.H), damp)
+                parts, r0 = [], 0
                 for name, rows in zip(members, r.mat.splits):
-                    out[name] = GroupQuant(gq.q[r0:r0 + rows], gq.scales[r0:r0 + rows],
-                                           None if gq.offsets is None else gq.offsets[r0:r0 + rows], bits, group_size)
+                    gq = gptq_matrix(W[r0:r0 + rows], r.H, specs[name], method, damp, act_order, pool, U=U)
+                    out[name] = gq
+                    parts.append(dequantize(gq))
                     r0 += rows
-                dec.m[k] = Matrix.from_f32(dequantize(gq), r.mat.splits)
+                dec.m[k] = Matrix.from_f32(np.concatenate(parts), r.mat.splits)
             xs = [dec.layer(i, x, cache, cos[:len(x)], sin[:len(x)]) for x in xs]
             if on_layer:
                 on_layer(i + 1, len(dec.layers))
     return out
+
+
+def _undead(H: np.ndarray) -> np.ndarray:
+    """H with the diagonal of never-seen inputs set to 1 (as gptq_matrix does before factorising)."""
+    H = np.array(H, dtype=np.float64, copy=True)
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1.0
+    return H

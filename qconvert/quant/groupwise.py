@@ -1,9 +1,12 @@
 """Group-wise quantisation of weight matrices (2-8 bits, symmetric or asymmetric, rtn or search).
 
-``quantize(w, bits, group_size, sym, method)`` returns integer codes and f16 scales (and offsets): a row
-of ``cols`` values is cut into groups of ``group_size`` (the last group may be shorter); asymmetric
-groups store ``w ~ scale * q + offset``, symmetric ones ``w ~ scale * (q - 2^(bits-1))``. The work is done
-by the C kernel ``qc_group_quant`` on two threads; ``dequantize`` is a few vectorised numpy ops.
+``quantize(w, bits, group_size, sym, method, scale_bits=16)`` returns integer codes and per-group scales
+(and offsets): a row of ``cols`` values is cut into groups of ``group_size`` (the last group may be
+shorter); asymmetric groups store ``w ~ scale * q + offset``, symmetric ones
+``w ~ scale * (q - 2^(bits-1))``. Scales and offsets are f16 (``scale_bits=16``) or 8-bit codes times a
+per-row f16 step (``scale_bits=8``, "double quantisation": half the overhead, so 32-wide groups cost what
+64-wide f16 groups do). The work is done by the C kernel ``qc_group_quant`` on two threads;
+``dequantize`` is a few vectorised numpy ops.
 """
 from __future__ import annotations
 
@@ -19,9 +22,44 @@ from formats.errors import QConvertError
 METHODS = {"rtn": 0, "search": 1}
 
 
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one matrix is quantised: code width, group size, scheme and scale precision."""
+
+    bits: int = 4
+    group_size: int = 32
+    sym: bool = False
+    scale_bits: int = 8  # 16: f16 scales / offsets; 8: 8-bit codes on per-row f16 steps
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.bits <= 8:
+            raise QConvertError(f"--bits {self.bits} is not supported; choose 2 to 8")
+        if self.scale_bits not in (8, 16):
+            raise QConvertError(f"--scale-bits {self.scale_bits} is not supported; choose 8 or 16")
+        if self.group_size < 1:
+            raise QConvertError(f"--group-size {self.group_size} must be positive")
+
+    def bits_per_weight(self, rows: int, cols: int) -> float:
+        """Stored bits per weight of a [rows, cols] matrix in this spec (codes, scales, offsets, steps)."""
+        ng = -(-cols // self.group_size)
+        code = 8 * -(-cols * self.bits // 8)  # codes are bit-packed (formats/int4.py: pack)
+        per_group = self.scale_bits * (1 if self.sym else 2)
+        steps = 32 if self.scale_bits == 8 else 0
+        return (code + ng * per_group + steps) / cols
+
+    def label(self) -> str:
+        """Short description, e.g. ``int4 g32 asym s8``."""
+        return f"int{self.bits} g{self.group_size} {'sym' if self.sym else 'asym'}" + (
+            " s8" if self.scale_bits == 8 else "")
+
+
 @dataclass
 class GroupQuant:
-    """One quantised matrix: codes [rows, cols] uint8, scales/offsets [rows, groups] float16 (raw uint16)."""
+    """One quantised matrix: codes [rows, cols] uint8 and its scales / offsets [rows, groups].
+
+    ``scale_bits`` 16: scales / offsets are f16 (raw uint16). ``scale_bits`` 8: scales are uint8 codes
+    (int8 when symmetric), offsets int8 codes, and ``steps`` [rows, 2] f16 (raw uint16) holds each row's
+    scale step and offset step: scale = step * code."""
 
     q: np.ndarray
     scales: np.ndarray
@@ -29,10 +67,20 @@ class GroupQuant:
     bits: int
     group_size: int
     sq_err: float | None = None  # sum of squared dequantisation errors, when the quantiser measured it
+    steps: np.ndarray | None = None
 
     @property
     def sym(self) -> bool:
         return self.offsets is None
+
+    @property
+    def scale_bits(self) -> int:
+        return 16 if self.steps is None else 8
+
+    def rows(self, r0: int, r1: int) -> "GroupQuant":
+        """Rows [r0, r1) as their own GroupQuant."""
+        return GroupQuant(self.q[r0:r1], self.scales[r0:r1], None if self.offsets is None else self.offsets[r0:r1],
+                          self.bits, self.group_size, None, None if self.steps is None else self.steps[r0:r1])
 
 
 def _lib():
@@ -40,19 +88,28 @@ def _lib():
     if lib is None:
         raise QConvertError("the compiled kernels are missing; reinstall qconvert (pip install -e .)")
     if not getattr(lib, "_gq_ready", False):
-        lib.qc_group_quant.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
-                                       ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                       ctypes.c_void_p]
+        p = ctypes.c_void_p
+        lib.qc_group_quant.argtypes = [p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                       ctypes.c_int, p, p, p, p, ctypes.c_int, p]
         lib.qc_group_quant.restype = None
         lib._gq_ready = True
     return lib
 
 
+def codes_from_c(raw: np.ndarray, sym_scale: bool) -> np.ndarray:
+    """8-bit scale / offset codes as the C kernels return them (16-bit two's complement) -> uint8 / int8."""
+    v = raw.view(np.int16)
+    return v.astype(np.int8) if sym_scale else v.astype(np.uint8)
+
+
 def quantize(w: np.ndarray, bits: int = 4, group_size: int = 128, sym: bool = False, method: str = "search",
-             pool: ThreadPoolExecutor | None = None) -> GroupQuant:
-    """Quantise a float32 matrix [rows, cols] group-wise."""
-    if not 2 <= bits <= 8:
-        raise QConvertError(f"--bits {bits} is not supported; choose 2 to 8")
+             pool: ThreadPoolExecutor | None = None, scale_bits: int = 16,
+             steps: np.ndarray | None = None) -> GroupQuant:
+    """Quantise a float32 matrix [rows, cols] group-wise (see the module docstring).
+
+    With ``scale_bits`` 8 the row steps are chosen from the rows' own groups, or taken from ``steps``
+    ([rows, 2] f16 as uint16) when given (GPTQ fixes them before its sweep)."""
+    spec = QuantSpec(bits, group_size, sym, scale_bits)
     if method not in METHODS:
         raise QConvertError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if method == "search" and group_size > 256:
@@ -63,13 +120,19 @@ def quantize(w: np.ndarray, bits: int = 4, group_size: int = 128, sym: bool = Fa
     q = np.empty((rows, cols), np.uint8)
     scales = np.empty((rows, ng), np.uint16)
     offsets = None if sym else np.empty((rows, ng), np.uint16)
+    fixed = steps is not None
+    if fixed and spec.scale_bits != 8:
+        raise QConvertError("row steps only apply to 8-bit scale codes (scale_bits=8)")
+    if spec.scale_bits == 8:
+        steps = np.array(steps, dtype=np.uint16) if fixed else np.zeros((rows, 2), np.uint16)
     lib = _lib()
     errs = np.zeros(2, np.float64)
 
     def run(r0: int, r1: int, part: int) -> None:
         lib.qc_group_quant(w[r0:].ctypes.data, r1 - r0, cols, group_size, bits, int(sym), METHODS[method],
                            q[r0:].ctypes.data, scales[r0:].ctypes.data,
-                           None if offsets is None else offsets[r0:].ctypes.data, errs[part:].ctypes.data)
+                           None if offsets is None else offsets[r0:].ctypes.data,
+                           None if steps is None else steps[r0:].ctypes.data, int(fixed), errs[part:].ctypes.data)
 
     if pool is None or rows < 64:
         run(0, rows, 0)
@@ -78,14 +141,30 @@ def quantize(w: np.ndarray, bits: int = 4, group_size: int = 128, sym: bool = Fa
         fut = pool.submit(run, mid, rows, 1)
         run(0, mid, 0)
         fut.result()
-    return GroupQuant(q, scales, offsets, bits, group_size, float(errs.sum()))
+    if (errs < 0).any():
+        raise MemoryError("qc_group_quant: out of memory")
+    if steps is not None:
+        scales = codes_from_c(scales, sym)
+        offsets = None if sym else codes_from_c(offsets, True)
+    return GroupQuant(q, scales, offsets, bits, group_size, float(errs.sum()), steps)
+
+
+def group_values(scales: np.ndarray, offsets: np.ndarray | None, steps: np.ndarray | None
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+    """float32 scales and offsets [rows, groups] from their stored form (f16, or 8-bit codes and row steps)."""
+    if steps is None:
+        s = scales.view(np.float16).astype(np.float32)
+        return s, None if offsets is None else offsets.view(np.float16).astype(np.float32)
+    st = steps.view(np.float16).astype(np.float32)
+    s = scales.astype(np.float32) * st[:, :1]
+    return s, None if offsets is None else offsets.astype(np.float32) * st[:, 1:2]
 
 
 def dequantize(g: GroupQuant) -> np.ndarray:
     """float32 matrix back from codes, scales and offsets."""
     rows, cols = g.q.shape
     idx = np.arange(cols) // g.group_size
-    s = g.scales.view(np.float16).astype(np.float32)[:, idx]
+    s, m = group_values(g.scales, g.offsets, g.steps)
     if g.sym:
-        return (g.q.astype(np.float32) - np.float32(1 << (g.bits - 1))) * s
-    return g.q.astype(np.float32) * s + g.offsets.view(np.float16).astype(np.float32)[:, idx]
+        return (g.q.astype(np.float32) - np.float32(1 << (g.bits - 1))) * s[:, idx]
+    return g.q.astype(np.float32) * s[:, idx] + m[:, idx]

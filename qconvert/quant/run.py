@@ -1,0 +1,68 @@
+"""``qconvert quantize --format int4`` as a function: plan the per-matrix specs, run GPTQ if asked, write."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from formats.names import canonical_names, canonical_shape
+from formats.source import Source
+from qconvert.quant.groupwise import QuantSpec
+from qconvert.quant.recipes import head_name, plan
+
+
+@dataclass
+class CalibOptions:
+    """GPTQ's calibration choices (the CLI's --calib, --calib-samples, --calib-ctx, --act-order, --damp)."""
+
+    text: Path | None = None
+    samples: int = 32
+    ctx: int = 512
+    act_order: bool = False
+    damp: float = 0.01
+
+
+def matrix_shapes(src: Source) -> dict[str, tuple[int, int]]:
+    """[rows, cols] of every matrix the int4 layout quantises (1-D tensors and router gates excluded)."""
+    out = {}
+    for n in canonical_names(src.config):
+        shape = canonical_shape(n, src.config)
+        if len(shape) == 2 and shape[0] > 1 and not n.endswith("mlp.gate.weight"):
+            out[n] = (int(shape[0]), int(shape[1]))
+    return out
+
+
+def quantize_int4(src: Source, out: Path, base: QuantSpec = QuantSpec(), method: str = "search",
+                  mix: str = "roles", head_bits: int = 8, target_bpw: float | None = None,
+                  calib: CalibOptions = CalibOptions(), force: bool = False, quiet: bool = False,
+                  echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Quantise ``src`` into the int4 folder ``out``; the writer's summary plus ``upgrades`` (the mix steps)."""
+    from formats.int4 import write_int4
+
+    specs, upgrades = plan(src.config, matrix_shapes(src), base, head_bits, mix, target_bpw)
+    pre = _gptq(src, specs, calib, quiet, echo) if method == "gptq" else None
+    summary = {"bits": base.bits, "group_size": base.group_size, "scheme": "sym" if base.sym else "asym",
+               "scale_bits": base.scale_bits, "head_bits": head_bits, "mix": mix, "upgrades": upgrades}
+    st = write_int4(src, out, specs, method, force=force, progress=not quiet, precomputed=pre, summary=summary)
+    st["upgrades"] = upgrades
+    return st
+
+
+def _gptq(src: Source, specs: dict[str, QuantSpec], calib: CalibOptions, quiet: bool,
+          echo: Callable[[str], None]) -> dict:
+    """GPTQ results for every decoder-layer matrix (the head is left to the plain quantiser)."""
+    from formats.progress import bar
+    from qconvert.corpus import CALIB_MODULES, stdlib_text, tokens_digest, windows
+    from qconvert.quant.gptq import gptq_model
+    from qconvert.text import encode
+
+    text = calib.text.read_text(encoding="utf-8", errors="replace") if calib.text else stdlib_text(CALIB_MODULES)
+    ws = windows(encode(src.tokenizer, text), calib.samples, calib.ctx)
+    t0 = time.perf_counter()
+    with bar(src.config.num_hidden_layers, "gptq layers", not quiet) as pb:
+        pre = gptq_model(src, ws, specs, "search", calib.damp, calib.act_order, skip={head_name(src.config)},
+                         on_layer=lambda i, total: pb.update(1))
+    echo(f"gptq: {len(ws)} x {len(ws[0])} calibration tokens (ids {tokens_digest(ws)}), "
+         f"{len(pre)} matrices in {time.perf_counter() - t0:.1f}s")
+    return pre
