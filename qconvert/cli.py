@@ -11,7 +11,7 @@ import click
 from formats.errors import QConvertError
 from formats.gguf import OUTTYPES
 from qconvert.quant.mixtures import MIXTURES
-from qconvert.quant.recipes import MIXES
+from qconvert.quant.recipes import MIXES, describe_plan
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -137,10 +137,13 @@ def inspect_cmd(model: str, as_json: bool, show_all: bool) -> None:
               help="int4 format: bits of the output head (lm_head, or the tied embedding)")
 @click.option("--calib", type=click.Path(path_type=Path, dir_okay=False, exists=True),
               help="gptq: calibration text file (default: a fixed set of Python standard-library modules)")
-@click.option("--calib-samples", type=click.IntRange(1), default=32, show_default=True,
+@click.option("--calib-samples", type=click.IntRange(1), default=64, show_default=True,
               help="gptq: number of calibration windows")
 @click.option("--calib-ctx", type=click.IntRange(16), default=512, show_default=True, help="gptq: tokens per window")
 @click.option("--act-order", is_flag=True, help="gptq: sweep columns by decreasing Hessian diagonal (static groups)")
+@click.option("--sequential/--no-sequential", default=True, show_default=True,
+              help="gptq: within a layer, record each stage's inputs (q/k/v, o, gate/up, down) with the earlier "
+                   "stages already quantised (one forward pass per stage)")
 @click.option("--damp", type=click.FloatRange(0, 1), default=0.01, show_default=True,
               help="gptq: Hessian dampening, a fraction of its mean diagonal")
 @click.option("--report", "report_png", type=click.Path(path_type=Path, dir_okay=False),
@@ -151,7 +154,8 @@ def inspect_cmd(model: str, as_json: bool, show_all: bool) -> None:
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def quantize_cmd(src: str, out: Path, fmt: str, bits: int, group_size: str, scale_bits: str, mix: str,
                  target_bpw: float | None, method: str, sym: bool, head_bits: int, calib: Path | None,
-                 calib_samples: int, calib_ctx: int, act_order: bool, damp: float, report_png: Path | None,
+                 calib_samples: int, calib_ctx: int, act_order: bool, sequential: bool, damp: float,
+                 report_png: Path | None,
                  gtype: str, force: bool, quiet: bool) -> None:
     """Quantise a model (HF folder, Hub id or GGUF) to the int4 layout or to a GGUF type / mixture."""
     from formats.detect import open_model
@@ -172,7 +176,7 @@ def quantize_cmd(src: str, out: Path, fmt: str, bits: int, group_size: str, scal
     from qconvert.quant.report import layer_table, plot_errors
     from qconvert.quant.run import CalibOptions, quantize_int4
     base = QuantSpec(bits, int(group_size), sym, int(scale_bits))
-    calib_opts = CalibOptions(calib, calib_samples, calib_ctx, act_order, damp)
+    calib_opts = CalibOptions(calib, calib_samples, calib_ctx, act_order, damp, sequential)
     with open_model(src) as s:
         st = quantize_int4(s, out, base, method, mix, head_bits, target_bpw, calib_opts, force, quiet, click.echo)
     errs = st["errors"]
@@ -183,7 +187,7 @@ def quantize_cmd(src: str, out: Path, fmt: str, bits: int, group_size: str, scal
                f"(head {st['head'][0]} at {st['head'][1]} bits), "
                f"{st['dir_bytes'] / 2**20:.1f} MiB, {time.perf_counter() - t0:.1f}s")
     if st["upgrades"]:
-        click.echo("mix: " + "; ".join(st["upgrades"]))
+        click.echo("mix: " + describe_plan(st["upgrades"]))
     if not quiet:
         click.echo("relative RMS error per layer and matrix:\n" + layer_table(errs))
     click.echo(f"relative RMS error per matrix: mean {sum(errs.values()) / len(errs):.4f}; worst "

@@ -176,12 +176,15 @@ class _Recorder:
 
 def gptq_model(src: Source, windows: list[np.ndarray], specs: dict[str, QuantSpec], method: str = "search",
                damp: float = 0.01, act_order: bool = False, skip: set[str] = frozenset(),
-               on_layer: Callable[[int, int], None] | None = None) -> dict[str, GroupQuant]:
+               on_layer: Callable[[int, int], None] | None = None, sequential: bool = True) -> dict[str, GroupQuant]:
     """GPTQ every decoder-layer matrix of ``src`` on calibration token ``windows``; {tensor name: GroupQuant}.
 
     ``specs`` gives each matrix its QuantSpec (fused q/k/v and gate/up share one Hessian and are swept
-    member by member in their own specs). Matrices named in ``skip`` (and those no calibration token reaches,
-    e.g. an unused expert) are left to the caller's plain quantiser. ``on_layer(i, n_layers)`` reports progress.
+    member by member in their own specs). ``sequential``: within a layer, q/k/v, then o_proj, then the
+    feed-forward input matrices, then down_proj, each stage's Hessians recorded with the earlier stages
+    already quantised (one forward pass per stage); otherwise one pass for the whole layer. Matrices named
+    in ``skip`` (and those no calibration token reaches, e.g. an unused expert) are left to the caller's
+    plain quantiser. ``on_layer(i, n_layers)`` reports progress.
     """
     from qconvert.decoder.matvec import Matrix
     from qconvert.decoder.numpy_backend import KVCache, NumpyDecoder
@@ -199,29 +202,41 @@ def gptq_model(src: Source, windows: list[np.ndarray], specs: dict[str, QuantSpe
             prefix = f"model.layers.{i}."
             keys = [k for k in dec.m if k.startswith(prefix) and not k.endswith("mlp.gate.weight")
                     and dec.m[k].rows > 1 and k not in skip]
-            rec = {k: _Recorder(dec.m[k]) for k in keys}
-            dec.m.update(rec)
-            for x in xs:
-                dec.layer(i, x, cache, cos[:len(x)], sin[:len(x)])
-            for k, r in rec.items():
-                dec.m[k] = r.mat
-                if r.n == 0:
+            stages = [[k for k in keys if _stage(k) == j] for j in range(4)] if sequential else [keys]
+            for stage in stages:  # later stages see the outputs of the matrices already quantised
+                if not stage:
                     continue
-                members = [k] if len(r.mat.splits) == 1 else (
-                    [n.q, n.k, n.v] if k == n.q else [n.gate, n.up])
-                W = r.mat.dense()
-                U = None if act_order else inverse_hessian_factor(_undead(r.H), damp)
-                parts, r0 = [], 0
-                for name, rows in zip(members, r.mat.splits):
-                    gq = gptq_matrix(W[r0:r0 + rows], r.H, specs[name], method, damp, act_order, pool, U=U)
-                    out[name] = gq
-                    parts.append(dequantize(gq))
-                    r0 += rows
-                dec.m[k] = Matrix.from_f32(np.concatenate(parts), r.mat.splits)
+                rec = {k: _Recorder(dec.m[k]) for k in stage}
+                dec.m.update(rec)
+                for x in xs:
+                    dec.layer(i, x, cache, cos[:len(x)], sin[:len(x)])
+                for k, r in rec.items():
+                    dec.m[k] = r.mat
+                    if r.n == 0:
+                        continue
+                    members = [k] if len(r.mat.splits) == 1 else (
+                        [n.q, n.k, n.v] if k == n.q else [n.gate, n.up])
+                    W = r.mat.dense()
+                    U = None if act_order else inverse_hessian_factor(_undead(r.H), damp)
+                    parts, r0 = [], 0
+                    for name, rows in zip(members, r.mat.splits):
+                        gq = gptq_matrix(W[r0:r0 + rows], r.H, specs[name], method, damp, act_order, pool, U=U)
+                        out[name] = gq
+                        parts.append(dequantize(gq))
+                        r0 += rows
+                    dec.m[k] = Matrix.from_f32(np.concatenate(parts), r.mat.splits)
             xs = [dec.layer(i, x, cache, cos[:len(x)], sin[:len(x)]) for x in xs]
             if on_layer:
                 on_layer(i + 1, len(dec.layers))
     return out
+
+
+def _stage(name: str) -> int:
+    """Order of a (fused) matrix within a layer for the sequential mode: attention in, attention out,
+    feed-forward in, feed-forward out."""
+    if ".self_attn." in name:
+        return 1 if name.endswith("o_proj.weight") else 0
+    return 3 if name.endswith("down_proj.weight") else 2
 
 
 def _undead(H: np.ndarray) -> np.ndarray:

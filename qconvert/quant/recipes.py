@@ -7,7 +7,8 @@ error barely reaches the logits); k_proj and v_proj go to 8 bits (each GQA kv he
 heads, and they are tiny); q_proj and o_proj get one bit more. The feed-forward matrices then balance the
 bits-per-weight budget (``target_bpw``, default ``bits + 0.5``, counting every quantised matrix but the
 head, as the figure ``qconvert quantize`` prints): over budget, layers take groups twice as wide, least
-sensitive layer first; under budget, layers get one bit more, most sensitive first (``ffn_layer_order``).
+sensitive layer first; under budget, layers get one bit more, most sensitive first (``ffn_layer_order``), matrix by matrix
+(``FFN_PARTS``).
 """
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ from formats.errors import QConvertError
 from qconvert.quant.groupwise import QuantSpec
 
 MIXES = ("roles", "uniform")
+# feed-forward matrices in the order they get an extra bit within a layer (measured alone at 4 bits on the
+# real 0.5B: up_proj 0.0098, down_proj 0.0069, gate_proj 0.0064 mean KL)
+FFN_PARTS = ("up_proj", "down_proj", "gate_proj")
 
 # role of a canonical tensor name (first match wins); matrices with no role keep the base spec
 ROLES: list[tuple[str, str]] = [
@@ -106,10 +110,30 @@ def plan(cfg: ModelConfig, shapes: dict[str, tuple[int, int]], base: QuantSpec, 
             specs.update({n: replace(specs[n], group_size=group) for n in ffn[i]})
             applied.append(f"layer {i} feed-forward g{group}")
             total = cost(specs)
-    for i in order:  # under budget: one bit more, most sensitive layers first
-        trial = dict(specs)
-        trial.update({n: replace(specs[n], bits=min(8, specs[n].bits + 1)) for n in ffn[i]})
-        if ffn[i] and specs[ffn[i][0]].group_size == base.group_size and cost(trial) <= budget:
-            specs, total = trial, cost(trial)
-            applied.append(f"layer {i} feed-forward +1 bit")
+    for i in order:  # under budget: one bit more, most sensitive layers first, matrix by matrix
+        for part in FFN_PARTS:
+            names = [n for n in ffn[i] if f".{part}." in n]
+            trial = dict(specs)
+            trial.update({n: replace(specs[n], bits=min(8, specs[n].bits + 1)) for n in names})
+            if names and specs[names[0]].group_size == base.group_size and cost(trial) <= budget:
+                specs, total = trial, cost(trial)
+                applied.append(f"layer {i} {part} +1 bit")
     return specs, applied
+
+
+def describe_plan(applied: list[str]) -> str:
+    """The plan's steps in one line, per-layer feed-forward steps folded: ``... ; feed-forward +1 bit:
+    layers 0 (up, down, gate), 23 (up)``."""
+    plain, layers = [], {}
+    for step in applied:
+        m = re.fullmatch(r"layer (\d+) ([\w-]+?)(?:_proj)? (\+1 bit|g\d+)", step)
+        if m and m.group(2) != "feed-forward":
+            layers.setdefault(m.group(3), {}).setdefault(int(m.group(1)), []).append(m.group(2))
+        elif m:
+            layers.setdefault(m.group(3), {}).setdefault(int(m.group(1)), [])
+        else:
+            plain.append(step)
+    for change, per in layers.items():
+        plain.append(f"feed-forward {change}: layers " + ", ".join(
+            f"{i} ({', '.join(parts)})" if parts and len(parts) < len(FFN_PARTS) else str(i) for i, parts in per.items()))
+    return "; ".join(plain)

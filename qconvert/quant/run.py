@@ -14,13 +14,15 @@ from qconvert.quant.recipes import head_name, plan
 
 @dataclass
 class CalibOptions:
-    """GPTQ's calibration choices (the CLI's --calib, --calib-samples, --calib-ctx, --act-order, --damp)."""
+    """GPTQ's calibration choices (the CLI's --calib, --calib-samples, --calib-ctx, --act-order, --damp,
+    --sequential)."""
 
     text: Path | None = None
-    samples: int = 32
+    samples: int = 64
     ctx: int = 512
     act_order: bool = False
     damp: float = 0.01
+    sequential: bool = True
 
 
 def matrix_shapes(src: Source) -> dict[str, tuple[int, int]]:
@@ -62,7 +64,7 @@ def _gptq(src: Source, specs: dict[str, QuantSpec], calib: CalibOptions, quiet: 
     t0 = time.perf_counter()
     with bar(src.config.num_hidden_layers, "gptq layers", not quiet) as pb:
         pre = gptq_model(src, ws, specs, "search", calib.damp, calib.act_order, skip={head_name(src.config)},
-                         on_layer=lambda i, total: pb.update(1))
+                         on_layer=lambda i, total: pb.update(1), sequential=calib.sequential)
     echo(f"gptq: {len(ws)} x {len(ws[0])} calibration tokens (ids {tokens_digest(ws)}), "
          f"{len(pre)} matrices in {time.perf_counter() - t0:.1f}s")
     return pre
