@@ -95,30 +95,47 @@ def unpack_v1(b: np.ndarray, bits: int, cols: int) -> np.ndarray:
     return unpack(b, bits, cols) if bits == 4 else b[:, :cols]
 
 
-def dequant_rows(codes: np.ndarray, scales: np.ndarray, offsets: np.ndarray | None, bits: int, group: int,
-                 steps: np.ndarray | None = None) -> np.ndarray:
-    """float32 rows from codes and their group scales / offsets: a few vectorised numpy ops.
+def group_values(scales: np.ndarray, offsets: np.ndarray | None, steps: np.ndarray | None
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+    """float32 scales and offsets [rows, groups] from their stored form.
 
     ``steps`` None: scales / offsets are f16 (raw uint16). Otherwise they are 8-bit codes (scales uint8, or
     int8 when symmetric; offsets int8) and ``steps`` [rows, 2] (f16, raw uint16) holds each row's scale step
-    and offset step: scale = step * code."""
+    and offset step: scale = step * code (a float32 product)."""
+    if steps is None:
+        s = scales.view(np.float16).astype(np.float32)
+        return s, None if offsets is None else offsets.view(np.float16).astype(np.float32)
+    st = steps.view(np.float16).astype(np.float32)
+    s = scales.astype(np.float32) * st[:, :1]
+    return s, None if offsets is None else offsets.astype(np.float32) * st[:, 1:2]
+
+
+def dequant_rows(codes: np.ndarray, scales: np.ndarray, offsets: np.ndarray | None, bits: int, group: int,
+                 steps: np.ndarray | None = None) -> np.ndarray:
+    """float32 rows from codes and their group scales / offsets (stored form, see ``group_values``): a few
+    vectorised numpy ops."""
     rows, cols = codes.shape
     ng = scales.shape[1]
     pad = ng * group - cols
     c = codes if pad == 0 else np.concatenate([codes, np.zeros((rows, pad), np.uint8)], axis=1)
     c = c.reshape(rows, ng, group).astype(np.float32)
-    if steps is None:
-        s = scales.view(np.float16).astype(np.float32)[:, :, None]
-        m = None if offsets is None else offsets.view(np.float16).astype(np.float32)[:, :, None]
-    else:
-        st = steps.view(np.float16).astype(np.float32)
-        s = (scales.astype(np.float32) * st[:, :1])[:, :, None]
-        m = None if offsets is None else (offsets.astype(np.float32) * st[:, 1:2])[:, :, None]
+    s, m = group_values(scales, offsets, steps)
     if m is None:
-        out = (c - np.float32(1 << (bits - 1))) * s
+        out = (c - np.float32(1 << (bits - 1))) * s[:, :, None]
     else:
-        out = c * s + m
+        out = c * s[:, :, None] + m[:, :, None]
     return out.reshape(rows, ng * group)[:, :cols]
+
+
+def tensor_choices(version: str, quantization: dict[str, Any], per_tensor: dict[str, Any], name: str
+                   ) -> tuple[int, int, bool, int]:
+    """(bits, group_size, symmetric, scale_bits) of matrix ``name`` from the header's ``quantization`` and
+    ``tensors`` entries; version-1 files have only per-tensor bits (the rest is global, scales f16)."""
+    info = per_tensor.get(name, {})
+    bits = int(info.get("bits", quantization.get("bits", 4)))
+    if version == "1":
+        return bits, int(quantization["group_size"]), quantization["scheme"] == "sym", 16
+    return bits, int(info["group_size"]), info["scheme"] == "sym", int(info.get("scale_bits", 16))
 
 
 def write_int4(src: Source, out: Path, specs: dict[str, Any], method: str = "search", force: bool = False,
@@ -239,7 +256,6 @@ def open_int4(d: Path) -> Source:
                             f"qconvert reads versions 1 to {VERSION}); upgrade qconvert")
     q = json.loads(meta["quantization"])
     version = meta["version"]
-    bits, group, sym = int(q.get("bits", 4)), int(q.get("group_size", 128)), q.get("scheme", "asym") == "sym"
     src = Source(config=cfg, tokenizer=TokenizerData.from_hf_dir(d, raw_cfg), tensors={}, path=str(d), kind="int4",
                  closers=[f.close])
     if (d / "generation_config.json").is_file():
@@ -249,11 +265,13 @@ def open_int4(d: Path) -> Source:
         if n in f.header:
             src.tensors[n] = f.tensor(n)
             continue
-        info = per.get(n, {})
-        b = int(info.get("bits", bits))
-        g = int(info.get("group_size", group)) if version != "1" else group
-        sy = info.get("scheme", "sym" if sym else "asym") == "sym"
-        s8 = version != "1" and int(info.get("scale_bits", 16)) == 8
+        try:
+            b, g, sy, scale_bits = tensor_choices(version, q, per, n)
+        except (KeyError, ValueError) as e:
+            f.close()
+            raise QConvertError(f"{d / FILENAME}: broken int4 metadata for {n} ({e}); re-run `qconvert quantize`") \
+                from None
+        s8 = scale_bits == 8
         qw, sc = f.tensor(f"{n}.qweight", n), f.tensor(f"{n}.scales", n)
         of = f.tensor(f"{n}.offsets", n) if not sy else None
         st = f.tensor(f"{n}.steps", n) if s8 else None

@@ -174,13 +174,13 @@ class StoredMatrix:
             s = self.scales.raw_rows(start, stop).view(np.uint16).reshape(n, -1)
             o = self.offsets.raw_rows(start, stop).view(np.uint16).reshape(n, -1) if self.offsets is not None else None
             return q, s, o
-        st = self.steps.raw_rows(start, stop).view(np.float16).reshape(n, 2).astype(np.float32)
+        from formats.int4 import group_values
+        st = self.steps.raw_rows(start, stop).view(np.uint16).reshape(n, 2)
         codes = self.scales.raw_rows(start, stop).view(np.int8 if self.sym else np.uint8).reshape(n, -1)
-        s = (codes.astype(np.float32) * st[:, :1]).astype(np.float16).view(np.uint16)
-        o = None
-        if self.offsets is not None:
-            oc = self.offsets.raw_rows(start, stop).view(np.int8).reshape(n, -1)
-            o = (oc.astype(np.float32) * st[:, 1:2]).astype(np.float16).view(np.uint16)
+        oc = None if self.offsets is None else self.offsets.raw_rows(start, stop).view(np.int8).reshape(n, -1)
+        sf, mf = group_values(codes, oc, st)
+        s = sf.astype(np.float16).view(np.uint16)
+        o = None if mf is None else mf.astype(np.float16).view(np.uint16)
         return q, s, o
 
     def stream(self, ggml_type: str, pool: ThreadPoolExecutor | None = None,
@@ -201,7 +201,7 @@ def stored_matrices(src: Source) -> dict[str, StoredMatrix]:
 
     The file is opened once more (its handle is closed with ``src``).
     """
-    from formats.int4 import FILENAME
+    from formats.int4 import FILENAME, tensor_choices
     from formats.safetensors_io import SafetensorsFile
 
     if src.kind != "int4":
@@ -213,19 +213,15 @@ def stored_matrices(src: Source) -> dict[str, StoredMatrix]:
     try:
         q = json.loads(meta["quantization"])
         per = json.loads(meta.get("tensors", "{}"))
-        v1 = meta.get("version") == "1"
+        version = meta.get("version")
         for n, t in src.tensors.items():
             if t.quant is None or f"{n}.qweight" not in f.header:
                 continue
             rows, cols = t.shape
-            info = {} if v1 else per[n]
-            bits = int(per.get(n, {}).get("bits", q["bits"]))
-            group = int(info.get("group_size", q.get("group_size", 0)))
-            sym = info.get("scheme", q.get("scheme")) == "sym"
-            s8 = int(info.get("scale_bits", 16)) == 8
+            bits, group, sym, scale_bits = tensor_choices(version, q, per, n)
             out[n] = StoredMatrix(n, rows, cols, bits, group, f.tensor(f"{n}.qweight", n), f.tensor(f"{n}.scales", n),
-                                  None if sym else f.tensor(f"{n}.offsets", n), f.tensor(f"{n}.steps", n) if s8 else None,
-                                  v1)
+                                  None if sym else f.tensor(f"{n}.offsets", n),
+                                  f.tensor(f"{n}.steps", n) if scale_bits == 8 else None, version == "1")
     except (KeyError, ValueError, TypeError) as e:
         raise QConvertError(f"{f.path}: broken int4 metadata ({e}); re-run `qconvert quantize`") from None
     return out

@@ -18,6 +18,7 @@ import numpy as np
 
 from formats import kernels
 from formats.errors import QConvertError
+from formats.int4 import group_values  # noqa: F401  (re-exported: the stored form -> float32 values)
 
 METHODS = {"rtn": 0, "search": 1}
 
@@ -147,17 +148,6 @@ def quantize(w: np.ndarray, bits: int = 4, group_size: int = 128, sym: bool = Fa
         scales = codes_from_c(scales, sym)
         offsets = None if sym else codes_from_c(offsets, True)
     return GroupQuant(q, scales, offsets, bits, group_size, float(errs.sum()), steps)
-
-
-def group_values(scales: np.ndarray, offsets: np.ndarray | None, steps: np.ndarray | None
-                 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """float32 scales and offsets [rows, groups] from their stored form (f16, or 8-bit codes and row steps)."""
-    if steps is None:
-        s = scales.view(np.float16).astype(np.float32)
-        return s, None if offsets is None else offsets.view(np.float16).astype(np.float32)
-    st = steps.view(np.float16).astype(np.float32)
-    s = scales.astype(np.float32) * st[:, :1]
-    return s, None if offsets is None else offsets.astype(np.float32) * st[:, 1:2]
 
 
 def dequantize(g: GroupQuant) -> np.ndarray:
