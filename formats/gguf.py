@@ -17,6 +17,7 @@ from formats.config import ModelConfig
 from formats.dtypes import row_nbytes
 from formats.errors import QConvertError
 from formats.gguf_file import read_header
+from formats.mapped import MappedFile, pread_exact
 from formats.names import KEEP_F32_SUFFIXES, canonical_shape, gguf_layout, gguf_to_hf
 from formats.output import atomic_file
 from formats.progress import bar
@@ -42,7 +43,18 @@ def open_gguf(path: str | Path) -> Source:
     vocab = by_name["token_embd.weight"].shape[0]
     cfg = ModelConfig.from_gguf_kv(kv, vocab, tied="output.weight" not in by_name, where=str(path))
     fd = os.open(path, os.O_RDONLY)
-    src = Source(config=cfg, tokenizer=tok, tensors={}, path=str(path), kind="gguf", closers=[lambda: os.close(fd)])
+    mapping: list[MappedFile] = []  # made on first use (the decoders); conversions pread
+
+    def view(offset: int, nbytes: int) -> np.ndarray:
+        if not mapping:
+            mapping.append(MappedFile(str(path)))
+        return mapping[0].view(offset, nbytes)
+
+    def close() -> None:
+        os.close(fd)
+        for m in mapping:
+            m.close()
+    src = Source(config=cfg, tokenizer=tok, tensors={}, path=str(path), kind="gguf", closers=[close])
     for ti in infos:
         try:
             names = gguf_to_hf(ti.name, cfg.num_experts)
@@ -59,19 +71,21 @@ def open_gguf(path: str | Path) -> Source:
         rb = row_nbytes(ti.type, want[-1])
         rows_per = per // want[-1]
         for e, name in enumerate(names):
-            src.tensors[name] = LazyTensor(name, want, ti.type, _reader(fd, ti.offset + e * rows_per * rb, rb, str(path)))
+            base = ti.offset + e * rows_per * rb
+            src.tensors[name] = LazyTensor(name, want, ti.type, _reader(fd, base, rb, str(path), ti.name),
+                                           mapper=_mapper(view, base, rows_per, rb))
     src.check_complete()
     return src
 
 
-def _reader(fd: int, base: int, row_bytes: int, path: str):
+def _reader(fd: int, base: int, row_bytes: int, path: str, what: str):
     def read(start: int, stop: int) -> np.ndarray:
-        n = (stop - start) * row_bytes
-        buf = os.pread(fd, n, base + start * row_bytes)
-        if len(buf) != n:
-            raise QConvertError(f"{path}: short read; the file is truncated")
-        return np.frombuffer(buf, dtype=np.uint8)
+        return pread_exact(fd, (stop - start) * row_bytes, base + start * row_bytes, path, f"tensor {what}")
     return read
+
+
+def _mapper(view: Callable[[int, int], np.ndarray], base: int, rows: int, row_bytes: int):
+    return lambda: view(base, rows * row_bytes).reshape(rows, row_bytes)
 
 
 def tensor_type(gguf_name: str, shape: tuple[int, ...], outtype: str) -> str:

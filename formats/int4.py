@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,6 +30,67 @@ from formats.tensor import LazyTensor, row_chunks, stream_converted
 from formats.tokenizer import TokenizerData
 
 FORMAT, VERSION, FILENAME = "qconvert-int4", "2", "model.int4.safetensors"  # reads versions 1 and 2
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one matrix is quantised: code width, group size, scheme and scale precision."""
+
+    bits: int = 4
+    group_size: int = 32
+    sym: bool = False
+    scale_bits: int = 8  # 16: f16 scales / offsets; 8: 8-bit codes on per-row f16 steps
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.bits <= 8:
+            raise QConvertError(f"--bits {self.bits} is not supported; choose 2 to 8")
+        if self.scale_bits not in (8, 16):
+            raise QConvertError(f"--scale-bits {self.scale_bits} is not supported; choose 8 or 16")
+        if self.group_size < 1:
+            raise QConvertError(f"--group-size {self.group_size} must be positive")
+
+    def bits_per_weight(self, rows: int, cols: int) -> float:
+        """Stored bits per weight of a [rows, cols] matrix in this spec (codes, scales, offsets, steps)."""
+        ng = -(-cols // self.group_size)
+        code = 8 * -(-cols * self.bits // 8)  # codes are bit-packed (formats/int4.py: pack)
+        per_group = self.scale_bits * (1 if self.sym else 2)
+        steps = 32 if self.scale_bits == 8 else 0
+        return (code + ng * per_group + steps) / cols
+
+    def label(self) -> str:
+        """Short description, e.g. ``int4 g32 asym s8``."""
+        return f"int{self.bits} g{self.group_size} {'sym' if self.sym else 'asym'}" + (
+            " s8" if self.scale_bits == 8 else "")
+
+
+@dataclass
+class GroupQuant:
+    """One quantised matrix: codes [rows, cols] uint8 and its scales / offsets [rows, groups].
+
+    ``scale_bits`` 16: scales / offsets are f16 (raw uint16). ``scale_bits`` 8: scales are uint8 codes
+    (int8 when symmetric), offsets int8 codes, and ``steps`` [rows, 2] f16 (raw uint16) holds each row's
+    scale step and offset step: scale = step * code."""
+
+    q: np.ndarray
+    scales: np.ndarray
+    offsets: np.ndarray | None
+    bits: int
+    group_size: int
+    sq_err: float | None = None  # sum of squared dequantisation errors, when the quantiser measured it
+    steps: np.ndarray | None = None
+
+    @property
+    def sym(self) -> bool:
+        return self.offsets is None
+
+    @property
+    def scale_bits(self) -> int:
+        return 16 if self.steps is None else 8
+
+    def rows(self, r0: int, r1: int) -> "GroupQuant":
+        """Rows [r0, r1) as their own GroupQuant."""
+        return GroupQuant(self.q[r0:r1], self.scales[r0:r1], None if self.offsets is None else self.offsets[r0:r1],
+                          self.bits, self.group_size, None, None if self.steps is None else self.steps[r0:r1])
 
 
 def is_int4_dir(d: Path) -> bool:
@@ -138,19 +200,21 @@ def tensor_choices(version: str, quantization: dict[str, Any], per_tensor: dict[
     return bits, int(info["group_size"]), info["scheme"] == "sym", int(info.get("scale_bits", 16))
 
 
-def write_int4(src: Source, out: Path, specs: dict[str, Any], method: str = "search", force: bool = False,
-               progress: bool = True, on_tensor: Callable[[str, float], None] | None = None,
+Quantiser = Callable[[np.ndarray, QuantSpec, ThreadPoolExecutor], GroupQuant]
+
+
+def write_int4(src: Source, out: Path, specs: dict[str, QuantSpec], quantizer: Quantiser, method: str = "search",
+               force: bool = False, progress: bool = True, on_tensor: Callable[[str, float], None] | None = None,
                precomputed: dict[str, Any] | None = None, summary: dict[str, Any] | None = None) -> dict[str, Any]:
     """Quantise every matrix of ``src`` group-wise as ``specs`` says and write the int4 folder; a summary back.
 
     ``specs`` maps every 2-D tensor name (router gates excepted: they stay F32 with the 1-D tensors) to a
-    ``qconvert.quant.groupwise.QuantSpec`` (``qconvert.quant.recipes.plan`` makes one). ``on_tensor(name,
+    ``QuantSpec`` (``qconvert.quant.recipes.plan`` makes one); ``quantizer(rows, spec, pool)`` turns float32
+    rows into their codes (the maths lives in qconvert/quant; this module only stores). ``on_tensor(name,
     rel_rmse)`` is called after each matrix. ``precomputed`` maps names to ready GroupQuant results (e.g. from
     GPTQ, ``method`` names it) in their spec; those are stored as given. ``summary`` (the recipe: base bits,
     group size, mix, ...) goes into the header's ``quantization`` entry.
     """
-    from qconvert.quant.groupwise import GroupQuant, quantize  # the maths lives in qconvert/quant
-
     cfg = src.config
     names = canonical_names(cfg)
     head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
@@ -196,9 +260,8 @@ def write_int4(src: Source, out: Path, specs: dict[str, Any], method: str = "sea
                     x = t.rows(r0, r1)
                     if pre is not None:
                         g = pre.rows(r0, r1)
-                    else:  # at 8 bits the search gains nothing measurable over min/max: save its time
-                        m = "rtn" if sp.bits == 8 or method == "rtn" else "search"
-                        g = quantize(x, sp.bits, sp.group_size, sp.sym, m, pool, sp.scale_bits)
+                    else:
+                        g = quantizer(x, sp, pool)
                     w.write(pack(g.q, sp.bits))
                     parts.append(g)
                     if g.sq_err is None:
@@ -279,9 +342,24 @@ def open_int4(d: Path) -> Source:
         reader = _reader(qw, sc, of, st, b, g, shape[1], unpack_v1 if version == "1" else unpack)
         stored = sum(x.nbytes for x in (qw, sc, of, st) if x is not None)
         label = f"int{b} g{g} {'sym' if sy else 'asym'}" + (" s8" if s8 else "")
-        src.tensors[n] = LazyTensor(n, shape, "F32", reader, quant=label, stored_nbytes=stored)
+        src.tensors[n] = LazyTensor(n, shape, "F32", reader, quant=label, stored_nbytes=stored,
+                                    packer=_packer(qw, sc, of, st, b, g, shape[1], int(version)))
     src.check_complete()
     return src
+
+
+def _packer(qw: LazyTensor, sc: LazyTensor, of: LazyTensor | None, st: LazyTensor | None, bits: int, group: int,
+            cols: int, version: int) -> Callable[[], Any]:
+    """The matrix's stored parts as a PackedMatrix over the mapped file (the decoders' native form)."""
+    def make() -> Any:
+        from formats.codecs import PackedMatrix
+
+        s8 = st is not None
+        scales = sc.packed_view().view(np.uint16 if not s8 else (np.int8 if of is None else np.uint8))
+        offsets = None if of is None else of.packed_view().view(np.int8 if s8 else np.uint16)
+        steps = None if st is None else st.packed_view().view(np.uint16)
+        return PackedMatrix.int_codes(qw.packed_view(), scales, offsets, steps, bits, group, cols, version)
+    return make
 
 
 def _reader(qw: LazyTensor, sc: LazyTensor, of: LazyTensor | None, st: LazyTensor | None, bits: int, group: int,

@@ -1,6 +1,7 @@
 """Streaming safetensors I/O without torch: header parsing, row-range reads, streaming writes.
 
-Reads use ``os.pread`` (no mmap), so only the rows being converted are ever in memory. Writes lay out
+Conversions read with ``os.pread`` (no mmap), so only the rows being converted are ever in memory; the
+decoders map the file instead (``LazyTensor.packed``, formats/mapped.py). Writes lay out
 the header from a plan (name, dtype, shape) first, then append each tensor's bytes as they arrive.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from formats.errors import QConvertError
+from formats.mapped import MappedFile, pread_exact
 from formats.tensor import LazyTensor
 
 ST_TYPES = {"F32": 4, "F16": 2, "BF16": 2, "U8": 1, "I8": 1}  # U8 / I8: int4 codes and scale codes (formats/int4.py)
@@ -53,12 +55,22 @@ class SafetensorsFile:
         self.path = path
         self.header, self.data_start = read_header(path)
         self.fd = os.open(path, os.O_RDONLY)
+        self._map: MappedFile | None = None
+
+    def mapped(self) -> MappedFile:
+        """The file mapped read-only (made on first use)."""
+        if self._map is None:
+            self._map = MappedFile(str(self.path))
+        return self._map
 
     def close(self) -> None:
-        """Close the file descriptor."""
+        """Close the file descriptor and the mapping."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        if self._map is not None:
+            self._map.close()
+            self._map = None
 
     def names(self) -> list[str]:
         """Tensor names in file order."""
@@ -79,15 +91,17 @@ class SafetensorsFile:
         if int(np.prod(shape)) * ST_TYPES[dt] != meta["data_offsets"][1] - meta["data_offsets"][0]:
             raise QConvertError(f"{self.path}: tensor {name} size does not match its shape; the file is corrupt")
 
+        n_rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+
         def reader(start: int, stop: int) -> np.ndarray:
-            n = (stop - start) * row_bytes
-            buf = os.pread(self.fd, n, begin + start * row_bytes)
-            if len(buf) != n:
-                raise QConvertError(f"{self.path}: short read in tensor {name}; the file is truncated")
-            return np.frombuffer(buf, dtype=np.uint8)
+            return pread_exact(self.fd, (stop - start) * row_bytes, begin + start * row_bytes, str(self.path),
+                               f"tensor {name}")
+
+        def mapper() -> np.ndarray:
+            return self.mapped().view(begin, n_rows * row_bytes).reshape(n_rows, row_bytes)
 
         return LazyTensor(canonical or name, shape, dt, reader,
-                          stored_nbytes=meta["data_offsets"][1] - meta["data_offsets"][0])
+                          stored_nbytes=meta["data_offsets"][1] - meta["data_offsets"][0], mapper=mapper)
 
 
 class SafetensorsWriter:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -28,6 +28,8 @@ class LazyTensor:
     reader: Callable[[int, int], np.ndarray]
     quant: str | None = None  # e.g. "int4 g128 asym": a quantised tensor whose reader dequantises to stype
     stored_nbytes: int | None = None  # bytes on disk when that differs from the decoded size
+    mapper: Callable[[], np.ndarray] | None = None  # the stored bytes [n_rows, row bytes] as a view of a mapping
+    packer: Callable[[], Any] | None = None  # a quantised tensor's stored form as a codecs.PackedMatrix
 
     @property
     def n_rows(self) -> int:
@@ -53,6 +55,22 @@ class LazyTensor:
     def rows(self, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) as float32, shape (stop - start, row_len)."""
         return kernels.to_f32(self.raw_rows(start, stop), self.stype).reshape(stop - start, self.row_len)
+
+    def packed_view(self) -> np.ndarray:
+        """Stored bytes [n_rows, row bytes] (uint8): a view of the mapped file when the source maps, else read."""
+        if self.mapper is not None:
+            return self.mapper()
+        return self.raw_rows(0, self.n_rows).reshape(self.n_rows, -1)
+
+    def packed(self) -> Any:
+        """The tensor as a ``formats.codecs.PackedMatrix`` over its stored bytes: memory-mapped where the
+        source allows (nothing is read until used), otherwise read once in its stored form (never float32
+        unless stored so). The decoders multiply by it natively."""
+        from formats.codecs import PackedMatrix
+
+        if self.packer is not None:
+            return self.packer()
+        return PackedMatrix.ggml(self.stype, self.packed_view(), self.row_len)
 
     def numpy(self) -> np.ndarray:
         """The whole tensor as float32 in its shape (materialises it: use for small tensors / tests)."""

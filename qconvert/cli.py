@@ -28,6 +28,33 @@ def _size(s: str) -> int:
         raise QConvertError(f"cannot read size {s!r}; write e.g. 2G, 500M or a byte count") from None
 
 
+def _available_memory() -> int:
+    """Bytes of RAM available now (MemAvailable, capped by a cgroup memory limit if one is set)."""
+    avail = 8 << 30
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:  # this process's memory cgroup: v1 (hierarchy "memory") or v2 (the unified "0::" line)
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        _, ctrl, rel = line.split(":", 2)
+        limit = (Path("/sys/fs/cgroup/memory") / rel.lstrip("/") / "memory.limit_in_bytes" if "memory" in ctrl.split(",")
+                 else Path("/sys/fs/cgroup") / rel.lstrip("/") / "memory.max" if ctrl == "" else None)
+        try:
+            v = limit.read_text().strip() if limit else ""
+        except OSError:
+            continue
+        if v.isdigit():
+            avail = min(avail, int(v))
+    return avail
+
+
 def _write_gguf(src, out: Path, outtype: str, force: bool, progress: bool, name: str | None = None) -> dict:
     """Write a GGUF with a plain output type or a llama-quantize K-quant mixture.
 
@@ -230,17 +257,37 @@ def _tokens(src, text: Path | None, token_ids: Path | None, ctx: int) -> "list[i
     return ids[:ctx]
 
 
-def _model_logits(location: str, tokens, backend: str, device: str, dtype: str):
+def _logit_chunks(location: str, tokens, backend: str, device: str, dtype: str):
+    """The model's logits for ``tokens``, [≤128, vocab] float32 at a time; the decoder streams its weights
+    layer by layer, so memory stays at about one layer whatever the model's size."""
     import numpy as np
 
     from formats.detect import open_model
     from qconvert.decoder import make_decoder
 
     with open_model(location) as src:
-        dec = make_decoder(src, backend, device, dtype)
-    out = dec.logits(tokens)
-    del dec
-    return np.asarray(out, dtype=np.float32)
+        dec = make_decoder(src, backend, device, dtype, stream=True)
+        for chunk in dec.logit_chunks(tokens):
+            yield np.asarray(chunk, dtype=np.float32)
+        del dec
+
+
+def _write_npz_streamed(path: Path, ids, chunks) -> tuple[int, int]:
+    """An .npz with ``token_ids`` and ``logits`` whose logits are appended chunk by chunk (np.load reads it)."""
+    import zipfile
+
+    import numpy as np
+
+    first = next(chunks)
+    n, vocab = len(ids), first.shape[1]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+        with z.open("token_ids.npy", "w") as f:
+            np.lib.format.write_array(f, np.asarray(ids, dtype=np.int32))
+        with z.open("logits.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (n, vocab)})
+            for c in (first, *chunks):
+                f.write(np.ascontiguousarray(c, dtype="<f4").tobytes())
+    return n, vocab
 
 
 @cli.command("logits")
@@ -265,11 +312,9 @@ def logits_cmd(model: str, text: Path | None, token_ids: Path | None, ctx: int, 
     with open_model(model) as src:
         ids = _tokens(src, text, token_ids, ctx)
     t0 = time.perf_counter()
-    lg = _model_logits(model, ids, backend, device, dtype)
     with atomic_file(out, force) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, token_ids=np.asarray(ids, dtype=np.int32), logits=lg)
-    click.echo(f"wrote {out}: {len(ids)} tokens x {lg.shape[1]} logits ({backend}, {time.perf_counter() - t0:.1f}s)")
+        n, vocab = _write_npz_streamed(tmp, ids, _logit_chunks(model, ids, backend, device, dtype))
+    click.echo(f"wrote {out}: {n} tokens x {vocab} logits ({backend}, {time.perf_counter() - t0:.1f}s)")
 
 
 @cli.command("verify")
@@ -288,7 +333,10 @@ def verify_cmd(ref: str, cand: str, text: Path | None, ctx: int, max_kld: float 
     import numpy as np
 
     from formats.detect import open_model
-    from qconvert.verify import candidate_kind, compare
+    import os
+    import tempfile
+
+    from qconvert.verify import Comparison, candidate_kind
     from qconvert.verify import plot as plot_kl
 
     with open_model(ref) as r, open_model(cand) as c:
@@ -296,9 +344,24 @@ def verify_cmd(ref: str, cand: str, text: Path | None, ctx: int, max_kld: float 
             raise QConvertError(f"{ref} and {cand} have different vocabularies; they are not the same model")
         ids = _tokens(r, text, None, ctx)
         kind = candidate_kind({t.quant or t.stype for t in c.tensors.values()})
-    lr = _model_logits(ref, ids, backend, device, dtype)
-    lc = _model_logits(cand, ids, backend, device, dtype)
-    rep, kl = compare(lr, lc, np.asarray(ids), kind, max_kld, min_top1)
+    # one model at a time: the reference's logits go to a temporary file, then the candidate's are compared
+    # with them chunk by chunk, so memory holds one layer of one model and a chunk of logits
+    cmp = Comparison(np.asarray(ids))
+    with tempfile.TemporaryFile(prefix="qconvert-ref-logits-") as tf:
+        widths = []
+        for ch in _logit_chunks(ref, ids, backend, device, dtype):
+            tf.write(ch.tobytes())
+            widths.append(ch.shape)
+        pos = 0
+        for ch in _logit_chunks(cand, ids, backend, device, dtype):
+            if ch.shape[1] != widths[0][1]:
+                raise QConvertError(f"{ref} has {widths[0][1]} logits per token, {cand} has {ch.shape[1]}; "
+                                    "they are not the same model")
+            nbytes = ch.size * 4
+            r = np.frombuffer(os.pread(tf.fileno(), nbytes, pos), dtype=np.float32).reshape(ch.shape)
+            cmp.add(r, ch)
+            pos += nbytes
+    rep, kl = cmp.report(kind, max_kld, min_top1)
     click.echo(f"tokens {rep.n_tokens}  candidate {kind}\n"
                f"KL mean {rep.mean_kl:.3e}  p99 {rep.p99_kl:.3e}  max {rep.max_kl:.3e}   (bound {rep.max_kld:g})\n"
                f"top-1 agreement {rep.top1 * 100:.2f}%   (bound {rep.min_top1 * 100:g}%)\n"
@@ -319,9 +382,12 @@ def verify_cmd(ref: str, cand: str, text: Path | None, ctx: int, max_kld: float 
 @click.option("--system", default=None, help="system message for --chat")
 @click.option("--max-new-tokens", default=128, show_default=True)
 @click.option("--ignore-eos", is_flag=True, help="keep going past end-of-sequence tokens")
+@click.option("--max-memory", default=None, help="weights stay resident while the model's stored size fits this "
+              "(e.g. 8G); larger models stream a layer at a time per token (slow but bounded). Default: 80% of "
+              "the RAM available now")
 @_backend_options
 def generate_cmd(model: str, prompt: str, chat: bool, system: str | None, max_new_tokens: int, ignore_eos: bool,
-                 backend: str, device: str, dtype: str) -> None:
+                 max_memory: str | None, backend: str, device: str, dtype: str) -> None:
     """Greedy generation, streamed; ends with prefill and decode tokens/s."""
     from formats.detect import open_model
     from formats.tokenizer import CONTROL
@@ -336,17 +402,23 @@ def generate_cmd(model: str, prompt: str, chat: bool, system: str | None, max_ne
             prompt = render_chat(tok, msgs)
         t = load_tokenizer(tok)
         ids = t.encode(prompt, add_special_tokens=False).ids
-        dec = make_decoder(src, backend, device, dtype)
-    stop = set() if ignore_eos else {i for i in (tok.eos_id, tok.pad_id) if i is not None}
-    if chat and not ignore_eos:
-        stop |= {i for i, s in enumerate(tok.tokens[: tok.n_real]) if s in ("<|im_end|>", "<|endoftext|>")
-                 and tok.token_types[i] == CONTROL}
+        budget = _size(max_memory) if max_memory else int(0.8 * _available_memory())
+        stored = sum(x.nbytes for x in src.tensors.values())
+        stream = stored > budget
+        if stream:
+            click.echo(f"[weights {stored / 2**30:.1f} GiB > memory budget {budget / 2**30:.1f} GiB: streaming "
+                       "layer by layer]", err=True)
+        dec = make_decoder(src, backend, device, dtype, stream=stream)
+        stop = set() if ignore_eos else {i for i in (tok.eos_id, tok.pad_id) if i is not None}
+        if chat and not ignore_eos:
+            stop |= {i for i, s in enumerate(tok.tokens[: tok.n_real]) if s in ("<|im_end|>", "<|endoftext|>")
+                     and tok.token_types[i] == CONTROL}
 
-    def write(s: str) -> None:
-        click.echo(s, nl=False)
-        sys.stdout.flush()
+        def write(s: str) -> None:
+            click.echo(s, nl=False)
+            sys.stdout.flush()
 
-    res = greedy(dec, ids, max_new_tokens, stop, Streamer(t, write))
+        res = greedy(dec, ids, max_new_tokens, stop, Streamer(t, write))
     click.echo(f"\n[{len(ids)} prompt tokens: prefill {res['prefill_tok_s']:.1f} tok/s; {len(res['tokens'])} new "
                f"tokens: decode {res['decode_tok_s']:.1f} tok/s; {backend} on {device}]")
 

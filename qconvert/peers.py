@@ -114,11 +114,30 @@ def llama_quantize(inp: Path, out: Path, ftype: str, pure: bool = False, n_threa
     return out
 
 
+def open_llama(gguf_path: Path, extra_bufts: bool = False, **kw: object):
+    """A llama_cpp.Llama on ``gguf_path``. ``extra_bufts`` False (the default) turns off llama.cpp's weight
+    repacking into extra buffer types: on CPUs with AMX (this machine's), llama-cpp-python 0.3.36's AMX
+    matrix product segfaults on small models (hidden 64), and the repacked path quantises activations
+    differently from the plain CPU path the bounds were measured with."""
+    import llama_cpp
+    import llama_cpp.llama_cpp as low
+
+    default = low.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = extra_bufts
+        return p
+    low.llama_model_default_params = params  # Llama() reads its model params from this function
+    try:
+        return llama_cpp.Llama(model_path=str(gguf_path), **kw)
+    finally:
+        low.llama_model_default_params = default
+
+
 def llama_logits(gguf_path: Path, tokens: list[int], n_threads: int = 2) -> np.ndarray:
     """float32 logits [n, vocab] of llama.cpp (llama-cpp-python) over ``tokens``."""
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(gguf_path), n_ctx=max(64, len(tokens)), n_batch=max(64, len(tokens)),
+    llm = open_llama(gguf_path, n_ctx=max(64, len(tokens)), n_batch=max(64, len(tokens)),
                 n_ubatch=max(64, len(tokens)), logits_all=True, n_threads=n_threads, verbose=False,
                 type_k=0, type_v=0)  # F32 KV cache: measure the weights, not cache rounding
     try:
@@ -130,9 +149,7 @@ def llama_logits(gguf_path: Path, tokens: list[int], n_threads: int = 2) -> np.n
 
 def llama_tokenize(gguf_path: Path, text: str) -> list[int]:
     """Token ids of ``text`` with the GGUF's own tokenizer in llama.cpp (no BOS, special tokens parsed)."""
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
+    llm = open_llama(gguf_path, vocab_only=True, verbose=False)
     try:
         return llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
     finally:

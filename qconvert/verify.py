@@ -61,19 +61,59 @@ def candidate_kind(types: set[str]) -> str:
     return "float" if types <= FLOAT_TYPES else "quantised"
 
 
+class Comparison:
+    """Running comparison of candidate against reference logits, fed position chunks in order, so neither
+    model's [T, vocab] logits need to be in memory at once (``qconvert verify`` streams them)."""
+
+    def __init__(self, tokens: np.ndarray):
+        self.tokens = np.asarray(tokens)
+        self.kl: list[np.ndarray] = []
+        self.same = 0
+        self.nll_ref = self.nll_cand = 0.0
+        self.max_abs = 0.0
+        self.pos = 0
+
+    def add(self, ref: np.ndarray, cand: np.ndarray, rows: int = 16) -> None:
+        """Logits [n, vocab] of the next n positions from both models (worked through ``rows`` positions at a
+        time: the float64 temporaries of 128 positions of a 152k vocabulary would be 150 MB each)."""
+        for r0 in range(0, ref.shape[0], rows):
+            self._add(ref[r0:r0 + rows], cand[r0:r0 + rows])
+
+    def _add(self, ref: np.ndarray, cand: np.ndarray) -> None:
+        n = ref.shape[0]
+        lp, lq = log_softmax(ref), log_softmax(cand)
+        self.kl.append((np.exp(lp) * (lp - lq)).sum(-1))
+        self.same += int((ref.argmax(-1) == cand.argmax(-1)).sum())
+        self.max_abs = max(self.max_abs, float(np.abs(ref - cand).max()))
+        nxt = self.tokens[self.pos + 1:self.pos + n + 1]  # the last position has no next token
+        rows = np.arange(len(nxt))
+        self.nll_ref -= float(lp[rows, nxt].sum())
+        self.nll_cand -= float(lq[rows, nxt].sum())
+        self.pos += n
+
+    def report(self, kind: str, max_kld: float | None = None, min_top1: float | None = None
+               ) -> tuple[Report, np.ndarray]:
+        """The Report over every position added, and the per-position KL."""
+        kl = np.concatenate(self.kl)
+        d_kl, d_top1 = BOUNDS[kind]
+        max_kld = d_kl if max_kld is None else max_kld
+        min_top1 = d_top1 if min_top1 is None else min_top1
+        n = len(kl)
+        top1 = self.same / n
+        rep = Report(n_tokens=n, mean_kl=float(kl.mean()), p99_kl=float(np.percentile(kl, 99)),
+                     max_kl=float(kl.max()), top1=top1, ppl_ref=float(np.exp(self.nll_ref / max(1, n - 1))),
+                     ppl_cand=float(np.exp(self.nll_cand / max(1, n - 1))), max_abs_dlogit=self.max_abs, kind=kind,
+                     max_kld=max_kld, min_top1=min_top1, passed=bool(kl.mean() <= max_kld and top1 >= min_top1))
+        return rep, kl
+
+
 def compare(ref: np.ndarray, cand: np.ndarray, tokens: np.ndarray, kind: str,
             max_kld: float | None = None, min_top1: float | None = None) -> tuple[Report, np.ndarray]:
-    """Report and per-position KL of candidate logits against reference logits."""
-    kl = kl_per_position(ref, cand)
-    d_kl, d_top1 = BOUNDS[kind]
-    max_kld = d_kl if max_kld is None else max_kld
-    min_top1 = d_top1 if min_top1 is None else min_top1
-    top1 = float((ref.argmax(-1) == cand.argmax(-1)).mean())
-    rep = Report(n_tokens=len(tokens), mean_kl=float(kl.mean()), p99_kl=float(np.percentile(kl, 99)),
-                 max_kl=float(kl.max()), top1=top1, ppl_ref=perplexity(ref, tokens), ppl_cand=perplexity(cand, tokens),
-                 max_abs_dlogit=float(np.abs(ref - cand).max()), kind=kind, max_kld=max_kld, min_top1=min_top1,
-                 passed=bool(kl.mean() <= max_kld and top1 >= min_top1))
-    return rep, kl
+    """Report and per-position KL of candidate logits against reference logits (both [n, vocab] in memory)."""
+    c = Comparison(tokens)
+    for t0 in range(0, len(ref), 128):
+        c.add(ref[t0:t0 + 128], cand[t0:t0 + 128])
+    return c.report(kind, max_kld, min_top1)
 
 
 def plot(kl: np.ndarray, out: Path, title: str) -> None:

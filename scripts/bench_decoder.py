@@ -2,9 +2,14 @@
 """Decoder benchmark on the real Qwen2.5-Coder-0.5B (bf16 HF checkpoint), peers in the same run.
 
 Prefill: 512 prompt tokens -> next-token logits (best of 3). Decode: 64 new tokens, one at a time, KV cache.
-Ours: numpy (float32 maths, 16-bit weights kept 16-bit) and torch on the CPU (float32), 2 threads;
+Ours: numpy (float32 maths on the weights as stored) and torch on the CPU (float32), 2 threads;
 peer: transformers float32 on the CPU with 2 threads. With CUDA: torch-CUDA bf16 vs transformers'
 eager generate on the same GPU. Prints tokens/s and ratios (ours / transformers; higher is better).
+
+Second table (``--llama``, default on): decoding straight from stored formats against llama.cpp
+(llama-cpp-python, 2 threads) on the same weights: our numpy decoder on the bf16 folder vs llama.cpp on the
+F16 GGUF, our default int4 folder vs llama-quantize's Q4_0 of the same weights, and the real Q4_K_M file
+in both.
 """
 from __future__ import annotations
 
@@ -33,9 +38,9 @@ def prompt_tokens(src) -> list[int]:
 
 
 def bench_ours(hf: Path, backend: str, device: str = "cpu", dtype: str = "float32") -> tuple[float, float, list[int]]:
-    with open_model(str(hf)) as src:
-        ids = prompt_tokens(src)
-        dec = make_decoder(src, backend, device, dtype)
+    src = open_model(str(hf))
+    ids = prompt_tokens(src)
+    dec = make_decoder(src, backend, device, dtype)
     dec.logits(ids[:16])  # warm-up
     best = float("inf")
     for _ in range(REPEAT):  # best of REPEAT prefills: this machine's timings are noisy
@@ -56,6 +61,7 @@ def bench_ours(hf: Path, backend: str, device: str = "cpu", dtype: str = "float3
         nxt = int(np.argmax(dec.forward(np.asarray([nxt]), cache, last_only=True)[-1]))
         out.append(nxt)
     t2 = time.perf_counter()
+    src.close()
     return PREFILL / best, PREFILL / full, (DECODE - 1) / (t2 - t1), out
 
 
@@ -101,10 +107,69 @@ def bench_transformers(hf: Path, ids: list[int], device: str = "cpu") -> tuple[f
     return PREFILL / best, PREFILL / full, (DECODE - 1) / (t2 - t1), toks
 
 
+def bench_llama(gguf: Path, ids: list[int]) -> tuple[float, float, list[int]]:
+    """llama.cpp on a GGUF: prefill tokens/s (next-token logits, best of REPEAT) and greedy decode tokens/s."""
+    from qconvert.peers import open_llama
+
+    # llama.cpp as it runs by default (weights repacked for AMX / AVX-512 where the CPU has them)
+    llm = open_llama(gguf, extra_bufts=True, n_ctx=PREFILL + DECODE + 16, n_batch=PREFILL, n_ubatch=PREFILL,
+                     n_threads=2, n_threads_batch=2, verbose=False)
+    try:
+        llm.eval(ids[:16])  # warm-up
+        best = float("inf")
+        for _ in range(REPEAT):
+            llm.reset()
+            t0 = time.perf_counter()
+            llm.eval(ids)
+            best = min(best, time.perf_counter() - t0)
+        def last() -> int:  # argmax of the last evaluated position's logits (llama.cpp keeps only those)
+            return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))))
+        nxt = last()
+        out = [nxt]
+        t1 = time.perf_counter()
+        for _ in range(DECODE - 1):
+            llm.eval([nxt])
+            nxt = last()
+            out.append(nxt)
+        t2 = time.perf_counter()
+    finally:
+        llm.close()
+    return PREFILL / best, (DECODE - 1) / (t2 - t1), out
+
+
+def stored_formats(hf: Path, work: Path) -> None:
+    """Decode from each stored format against llama.cpp on the same weights; prints the second table."""
+    from qconvert.peers import llama_quantize
+
+    qc = str(Path(sys.executable).parent / "qconvert")
+    f16, q40, int4 = work / "f16.gguf", work / "q4_0.gguf", work / "int4"
+    if not f16.exists():
+        subprocess.run([qc, "hf-to-gguf", str(hf), str(f16), "--outtype", "f16", "--quiet"], check=True)
+    if not q40.exists():
+        llama_quantize(f16, q40, "Q4_0")
+    if not int4.exists():
+        subprocess.run([qc, "quantize", str(hf), str(int4), "--quiet"], check=True, stdout=subprocess.DEVNULL)
+    q4km = fetch_real_model()
+    with open_model(str(hf)) as src:
+        ids = prompt_tokens(src)
+    pairs = [("bf16 folder / F16 GGUF", hf, f16), ("int4 default / llama-quantize Q4_0", int4, q40),
+             ("real Q4_K_M file (both)", q4km, q4km)]
+    print(f"\ndecoding from stored formats, {PREFILL}-token prompt, {DECODE} decoded tokens, 2 threads (tokens/s)")
+    print(f"{'weights (ours / llama.cpp)':<36} {'ours prefill':>12} {'ours decode':>11} {'llama prefill':>13} "
+          f"{'llama decode':>12} {'decode x':>9}")
+    for name, ours, peer in pairs:
+        p, _, d, _ = bench_ours(ours, "numpy")
+        lp, ld, _ = bench_llama(peer, ids)
+        print(f"{name:<36} {p:12.1f} {d:11.2f} {lp:13.1f} {ld:12.2f} {d / ld:9.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--hf", type=Path, help="HF folder of the real model (default: gguf-to-hf of the fetched GGUF)")
     ap.add_argument("--cuda", action="store_true", help="also run torch-CUDA vs transformers on CUDA")
+    ap.add_argument("--no-llama", dest="llama", action="store_false", help="skip the stored-formats table")
+    ap.add_argument("--no-transformers", dest="transformers", action="store_false", help="skip the first table")
+    ap.add_argument("--work", type=Path, help="folder for the F16 / Q4_0 GGUFs and the int4 folder (kept)")
     args = ap.parse_args()
     import torch
     torch.set_num_threads(2)
@@ -113,6 +178,12 @@ def main() -> None:
         hf = Path(tempfile.mkdtemp(prefix="qc-bench-")) / "hf-bf16"
         subprocess.run([str(Path(sys.executable).parent / "qconvert"), "gguf-to-hf", str(fetch_real_model()), str(hf),
                         "--quiet"], check=True)
+    if args.llama:
+        work = args.work or Path(tempfile.mkdtemp(prefix="qc-bench-"))
+        work.mkdir(parents=True, exist_ok=True)
+        stored_formats(hf, work)
+    if not args.transformers:
+        return
     with open_model(str(hf)) as src:
         ids = prompt_tokens(src)
     peer = bench_transformers(hf, ids)

@@ -1,9 +1,8 @@
-"""Weight matrices for the numpy decoder, kept in the precision they were stored in.
+"""Weight matrices for the numpy decoder, kept in the bytes they are stored in, and fused element-wise ops.
 
-A bf16 or f16 checkpoint keeps its matrices as 16-bit values (bit-exact: every 16-bit float is a
-float32); products are computed in float32. Decoding (few rows of x) goes through a C kernel that
-upcasts on the fly on two threads, reading half the bytes of a float32 matrix; prefill converts the
-matrix to float32 and uses numpy's BLAS. Other storage types are dequantised to float32 once.
+Every matrix (F32 / F16 / BF16, every GGML block type, our int4 codes) stays as stored, memory-mapped
+(formats/codecs.py); products are float32. Decoding (few rows of x) computes dot products straight from
+the packed blocks in C on two threads; prefill dequantises a row block at a time and uses BLAS.
 """
 from __future__ import annotations
 
@@ -14,7 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from formats import kernels
+from formats.codecs import PackedMatrix
+from formats.mapped import release
 from formats.tensor import LazyTensor
 
 _spec = importlib.util.find_spec("qconvert.decoder._matvec")
@@ -76,83 +76,69 @@ def silu_mul(g: np.ndarray, u: np.ndarray) -> np.ndarray:
 
 
 class Matrix:
-    """W [rows, cols]; ``matrix(x)`` returns x @ W.T in float32.
+    """W [rows, cols] in its stored bytes (formats.codecs.PackedMatrix); ``matrix(x)`` returns x @ W.T in float32.
 
-    Several tensors with the same column count may be stacked into one matrix (q/k/v, gate/up) so
-    one product serves them all; ``splits`` gives their row counts.
+    Several tensors with the same column count may be stacked into one matrix (q/k/v, gate/up) so one call
+    serves them all (each part writes its columns of one output); ``splits`` gives their row counts. Nothing
+    is converted up front: decoding multiplies straight from the packed bytes, prefill dequantises a row block
+    at a time into a reused buffer. ``release()`` drops a mapped matrix's pages from the process.
     """
 
     def __init__(self, *ts: LazyTensor):
-        self.splits = [t.shape[0] for t in ts]
-        self.rows, self.cols = sum(self.splits), ts[0].shape[1]
-        if _LIB is not None and all(t.stype == ts[0].stype for t in ts) and ts[0].stype in ("BF16", "F16"):
-            self.wt = 0 if ts[0].stype == "BF16" else 1
-            self.raw = np.concatenate([t.raw_rows(0, t.n_rows).view(np.uint16).reshape(t.shape) for t in ts])
-            self.f32 = None
-        else:
-            self.raw = None
-            self.f32 = np.concatenate([np.asarray(t.numpy(), dtype=np.float32) for t in ts])
+        self.parts = [t.packed() for t in ts]
+        self._init()
+
+    def _init(self) -> None:
+        self.splits = [p.rows for p in self.parts]
+        self.rows, self.cols = sum(self.splits), self.parts[0].cols
 
     @classmethod
     def from_f32(cls, w: np.ndarray, splits: list[int] | None = None) -> "Matrix":
         """A float32 matrix held in memory (e.g. a dequantised one), optionally stacked from ``splits`` rows."""
+        w = np.ascontiguousarray(w, dtype=np.float32)
         m = cls.__new__(cls)
-        m.f32 = np.ascontiguousarray(w, dtype=np.float32)
-        m.raw = None
-        m.rows, m.cols = m.f32.shape
-        m.splits = list(splits) if splits else [m.rows]
+        m.parts = [PackedMatrix.ggml("F32", w.view(np.uint8).reshape(w.shape[0], -1), w.shape[1])]
+        m._init()
+        if splits:
+            m.splits = list(splits)
         return m
+
+    @property
+    def stype(self) -> str:
+        """Storage type of the (first) part, e.g. BF16, Q4_K, int4 g32 asym s8."""
+        return self.parts[0].stype
 
     def split(self, y: np.ndarray) -> list[np.ndarray]:
         """Cut ``self(x)`` back into the stacked tensors' outputs."""
         return np.split(y, np.cumsum(self.splits)[:-1], axis=-1)
 
     def rows_f32(self, idx: np.ndarray) -> np.ndarray:
-        """Selected rows as float32 (embedding lookup)."""
-        if self.f32 is not None:
-            return self.f32[idx]
-        return kernels.to_f32(self.raw[idx], "BF16" if self.wt == 0 else "F16").reshape(len(idx), self.cols)
+        """Selected rows as float32 (embedding lookup); only those rows are read."""
+        return self.parts[0].take(np.asarray(idx, dtype=np.int64))
 
     def dense(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Rows [start, stop) as float32 (a temporary for 16-bit storage), converted on two threads."""
+        """Rows [start, stop) as float32 (a temporary)."""
         stop = self.rows if stop is None else stop
-        if self.f32 is not None:
-            return self.f32[start:stop]
-        t = "BF16" if self.wt == 0 else "F16"
-        out = np.empty((stop - start, self.cols), np.float32)
-
-        def conv(r0: int, r1: int) -> None:
-            out[r0:r1] = kernels.to_f32(self.raw[start + r0:start + r1], t).reshape(r1 - r0, self.cols)
-        on_two_threads(conv, stop - start)
-        return out
+        out, r = [], 0
+        for p in self.parts:
+            a, b = max(start, r), min(stop, r + p.rows)
+            if a < b:
+                out.append(p.dequant(a - r, b - r))
+            r += p.rows
+        return out[0] if len(out) == 1 else np.concatenate(out)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        if self.f32 is not None:
-            return x @ self.f32.T
-        T = x.shape[0]
-        if T > DECODE_ROWS:
-            if self.rows * self.cols <= CHUNK_VALUES:
-                return x @ self.dense().T
-            # large matrix (the head): convert and multiply in row blocks, no matrix-sized temporary
-            out = np.empty((T, self.rows), np.float32)
-            step = max(1, CHUNK_VALUES // self.cols)
-            for r0 in range(0, self.rows, step):
-                r1 = min(self.rows, r0 + step)
-                np.matmul(x, self.dense(r0, r1).T, out=out[:, r0:r1])
-            return out
         x = np.ascontiguousarray(x, dtype=np.float32)
-        if _POOL is None or self.rows < 256:
-            y = np.empty((T, self.rows), np.float32)
-            _LIB.qc_matvec16(self.wt, self.raw.ctypes.data, x.ctypes.data, y.ctypes.data, 0, self.rows, self.cols, T)
-            return y
-        mid = self.rows // 2
-        parts = [np.empty((T, mid), np.float32), np.empty((T, self.rows - mid), np.float32)]
+        if len(self.parts) == 1:
+            return self.parts[0].matmul(x)
+        out = np.empty((x.shape[0], self.rows), np.float32)
+        r = 0
+        for p in self.parts:
+            p.matmul(x, out=out[:, r:r + p.rows])
+            r += p.rows
+        return out
 
-        def run(i: int) -> None:
-            r0, r1 = (0, mid) if i == 0 else (mid, self.rows)
-            _LIB.qc_matvec16(self.wt, self.raw.ctypes.data, x.ctypes.data, parts[i].ctypes.data, r0, r1, self.cols, T)
-
-        fut = _POOL.submit(run, 1)
-        run(0)
-        fut.result()
-        return np.concatenate(parts, axis=1)
+    def release(self) -> None:
+        """Drop the pages of a memory-mapped matrix from this process (no-op for arrays in memory)."""
+        for p in self.parts:
+            release(*p.arrays())

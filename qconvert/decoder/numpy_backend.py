@@ -7,6 +7,8 @@ Qwen2-MoE block (softmax top-k routing, shared expert gated by a sigmoid), tied 
 """
 from __future__ import annotations
 
+from typing import Iterator
+
 import numpy as np
 
 from formats.config import ModelConfig
@@ -51,14 +53,21 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return x
 
 
-class NumpyDecoder:
-    """Qwen2 / Qwen2-MoE forward pass in float32 over weights read once from a Source.
+HEAD_TOKENS = 128  # logits are produced this many positions at a time: [128, vocab] float32 is 78 MB
 
-    ``self.w`` holds 1-D tensors as float32 arrays; ``self.m`` holds matrices (see matvec.Matrix:
-    16-bit checkpoints stay 16-bit in memory, every product is float32), called as ``self.m[name](x)``.
+
+class NumpyDecoder:
+    """Qwen2 / Qwen2-MoE forward pass in float32 over the weights of a Source, as stored.
+
+    ``self.w`` holds 1-D tensors as float32 arrays; ``self.m`` holds matrices (see matvec.Matrix: each
+    stays in its stored bytes, memory-mapped; every product is float32), called as ``self.m[name](x)``.
+    ``stream``: each layer's pages are dropped from the process after the layer ran (and the head's
+    block by block), so a forward pass holds one layer of weights whatever the model's size; the page
+    cache still keeps them while memory allows. Without it the weights stay mapped in as they are touched.
     """
 
-    def __init__(self, src: Source):
+    def __init__(self, src: Source, stream: bool = False):
+        self.stream = stream
         self.cfg = cfg = src.config
         T = src.tensors
         self.w = {n: load_f32(src, n) for n, t in T.items() if len(t.shape) == 1}
@@ -72,6 +81,8 @@ class NumpyDecoder:
         self.m = {n: fused.get(n) or Matrix(t) for n, t in T.items() if len(t.shape) == 2 and n not in stacked}
         self.head = self.m[lm_head_name(cfg)]
         self.inv_freq, self.rope_scale = inv_freq_and_scale(cfg)
+        self.layer_mats = [[m for k, m in self.m.items() if k.startswith(f"model.layers.{i}.")]
+                           for i in range(cfg.num_hidden_layers)]
 
     def new_cache(self, max_len: int) -> KVCache:
         """An empty KV cache for up to ``max_len`` positions."""
@@ -143,25 +154,49 @@ class NumpyDecoder:
         h = rms_norm(x, w[n.ln2], cfg.rms_norm_eps)
         return x + (self.moe(h, n) if cfg.is_moe else self.mlp(h, n.gate, n.up, n.down))
 
-    def forward(self, tokens: np.ndarray, cache: KVCache, last_only: bool = False) -> np.ndarray:
-        """Logits [T, vocab] of ``tokens`` following what the cache holds (only the last row with
-        ``last_only``, as generation needs); the cache grows by T."""
+    def hidden(self, tokens: np.ndarray, cache: KVCache, last_only: bool = False) -> np.ndarray:
+        """Final normed hidden states [T, hidden] of ``tokens`` following what the cache holds (only the last
+        row with ``last_only``); the cache grows by T. ``project`` turns them into logits."""
         cfg, w = self.cfg, self.w
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
         T = tokens.shape[0]
         if cache.length + T > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions; {cache.length + T} needed")
         cos, sin = cos_sin(self.inv_freq, self.rope_scale, np.arange(cache.length, cache.length + T))
-        x = self.m["model.embed_tokens.weight"].rows_f32(tokens)
+        emb = self.m["model.embed_tokens.weight"]
+        x = emb.rows_f32(tokens)
+        if self.stream:
+            emb.release()
         last = len(self.layers) - 1
         for i in range(len(self.layers)):
             # with last_only, the last layer needs every position's keys/values but only the last query
             keep = slice(T - 1, T) if last_only and i == last else slice(None)
             x = self.layer(i, x, cache, cos, sin, keep)
+            if self.stream:
+                for m in self.layer_mats[i]:
+                    m.release()
         cache.length += T
-        return self.head(rms_norm(x[-1:] if last_only else x, w["model.norm.weight"], cfg.rms_norm_eps))
+        return rms_norm(x[-1:] if last_only else x, w["model.norm.weight"], cfg.rms_norm_eps)
+
+    def project(self, h: np.ndarray) -> np.ndarray:
+        """Logits [T, vocab] of final hidden states (streaming: the head's pages are dropped after use)."""
+        y = self.head(h)
+        if self.stream:
+            self.head.release()
+        return y
+
+    def forward(self, tokens: np.ndarray, cache: KVCache, last_only: bool = False) -> np.ndarray:
+        """Logits [T, vocab] of ``tokens`` following what the cache holds (only the last row with
+        ``last_only``, as generation needs); the cache grows by T."""
+        return self.project(self.hidden(tokens, cache, last_only))
+
+    def logit_chunks(self, tokens: list[int] | np.ndarray, chunk: int = HEAD_TOKENS) -> Iterator[np.ndarray]:
+        """Full-sequence logits from an empty cache, ``chunk`` positions at a time ([≤chunk, vocab] each), so
+        a long sequence never holds [T, vocab] at once."""
+        h = self.hidden(np.asarray(tokens), self.new_cache(len(tokens)))
+        for t0 in range(0, h.shape[0], chunk):
+            yield self.project(h[t0:t0 + chunk])
 
     def logits(self, tokens: list[int] | np.ndarray) -> np.ndarray:
         """Full-sequence logits [T, vocab] from an empty cache."""
-        cache = self.new_cache(len(tokens))
-        return self.forward(np.asarray(tokens), cache)
+        return np.concatenate(list(self.logit_chunks(tokens)))

@@ -32,7 +32,7 @@ class TorchKVCache:
 class TorchDecoder:
     """Qwen2 / Qwen2-MoE forward pass in torch."""
 
-    def __init__(self, src: Source, device: str = "cpu", dtype: str = "float32"):
+    def __init__(self, src: Source, device: str = "cpu", dtype: str = "float32", stream: bool = False):
         import torch
         if dtype not in DTYPES:
             raise QConvertError(f"dtype {dtype!r} is not supported; use float32 or bfloat16 (Qwen2 overflows in float16)")
@@ -42,15 +42,25 @@ class TorchDecoder:
         self.cfg = cfg = src.config
         self.device = torch.device(device)
         self.dtype = getattr(torch, dtype)
+        self.src, self.stream = src, stream
+        self.layers = [LayerNames(i) for i in range(cfg.num_hidden_layers)]
+        # streaming: a layer's weights are loaded (one tensor at a time, converted on the way) before it
+        # runs and dropped after; otherwise every weight is loaded once here
+        self.layer_names = [[n for n in src.tensors if n.startswith(f"model.layers.{i}.")] for i in range(len(self.layers))]
+        in_layers = {n for names in self.layer_names for n in names}
         self.w = {}
         for name in src.tensors:
-            t = torch.from_numpy(load_f32(src, name))
-            keep_f32 = t.ndim == 1 or name.endswith("mlp.gate.weight") or name.endswith("shared_expert_gate.weight")
-            self.w[name] = t.to(self.device, torch.float32 if keep_f32 else self.dtype)
+            if not (stream and name in in_layers):
+                self._load(name)
         self.head = self.w[lm_head_name(cfg)].to(self.dtype)
         inv, self.rope_scale = inv_freq_and_scale(cfg)
         self.inv_freq = torch.from_numpy(inv).to(self.device)
-        self.layers = [LayerNames(i) for i in range(cfg.num_hidden_layers)]
+
+    def _load(self, name: str) -> None:
+        """One tensor onto the device: 1-D tensors and routers in float32, matrices in the decoder's dtype."""
+        t = self.torch.from_numpy(load_f32(self.src, name))
+        keep_f32 = t.ndim == 1 or name.endswith("mlp.gate.weight") or name.endswith("shared_expert_gate.weight")
+        self.w[name] = t.to(self.device, self.torch.float32 if keep_f32 else self.dtype)
 
     def new_cache(self, max_len: int) -> TorchKVCache:
         """An empty static KV cache for up to ``max_len`` positions."""
@@ -117,6 +127,18 @@ class TorchDecoder:
 
     def forward_tensor(self, tokens, cache: TorchKVCache, last_only: bool = False):
         """As ``forward`` but returns the logits as a tensor on the device."""
+        with self.torch.inference_mode():
+            return self.torch.nn.functional.linear(self.hidden(tokens, cache, last_only), self.head)
+
+    def logit_chunks(self, tokens, chunk: int = 128):
+        """Full-sequence logits from an empty cache as float32 numpy arrays of ``chunk`` positions each."""
+        h = self.hidden(tokens, self.new_cache(len(tokens)))
+        with self.torch.inference_mode():
+            for t0 in range(0, h.shape[0], chunk):
+                yield self.torch.nn.functional.linear(h[t0:t0 + chunk], self.head).float().cpu().numpy()
+
+    def hidden(self, tokens, cache: TorchKVCache, last_only: bool = False):
+        """Final normed hidden states (a device tensor) of ``tokens`` after what the cache holds."""
         t, cfg = self.torch, self.cfg
         with t.inference_mode():
             ids = t.as_tensor(np.asarray(tokens, dtype=np.int64).reshape(-1), device=self.device)
@@ -129,14 +151,20 @@ class TorchDecoder:
             cos, sin = emb.cos() * self.rope_scale, emb.sin() * self.rope_scale
             x = self.w["model.embed_tokens.weight"][ids].to(self.dtype)
             for i, n in enumerate(self.layers):
+                if self.stream:
+                    for name in self.layer_names[i]:
+                        self._load(name)
                 x = x + self._attention(self._norm(x, self.w[n.ln1]), n, cache, i, cos, sin)
                 h = self._norm(x, self.w[n.ln2])
                 x = x + (self._moe(h, n) if cfg.is_moe else self._mlp(h, n.gate, n.up, n.down))
+                if self.stream:
+                    for name in self.layer_names[i]:
+                        del self.w[name]
             cache.length += T
             if last_only:
                 x = x[-1:]
-            return t.nn.functional.linear(self._norm(x, self.w["model.norm.weight"]), self.head)
+            return self._norm(x, self.w["model.norm.weight"])
 
     def logits(self, tokens) -> np.ndarray:
         """Full-sequence logits [T, vocab] from an empty cache."""
-        return self.forward(tokens, self.new_cache(len(tokens)))
+        return np.concatenate(list(self.logit_chunks(tokens)))

@@ -12,76 +12,14 @@ from __future__ import annotations
 
 import ctypes
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 
 from formats import kernels
 from formats.errors import QConvertError
-from formats.int4 import group_values  # noqa: F401  (re-exported: the stored form -> float32 values)
+from formats.int4 import GroupQuant, QuantSpec, group_values  # noqa: F401  (the stored form lives in formats/)
 
 METHODS = {"rtn": 0, "search": 1}
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    """How one matrix is quantised: code width, group size, scheme and scale precision."""
-
-    bits: int = 4
-    group_size: int = 32
-    sym: bool = False
-    scale_bits: int = 8  # 16: f16 scales / offsets; 8: 8-bit codes on per-row f16 steps
-
-    def __post_init__(self) -> None:
-        if not 2 <= self.bits <= 8:
-            raise QConvertError(f"--bits {self.bits} is not supported; choose 2 to 8")
-        if self.scale_bits not in (8, 16):
-            raise QConvertError(f"--scale-bits {self.scale_bits} is not supported; choose 8 or 16")
-        if self.group_size < 1:
-            raise QConvertError(f"--group-size {self.group_size} must be positive")
-
-    def bits_per_weight(self, rows: int, cols: int) -> float:
-        """Stored bits per weight of a [rows, cols] matrix in this spec (codes, scales, offsets, steps)."""
-        ng = -(-cols // self.group_size)
-        code = 8 * -(-cols * self.bits // 8)  # codes are bit-packed (formats/int4.py: pack)
-        per_group = self.scale_bits * (1 if self.sym else 2)
-        steps = 32 if self.scale_bits == 8 else 0
-        return (code + ng * per_group + steps) / cols
-
-    def label(self) -> str:
-        """Short description, e.g. ``int4 g32 asym s8``."""
-        return f"int{self.bits} g{self.group_size} {'sym' if self.sym else 'asym'}" + (
-            " s8" if self.scale_bits == 8 else "")
-
-
-@dataclass
-class GroupQuant:
-    """One quantised matrix: codes [rows, cols] uint8 and its scales / offsets [rows, groups].
-
-    ``scale_bits`` 16: scales / offsets are f16 (raw uint16). ``scale_bits`` 8: scales are uint8 codes
-    (int8 when symmetric), offsets int8 codes, and ``steps`` [rows, 2] f16 (raw uint16) holds each row's
-    scale step and offset step: scale = step * code."""
-
-    q: np.ndarray
-    scales: np.ndarray
-    offsets: np.ndarray | None
-    bits: int
-    group_size: int
-    sq_err: float | None = None  # sum of squared dequantisation errors, when the quantiser measured it
-    steps: np.ndarray | None = None
-
-    @property
-    def sym(self) -> bool:
-        return self.offsets is None
-
-    @property
-    def scale_bits(self) -> int:
-        return 16 if self.steps is None else 8
-
-    def rows(self, r0: int, r1: int) -> "GroupQuant":
-        """Rows [r0, r1) as their own GroupQuant."""
-        return GroupQuant(self.q[r0:r1], self.scales[r0:r1], None if self.offsets is None else self.offsets[r0:r1],
-                          self.bits, self.group_size, None, None if self.steps is None else self.steps[r0:r1])
 
 
 def _lib():

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 from formats.names import canonical_names, canonical_shape
 from formats.source import Source
-from qconvert.quant.groupwise import QuantSpec
+from qconvert.quant.groupwise import GroupQuant, QuantSpec, quantize
 from qconvert.quant.recipes import head_name, plan
 
 
@@ -46,9 +46,19 @@ def quantize_int4(src: Source, out: Path, base: QuantSpec = QuantSpec(), method:
     pre = _gptq(src, specs, calib, quiet, echo) if method == "gptq" else None
     summary = {"bits": base.bits, "group_size": base.group_size, "scheme": "sym" if base.sym else "asym",
                "scale_bits": base.scale_bits, "head_bits": head_bits, "mix": mix, "upgrades": upgrades}
-    st = write_int4(src, out, specs, method, force=force, progress=not quiet, precomputed=pre, summary=summary)
+    st = write_int4(src, out, specs, plain_quantizer(method), method, force=force, progress=not quiet,
+                    precomputed=pre, summary=summary)
     st["upgrades"] = upgrades
     return st
+
+
+def plain_quantizer(method: str) -> Callable[..., GroupQuant]:
+    """The writer's quantiser for matrices without precomputed codes: ``rtn`` as asked or at 8 bits (where
+    the search gains nothing measurable over min/max), else the ``search`` fit."""
+    def run(x, sp: QuantSpec, pool) -> GroupQuant:
+        m = "rtn" if sp.bits == 8 or method == "rtn" else "search"
+        return quantize(x, sp.bits, sp.group_size, sp.sym, m, pool, sp.scale_bits)
+    return run
 
 
 def _gptq(src: Source, specs: dict[str, QuantSpec], calib: CalibOptions, quiet: bool,
