@@ -322,6 +322,7 @@ QC_TGT static QC_INL void QC_F(bq3_k)(const uint8_t *b, int j, float *y, const i
         for (int64_t r = r0; r < r1; r++) {                                                                 \
             QC_ACC_DECL                                                                                     \
             const uint8_t *p = W + r * rb;                                                                  \
+            prefetch_row(W, rb, r, r1);                                                                     \
             int64_t c = 0;                                                                                  \
             for (; c + U * BV <= cols; c += U * BV, p += U * BB)                                            \
                 for (int j = 0; j < NP; j++) {                                                              \
@@ -368,7 +369,7 @@ QC_TGT static QC_INL void QC_F(float_k)(int type, const uint8_t *W, int64_t rb, 
     const int es = type == T_F32 ? 4 : 2, na = QC_NA(T);
     for (int64_t r = r0; r < r1; r++) {
         QC_ACC_DECL
-        const uint8_t *p = W + r * rb;
+        const uint8_t *p = W + r * rb;  /* (no software prefetch: it slows these plain streams down) */
         int64_t i = 0;
         for (; i + VN * na <= cols; i += VN * na) {
             { const VF w0 = QC_F(ldv)(type, p + i * es); QC_FMAV(0, w0, x, cols, i) }

@@ -26,6 +26,16 @@ int qc_dot_int(const uint8_t *codes, int64_t code_row_bytes, const void *scales,
                int64_t cols, float *y, int64_t ldy, int64_t r0, int64_t r1);  /* _dot_int.c */
 static inline uint64_t rd64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
 
+/* software prefetch of the row QC_PF_BYTES ahead of row r (rows of rb bytes from base, rows < r1): for matrices
+ * that do not fit the caches, the block kernels otherwise wait on memory (measured on the 151936 x 896 head:
+ * Q4_0 1.5x, Q4_K 2x faster with it; plain F16 / BF16 rows stream faster without) */
+#define QC_PF_BYTES 4096
+static QC_INL void prefetch_row(const uint8_t *base, int64_t rb, int64_t r, int64_t r1) {
+    const int64_t ahead = rb >= QC_PF_BYTES ? 1 : QC_PF_BYTES / rb;
+    if (r + ahead < r1)
+        for (int64_t o = 0; o < rb; o += 64) __builtin_prefetch(base + (r + ahead) * rb + o, 0, 3);
+}
+
 /* portable: acc[t] += sum_i w[i] * x[t * cols + i] */
 static QC_INL void dot_buf_scalar(const float *w, int64_t n, const float *x, int64_t cols, float *acc, int64_t T) {
     for (int64_t t = 0; t < T; t++) {

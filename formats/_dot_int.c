@@ -356,6 +356,7 @@ QC_TGT static QC_INL void QC_F(int_rows)(const imat *m, int64_t r0, int64_t r1, 
 #undef QC_VDOT
         } else {
             const uint8_t *row = m->codes + r * m->rb;
+            prefetch_row(m->codes, m->rb, r, r1);
             for (int64_t c = 0; c < end; c += 64) {
                 const int64_t h = c >> 5;
                 QC_F(dec32)(m, row, c, S[h], O[h], buf, mode);

@@ -2,8 +2,10 @@
 """Speed of ``PackedMatrix.matmul`` per storage type: decoding (T = 1 row of x) on two threads.
 
 Prints, per type and matrix shape, the time per product, ns per weight and the stored bytes read per second,
-next to the peer: the decoder's 16-bit kernel (qconvert/decoder/_matvec.c ``qc_matvec16``) on the same
-matrix as BF16. ``--t`` sets the rows of x (default 1); ``--shapes`` e.g. ``4864x896,151936x896``; K-quants
+next to the peer: the decoder's 16-bit kernel (qconvert/decoder/_matvec.c ``qc_matvec16``, split over two
+threads by qconvert/decoder/matvec.py ``on_two_threads``) on the same matrix as BF16. Matrices above the caches
+(151936x896) measure memory bandwidth as much as the kernels; this machine's timings are noisy, so compare
+runs taken back to back. ``--t`` sets the rows of x (default 1); ``--shapes`` e.g. ``4864x896,151936x896``; K-quants
 need rows of whole 256-value blocks, so for them a shape whose cols are not a multiple of 256 is transposed
 (896x4864: the same number of weights). ``--threads 1`` runs the kernels on one thread.
 """
@@ -18,8 +20,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from formats import int4, kernels  # noqa: E402
-from formats import codecs  # noqa: E402
+from formats import codecs, int4, kernels  # noqa: E402
 from formats.codecs import PackedMatrix  # noqa: E402
 
 GGML = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]

@@ -86,11 +86,18 @@ def test_logits_cli_streams_npz(tiny, tmp_path):
     assert np.array_equal(z["logits"], ref)
 
 
+_PEAK = """import os, subprocess, sys
+p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+_, status, ru = os.wait4(p.pid, 0)
+print(os.waitstatus_to_exitcode(status), ru.ru_maxrss)"""
+
+
 def _peak_rss_mb(cmd: list[str]) -> tuple[int, float]:
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, ru = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
-    return p.returncode, ru.ru_maxrss / 1024
+    """Exit code and peak RSS (MB) of ``cmd``, started from a small wrapper process: Linux counts the RSS a
+    child inherits at fork in its ru_maxrss, and this pytest process may hold GBs by now."""
+    out = subprocess.run([sys.executable, "-c", _PEAK, *cmd], capture_output=True, text=True, check=True).stdout
+    rc, kb = out.split()
+    return int(rc), int(kb) / 1024
 
 
 @pytest.mark.real
