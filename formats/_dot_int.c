@@ -307,8 +307,8 @@ QC_TGT __attribute__((noinline)) static void QC_F(fill_halves)(const imat *m, in
 #undef QC_HALVES
 }
 
-/* 32 codes from column c (a multiple of 32) of a row -> out; mode 3 (4-bit codes, x permuted to match):
- * out = the 16 even columns, then the 16 odd ones (low nibbles, then high) */
+/* 32 codes from column c (a multiple of 32) of a row -> out; mode 0: one per byte, 2: bit-packed, 3: 4-bit
+ * codes with x permuted to match: out = the 16 even columns, then the 16 odd ones (low nibbles, then high) */
 QC_TGT static QC_INL void QC_F(dec32)(const imat *m, const uint8_t *row, int64_t c, float s, float o, float *out,
                                       const int mode) {
     const VF sv = VSET1(s), ov = VSET1(o);
@@ -321,23 +321,26 @@ QC_TGT static QC_INL void QC_F(dec32)(const imat *m, const uint8_t *row, int64_t
         }
         return;
     }
-    if (mode == 1) {
-        const __m128i m4 = _mm_set1_epi8(0x0F), v = _mm_loadu_si128((const __m128i *)(row + c / 2));
-        const __m128i lo = _mm_and_si128(v, m4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
-        const __m128i a = _mm_unpacklo_epi8(lo, hi), b = _mm_unpackhi_epi8(lo, hi);
-        for (int k = 0; k < 16 / VN; k++) {
-            QC_F(cv)(out + k * VN, VU8X(a, k), sv, ov, sym, 0);
-            QC_F(cv)(out + 16 + k * VN, VU8X(b, k), sv, ov, sym, 0);
-        }
-        return;
-    }
     for (int k = 0; k < 32 / VN; k++)
         QC_F(cv)(out + k * VN, mode == 2 ? QC_F(codes)(m, row, c + k * VN) : VU8(row + c + k * VN), sv, ov, sym, 0);
 }
 
-/* product kernel for a tile of T rows of x. Groups of a multiple of 32 columns: 64 columns (two halves of
- * 32, each inside one group) at a time, then the rest of the row piece by piece; other groups: by chunks. */
-QC_TGT static QC_INL void QC_F(int_rows)(const imat *m, int64_t r0, int64_t r1, int64_t ldy, const float *x, float *y,
+/* product kernel for a tile of T rows of x, groups of any size: chunk by chunk */
+QC_TGT static QC_INL void QC_F(int_generic)(const imat *m, int64_t r0, int64_t r1, int64_t ldy, const float *x,
+                                            float *y, const int T) {
+    QC_ALIGN float buf[QC_CHUNK];
+    for (int64_t r = r0; r < r1; r++) {
+        QC_ACC_DECL
+#define QC_VDOT(C0, NB) QC_DOT_BUF(buf, (NB), x + (C0), m->cols)
+        QC_INT_ROW(m, r, buf, QC_DEC_DOT, QC_VDOT)
+#undef QC_VDOT
+        QC_ACC_STORE(y + (r - r0), ldy)
+    }
+}
+/* product kernel for groups of a multiple of 32 columns (m->S set): 64 columns (two halves of 32, each inside
+ * one group, their scales / offsets from fill_halves) at a time, then the rest of the row piece by piece.
+ * mode 0: one code per byte, 2: bit-packed, 3: 4-bit codes against the reordered x (see int_dot) */
+QC_TGT static QC_INL void QC_F(int_fast)(const imat *m, int64_t r0, int64_t r1, int64_t ldy, const float *x, float *y,
                                          const int T, const int mode) {
     QC_ALIGN float buf[QC_CHUNK];
     const int64_t cols = m->cols, grp = m->group;
@@ -345,57 +348,60 @@ QC_TGT static QC_INL void QC_F(int_rows)(const imat *m, int64_t r0, int64_t r1, 
     for (int64_t r = r0; r < r1; r++) {
         float ds, dm;
         row_steps(m, r, &ds, &dm);
-        int64_t end = S ? cols / 64 * 64 : 0;
+        int64_t end = cols / 64 * 64;
         if (mode == 2)  /* the 64-column path reads VBITS_BYTES from each chunk's first byte: keep those in the row */
             while (end > 0 && (end - VN) / 8 * m->bits + VBITS_BYTES > m->packed_rb) end -= 64;
-        if (S) QC_F(fill_halves)(m, r, 0, (int)(end / 32), ds, dm, S, O);  /* before the accumulators live */
+        QC_F(fill_halves)(m, r, 0, (int)(end / 32), ds, dm, S, O);  /* a call: before the accumulators live */
         QC_ACC_DECL
-        if (!S) {
-#define QC_VDOT(C0, NB) QC_DOT_BUF(buf, (NB), x + (C0), cols)
-            QC_INT_ROW(m, r, buf, QC_DEC_DOT, QC_VDOT)
-#undef QC_VDOT
-        } else {
-            const uint8_t *row = m->codes + r * m->rb;
-            prefetch_row(m->codes, m->rb, r, r1);
-            for (int64_t c = 0; c < end; c += 64) {
-                const int64_t h = c >> 5;
-                QC_F(dec32)(m, row, c, S[h], O[h], buf, mode);
-                QC_F(dec32)(m, row, c + 32, S[h + 1], O[h + 1], buf + 32, mode);
-                QC_DOT_BUF(buf, 64, x + c, cols);
-            }
-            int64_t nb = 0;
-            for (int64_t c1 = end; c1 < cols;) {
-                const int64_t g = c1 / grp, ge = (g + 1) * grp < cols ? (g + 1) * grp : cols;
-                float s, o;
-                group_sm(m, r, g, ds, dm, &s, &o);
-                QC_F(decode)(m, r, c1, ge - c1, s, o, buf + nb, 0);
-                nb += ge - c1, c1 = ge;
-            }
-            QC_DOT_BUF(buf, nb, x + end, cols);
+        const uint8_t *row = m->codes + r * m->rb;
+        prefetch_row(m->codes, m->rb, r, r1);
+        for (int64_t c = 0; c < end; c += 64) {
+            const int64_t h = c >> 5;
+            QC_F(dec32)(m, row, c, S[h], O[h], buf, mode);
+            QC_F(dec32)(m, row, c + 32, S[h + 1], O[h + 1], buf + 32, mode);
+            QC_DOT_BUF(buf, 64, x + c, cols);
         }
+        int64_t nb = 0;
+        for (int64_t c1 = end; c1 < cols;) {
+            const int64_t g = c1 / grp, ge = (g + 1) * grp < cols ? (g + 1) * grp : cols;
+            float s, o;
+            group_sm(m, r, g, ds, dm, &s, &o);
+            QC_F(decode)(m, r, c1, ge - c1, s, o, buf + nb, 0);
+            nb += ge - c1, c1 = ge;
+        }
+        QC_DOT_BUF(buf, nb, x + end, cols);
         QC_ACC_STORE(y + (r - r0), ldy)
     }
 }
-/* one function per (T, mode): each instance's accumulators get the registers to themselves */
+/* one function per (T, path): each instance's accumulators get the registers to themselves */
 typedef void (*QC_F(rows_fn))(const imat *, int64_t, int64_t, int64_t, const float *, float *);
-#define QC_INT_INST(TT, MM)                                                                            \
-    QC_TGT __attribute__((noinline)) static void QC_F(int_rows_##TT##_##MM)(                            \
+#define QC_INT_INST(TT)                                                                                \
+    QC_TGT __attribute__((noinline)) static void QC_F(int_gen_##TT)(                                    \
         const imat *m, int64_t r0, int64_t r1, int64_t ldy, const float *x, float *y) {                \
-        QC_F(int_rows)(m, r0, r1, ldy, x, y, TT, MM);                                                  \
+        QC_F(int_generic)(m, r0, r1, ldy, x, y, TT);                                                   \
+    }                                                                                                  \
+    QC_TGT __attribute__((noinline)) static void QC_F(int_bytes_##TT)(                                  \
+        const imat *m, int64_t r0, int64_t r1, int64_t ldy, const float *x, float *y) {                \
+        QC_F(int_fast)(m, r0, r1, ldy, x, y, TT, 0);                                                   \
+    }                                                                                                  \
+    QC_TGT __attribute__((noinline)) static void QC_F(int_bits_##TT)(                                   \
+        const imat *m, int64_t r0, int64_t r1, int64_t ldy, const float *x, float *y) {                \
+        QC_F(int_fast)(m, r0, r1, ldy, x, y, TT, 2);                                                   \
+    }                                                                                                  \
+    QC_TGT __attribute__((noinline)) static void QC_F(int_nibs_##TT)(                                   \
+        const imat *m, int64_t r0, int64_t r1, int64_t ldy, const float *x, float *y) {                \
+        QC_F(int_fast)(m, r0, r1, ldy, x, y, TT, 3);                                                   \
     }
-#define QC_INT_INST4(TT) QC_INT_INST(TT, 0) QC_INT_INST(TT, 1) QC_INT_INST(TT, 2) QC_INT_INST(TT, 3)
-QC_INT_INST4(1) QC_INT_INST4(2) QC_INT_INST4(3) QC_INT_INST4(4)
-QC_INT_INST4(5) QC_INT_INST4(6) QC_INT_INST4(7) QC_INT_INST4(8)
-#define QC_INT_ROW4(TT) {QC_F(int_rows_##TT##_0), QC_F(int_rows_##TT##_1), QC_F(int_rows_##TT##_2), QC_F(int_rows_##TT##_3)}
+QC_INT_INST(1) QC_INT_INST(2) QC_INT_INST(3) QC_INT_INST(4) QC_INT_INST(5) QC_INT_INST(6) QC_INT_INST(7) QC_INT_INST(8)
+#define QC_INT_ROW4(TT) {QC_F(int_gen_##TT), QC_F(int_bytes_##TT), QC_F(int_bits_##TT), QC_F(int_nibs_##TT)}
 QC_TGT static QC_INL void QC_F(int_k)(const imat *m, int64_t r0, int64_t r1, int64_t ldy, const float *x, float *y,
                                       const int T) {
     static const QC_F(rows_fn) tab[8][4] = {QC_INT_ROW4(1), QC_INT_ROW4(2), QC_INT_ROW4(3), QC_INT_ROW4(4),
                                             QC_INT_ROW4(5), QC_INT_ROW4(6), QC_INT_ROW4(7), QC_INT_ROW4(8)};
-    const int mode = m->mode == 1 && m->perm ? 3 : m->mode;
-    tab[T - 1][mode](m, r0, r1, ldy, x, y);
+    const int path = !m->S ? 0 : m->mode == 0 ? 1 : m->mode == 2 ? 2 : 3;
+    tab[T - 1][path](m, r0, r1, ldy, x, y);
 }
 #undef QC_INT_INST
-#undef QC_INT_INST4
 #undef QC_INT_ROW4
 
 /* 4-bit codes in groups of a multiple of 32: the kernels read x with every 32 columns of each whole 64-column
@@ -417,10 +423,10 @@ QC_TGT static void QC_F(int_dot)(const imat *m0, const float *x, int64_t T, floa
         }
         mm.perm = 1;
     }
-    if (xp && !so) {  /* the reordered x needs the 64-column path */
-        free(xp);
-        xp = NULL;
-        mm.perm = 0;
+    if (m->mode == 1 && !(xp && so)) {  /* 4-bit codes take the 64-column path only with the reordered x */
+        free(xp), free(so);
+        xp = so = NULL;
+        mm.perm = 0, mm.S = mm.O = NULL;
     }
     QC_TILED(QC_F(int_k), T, xp ? xp : x, cols, y, ldy, m, r0, r1, ldy)
     free(xp);

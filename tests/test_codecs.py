@@ -148,7 +148,8 @@ def test_int_matmul(isa, bits):
             _check_product(m, ref, T)
 
 
-@pytest.mark.parametrize("spec", [(4, 32, False, 8), (8, 32, True, 8), (5, 64, False, 16), (3, 20, True, 16)])
+@pytest.mark.parametrize("spec", [(4, 32, False, 8), (8, 32, True, 8), (5, 64, False, 16), (3, 20, True, 16),
+                                  (4, 48, False, 8)])
 def test_int_matmul_two_threads(isa, spec):
     """Enough rows for the two-thread split, odd row count, a group that is not a multiple of 32."""
     b, g, sym, sb = spec
