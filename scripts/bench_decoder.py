@@ -111,8 +111,8 @@ def bench_llama(gguf: Path, ids: list[int]) -> tuple[float, float, list[int]]:
     """llama.cpp on a GGUF: prefill tokens/s (next-token logits, best of REPEAT) and greedy decode tokens/s."""
     from qconvert.peers import open_llama
 
-    # llama.cpp as it runs by default (weights repacked for AMX / AVX-512 where the CPU has them)
-    llm = open_llama(gguf, extra_bufts=True, n_ctx=PREFILL + DECODE + 16, n_batch=PREFILL, n_ubatch=PREFILL,
+    # without weight repacking: llama-cpp-python 0.3.36's AMX path segfaults on this CPU (qconvert/peers.py)
+    llm = open_llama(gguf, n_ctx=PREFILL + DECODE + 16, n_batch=PREFILL, n_ubatch=PREFILL,
                      n_threads=2, n_threads_batch=2, verbose=False)
     try:
         llm.eval(ids[:16])  # warm-up
