@@ -30,8 +30,6 @@ if _LIB is not None:
     _LIB.qc_silu_mul.restype = None
 THREADS = max(1, min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2))
 _POOL = ThreadPoolExecutor(THREADS) if THREADS > 1 else None
-DECODE_ROWS = 8  # up to this many rows of x use the 16-bit kernel; more use float32 BLAS
-CHUNK_VALUES = 16 << 20  # matrices above this many values are multiplied in row blocks
 
 
 def on_two_threads(fn, n: int) -> None:
