@@ -114,6 +114,44 @@ def llama_quantize(inp: Path, out: Path, ftype: str, pure: bool = False, n_threa
     return out
 
 
+def llama_quantize_types(inp: Path, ftype: str, n_threads: int = 2) -> dict[str, str]:
+    """{tensor name: GGML type name} that llama-quantize picks for ``inp`` under ``ftype`` (no imatrix), from
+    its ``dry_run`` (llama.cpp's ``--dry-run``): the types are read from its log, no tensor data is read or
+    written, so the input may be a sparse file holding only a header (``qconvert.proxy.write_shape_gguf``)."""
+    import ctypes
+    import re
+
+    import llama_cpp
+    import llama_cpp._logger as llama_logger
+
+    lines: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def collect(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        lines.append(text.decode("utf-8", errors="replace"))
+
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype = LLAMA_FTYPES[ftype]
+    p.nthread = n_threads
+    p.dry_run = True
+    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+    try:
+        rc = llama_cpp.llama_model_quantize(str(inp).encode(), str(inp.with_suffix(".dry-run")).encode(), p)
+    finally:
+        llama_cpp.llama_log_set(llama_logger.llama_log_callback, ctypes.c_void_p(0))
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize dry run ({inp}, {ftype}) failed with {rc}:\n" + "".join(lines[-20:]))
+    # "[  12/ 291]  blk.0.attn_v.weight  - [  896,   128,  1,  1], type =    f16, size = ... (q6_K)" or no
+    # "(new type)" when the tensor keeps its type
+    pat = re.compile(r"\]\s+(\S+)\s+- \[[^\]]*\], type =\s*(\w+),\s*size =[^(\n]*(?:\((\w+)\))?")
+    out = {}
+    for m in pat.finditer("".join(lines)):
+        out[m.group(1)] = (m.group(3) or m.group(2)).upper()
+    if not out:
+        raise RuntimeError(f"llama_model_quantize dry run ({inp}): no tensor lines in its log")
+    return out
+
+
 def open_llama(gguf_path: Path, extra_bufts: bool = False, **kw: object):
     """A llama_cpp.Llama on ``gguf_path``. ``extra_bufts`` False (the default) turns off llama.cpp's weight
     repacking into extra buffer types: on CPUs with AMX (this machine's), llama-cpp-python 0.3.36's AMX

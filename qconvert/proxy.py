@@ -286,6 +286,46 @@ def write_proxy(out: Path, shape: str, layers: int | None = None, seed: int = 0,
     return out
 
 
+def write_shape_gguf(out: Path, config: dict[str, Any]) -> Path:
+    """An F16 GGUF with the header (metadata, tensor table) of the model ``config`` (an HF config.json dict) and
+    no data: the file is extended to its full size as a hole, so a 145 GB 72B file costs a few KB of disk.
+
+    For tools that read only the header, such as llama-quantize's dry run (``peers.llama_quantize_types``):
+    the K-quant mixture of every real family member at its full depth, without any weights.
+    """
+    import gguf
+
+    from formats.config import ModelConfig
+    from formats.dtypes import row_nbytes
+    from formats.gguf import tensor_type
+    from formats.names import canonical_shape, gguf_layout
+
+    cfg = ModelConfig.from_hf_dict(config)
+    data: list[int] = []
+    w = gguf.GGUFWriter(str(out), cfg.arch)
+    w.add_type("model")
+    w.add_uint32("general.file_type", 1)
+    w.add_uint32("general.quantization_version", 2)
+    for k, v in cfg.to_gguf_kv().items():
+        {bool: w.add_bool, int: w.add_uint32, float: w.add_float32, str: w.add_string}[type(v)](k, v)
+    for gname, members in gguf_layout(cfg):
+        shape = canonical_shape(members[0], cfg)
+        t = tensor_type(gname, shape, "f16")
+        full = (len(members), *shape) if len(members) > 1 else shape
+        nbytes = int(np.prod(full[:-1])) * row_nbytes(t, full[-1])
+        data.append(nbytes)
+        w.add_tensor_info(gname, (*full[:-1], row_nbytes(t, full[-1])), np.dtype(np.uint8), nbytes,
+                          raw_dtype=gguf.GGMLQuantizationType[t])
+    w.write_header_to_file(Path(out))
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()
+    align = gguf.GGUF_DEFAULT_ALIGNMENT
+    pad = lambda n: -(-n // align) * align  # noqa: E731
+    os.truncate(out, pad(Path(out).stat().st_size) + sum(pad(n) for n in data))
+    return Path(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m qconvert.proxy OUT --shape 7b [--layers N] [--seed S] [--dtype bf16]``: write a proxy folder."""
     import argparse

@@ -25,6 +25,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
                         rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}),
     "h256": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, tie_word_embeddings=False),
+    # YaRN with a short original window, so 256 tokens run far past it (positions 64..255 are extrapolated)
+    "yarn_short": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=256,
+                       rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}),
     "moe": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, tie_word_embeddings=False, model_type="qwen2_moe", num_experts=4,
                 num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64),

@@ -6,8 +6,10 @@ import pytest
 from conftest import qconvert
 from formats import kernels
 from formats.gguf_file import read_header
-from qconvert import peers, tiny as tiny_mod
-from qconvert.peers import kl_stats, llama_logits, llama_quantize
+from formats.config import ModelConfig
+from qconvert import peers, proxy, tiny as tiny_mod
+from qconvert.peers import kl_stats, llama_logits, llama_quantize, llama_quantize_types
+from qconvert.quant.mixtures import MIXTURES, mixture_types
 
 
 def _tensors(path):
@@ -91,6 +93,19 @@ def test_mixture_types_equal_llama_quantize(tiny, tmp_path, monkeypatch, variant
         b = {t.name: t.type for t in read_header(theirs)[1]}
         assert a == b, (mix, {k: (a[k], b[k]) for k in a if a[k] != b[k]})
         assert abs(ours.stat().st_size - theirs.stat().st_size) <= 0.01 * theirs.stat().st_size
+
+
+@pytest.mark.parametrize("shape", list(proxy.SHAPES))
+def test_mixture_types_equal_llama_quantize_at_full_size(shape, tmp_path):
+    """Every real family member at its real depth and widths (header-only F16 GGUF, llama-quantize's dry run):
+    80-layer 72B with 29568-wide ffn_down rows, 8 kv heads, 64 experts + shared expert, tied heads."""
+    f16 = proxy.write_shape_gguf(tmp_path / "shape.gguf", proxy.proxy_config(shape, dtype="f16"))
+    cfg = ModelConfig.from_hf_dict(proxy.proxy_config(shape))
+    for mix in MIXTURES:
+        theirs = llama_quantize_types(f16, mix.upper())
+        ours = mixture_types(cfg, mix)
+        assert ours == theirs, (shape, mix, {k: (ours.get(k), theirs.get(k)) for k in set(ours) | set(theirs)
+                                             if ours.get(k) != theirs.get(k)})
 
 
 @pytest.fixture(scope="module")
