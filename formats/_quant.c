@@ -97,18 +97,21 @@ static inline int rnd(float v) {
 }
 static inline int clampi(int v, int lo, int hi) { return v < lo ? lo : v > hi ? hi : v; }
 
-/* x ~ scale * L - m with L in [0, nmax], m >= 0; weights w. Returns scale, writes L and m. */
+/* x ~ scale * L - m with L in [0, nmax], m >= 0; weights w. Returns scale, writes L and m.
+ * As in ggml's reference, a better candidate's offset becomes the origin of the later candidates' grids
+ * (lo is updated inside the search); together with the same operation order this makes the result
+ * bit-identical to ggml's (tests/test_kquants.py). */
 static float fit_scale_min(int n, int nmax, const float *x, const float *w, uint8_t *L, float *m_out,
                            float rmin, float rdelta, int nstep) {
     float lo = x[0], hi = x[0], sw = 0, sx = 0;
     for (int i = 0; i < n; i++) { lo = x[i] < lo ? x[i] : lo; hi = x[i] > hi ? x[i] : hi; sw += w[i]; sx += w[i] * x[i]; }
     if (lo > 0) lo = 0;
     if (hi == lo) { memset(L, 0, n); *m_out = -lo; return 0.0f; }
-    float iscale = nmax / (hi - lo), scale = 1 / iscale, mn = lo, best = 0;
+    float iscale = nmax / (hi - lo), scale = 1 / iscale, best = 0;
     for (int i = 0; i < n; i++) {
         L[i] = (uint8_t)clampi(rnd(iscale * (x[i] - lo)), 0, nmax);
         const float d = scale * L[i] + lo - x[i];
-        best += w[i] * d * d;
+        best += w[i] * (d * d);
     }
     uint8_t aux[32];
     for (int k = 0; k <= nstep; k++) {
@@ -124,10 +127,10 @@ static float fit_scale_min(int n, int nmax, const float *x, const float *w, uint
         float sc = (sw * sxl - sx * sl) / D, m = (sl2 * sx - sl * sxl) / D;
         if (m > 0) { m = 0; sc = sxl / sl2; }
         float err = 0;
-        for (int i = 0; i < n; i++) { const float d = sc * aux[i] + m - x[i]; err += w[i] * d * d; }
-        if (err < best) { memcpy(L, aux, n); best = err; scale = sc; mn = m; }
+        for (int i = 0; i < n; i++) { const float d = sc * aux[i] + m - x[i]; err += w[i] * (d * d); }
+        if (err < best) { memcpy(L, aux, n); best = err; scale = sc; lo = m; }
     }
-    *m_out = -mn;
+    *m_out = -lo;
     return scale;
 }
 

@@ -24,7 +24,7 @@ def f16_h256(tiny, tmp_path_factory):
     return p
 
 
-@pytest.mark.parametrize("qtype,ftype,max_ratio", [("Q4_K", "Q4_K_S", 1.03), ("Q5_K", "Q5_K_S", 1.03),
+@pytest.mark.parametrize("qtype,ftype,max_ratio", [("Q4_K", "Q4_K_S", 1.0), ("Q5_K", "Q5_K_S", 1.0),
                                                    ("Q6_K", "Q6_K", 1.0), ("Q2_K", "Q2_K", 1.0),
                                                    ("Q3_K", "Q3_K_S", 1.0)])
 def test_k_quant_error_matches_llama_quantize(f16_h256, tmp_path, qtype, ftype, max_ratio):
@@ -46,6 +46,36 @@ def test_k_quant_error_matches_llama_quantize(f16_h256, tmp_path, qtype, ftype, 
     assert n == 16
     print(f"{qtype}: squared error ours / llama-quantize = {ours_err / theirs_err:.4f}, identical tensors {identical}/{n}")
     assert ours_err <= max_ratio * theirs_err
+    if qtype in EXACT:
+        assert identical == n
+
+
+EXACT = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")  # Q2_K / Q3_K: our own, lower-error search
+
+
+@pytest.mark.parametrize("qtype", EXACT)
+def test_encoders_bit_identical_to_ggml_reference(qtype):
+    """Our encoders against ggml's own C reference quantisers (quantize_row_*_ref in llama-cpp-python's
+    libggml-base), on hostile blocks: zeros, constants, outliers, one sign, tiny and huge magnitudes."""
+    import ctypes
+    from pathlib import Path
+
+    import llama_cpp
+
+    lib = ctypes.CDLL(str(next(Path(llama_cpp.__file__).parent.glob("lib/libggml-base.so*"))))
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((96, 256)).astype(np.float32) * rng.uniform(1e-4, 30, (96, 1)).astype(np.float32)
+    x[0], x[1], x[2, 7], x[5, ::2] = 0, 0.25, 4000.0, 0
+    x[3], x[4] = np.abs(x[3]), -np.abs(x[4]) - 1
+    x[6] = rng.standard_normal(256) * 1e-7
+    x = x.reshape(-1)
+    block, size = gguf.constants.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+    ref = np.zeros(x.size // block * size, np.uint8)
+    getattr(lib, f"quantize_row_{qtype.lower().replace('_k', '_K')}_ref")(
+        ctypes.c_void_p(x.ctypes.data), ctypes.c_void_p(ref.ctypes.data), ctypes.c_int64(x.size))
+    ours = kernels.from_f32(x, qtype)
+    bad = np.flatnonzero((ours.reshape(-1, size) != ref.reshape(-1, size)).any(1))
+    assert bad.size == 0, f"{qtype}: {bad.size} of {x.size // block} blocks differ, first {bad[:5]}"
 
 
 def test_k_quant_bytes_decode_the_same_in_gguf_package():
