@@ -86,9 +86,24 @@ def _get(shape: str) -> dict[str, Any]:
     return SHAPES[shape]
 
 
-def proxy_config(shape: str, layers: int | None = None, dtype: str = "bf16") -> dict[str, Any]:
-    """config.json of a proxy (transformers-4 style, like qconvert/tiny.py's ``hf_config``)."""
-    s = dict(_get(shape))
+def narrowed(s: dict[str, Any]) -> dict[str, Any]:
+    """A narrow copy of a shape with the traits that break converters (for CI): the same head and kv-head
+    counts, vocab size, tie, rope / YaRN / DCA settings, eps and expert counts, and feed-forward widths of the
+    same 256-divisibility (29568 -> 384: a multiple of 128 but not of 256); head_dim 16 (8 from 64 heads on)."""
+    s = dict(s)
+    hd = 8 if s["num_attention_heads"] >= 64 else 16
+    s["hidden_size"] = s["num_attention_heads"] * hd
+    s["intermediate_size"] = 512 if s["intermediate_size"] % 256 == 0 else 384
+    if s.get("num_experts"):
+        s.update(moe_intermediate_size=256, shared_expert_intermediate_size=512)
+    s["name"] = s["name"] + " (narrow)"
+    return s
+
+
+def proxy_config(shape: str, layers: int | None = None, dtype: str = "bf16", narrow: bool = False) -> dict[str, Any]:
+    """config.json of a proxy (transformers-4 style, like qconvert/tiny.py's ``hf_config``); ``narrow``: of
+    its narrow copy (``narrowed``)."""
+    s = narrowed(_get(shape)) if narrow else dict(_get(shape))
     if dtype not in _ST:
         raise QConvertError(f"proxy dtype {dtype!r} is not one of {', '.join(_ST)}")
     n = s["num_hidden_layers"] if layers is None else int(layers)
@@ -143,15 +158,15 @@ def _plan(cfg: dict[str, Any]) -> Iterator[tuple[str, tuple[int, ...], str, floa
         yield "lm_head.weight", (v, h), "w", 5.0, 0.0
 
 
-def proxy_tensors(shape: str, layers: int | None = None) -> list[tuple[str, tuple[int, ...]]]:
+def proxy_tensors(shape: str, layers: int | None = None, narrow: bool = False) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of every tensor of a proxy, in file order."""
-    return [(n, s) for n, s, *_ in _plan(proxy_config(shape, layers))]
+    return [(n, s) for n, s, *_ in _plan(proxy_config(shape, layers, narrow=narrow))]
 
 
-def proxy_nbytes(shape: str, layers: int | None = None, dtype: str = "bf16") -> int:
+def proxy_nbytes(shape: str, layers: int | None = None, dtype: str = "bf16", narrow: bool = False) -> int:
     """Bytes of tensor data a proxy holds (its folder is this plus a few MB of tokenizer and headers)."""
     item = {"bf16": 2, "f16": 2, "f32": 4}[dtype]
-    return sum(int(np.prod(s)) * item for _, s in proxy_tensors(shape, layers))
+    return sum(int(np.prod(s)) * item for _, s in proxy_tensors(shape, layers, narrow))
 
 
 def _chunks(name: str, shape: tuple[int, ...], kind: str, a: float, b: float, seed: int,
@@ -184,18 +199,19 @@ def _chunks(name: str, shape: tuple[int, ...], kind: str, a: float, b: float, se
         yield out
 
 
-def proxy_matches(out: Path, shape: str, layers: int | None = None, seed: int = 0, dtype: str = "bf16") -> bool:
+def proxy_matches(out: Path, shape: str, layers: int | None = None, seed: int = 0, dtype: str = "bf16",
+                  narrow: bool = False) -> bool:
     """True when ``out`` holds a complete proxy written with these arguments."""
     try:
         have = json.loads((Path(out) / MARKER).read_text())
     except (OSError, ValueError):
         return False
-    return have == _marker(shape, layers, seed, dtype)
+    return have == _marker(shape, layers, seed, dtype, narrow)
 
 
-def _marker(shape: str, layers: int | None, seed: int, dtype: str) -> dict[str, Any]:
-    return {"shape": shape, "config": proxy_config(shape, layers, dtype), "seed": seed, "dtype": dtype,
-            "chunk": CHUNK, "version": 1}
+def _marker(shape: str, layers: int | None, seed: int, dtype: str, narrow: bool = False) -> dict[str, Any]:
+    return {"shape": shape, "config": proxy_config(shape, layers, dtype, narrow), "seed": seed, "dtype": dtype,
+            "narrow": narrow, "chunk": CHUNK, "version": 2}
 
 
 def _shards(plan: list[tuple[str, tuple[int, ...], str, float, float]], item: int) -> list[list[Any]]:
@@ -239,17 +255,18 @@ def _write_shards(folder: Path, shards: list[list[Any]], st: str, seed: int, lab
 
 
 def write_proxy(out: Path, shape: str, layers: int | None = None, seed: int = 0, dtype: str = "bf16",
-                progress: bool = True, threads: int | None = None) -> Path:
+                progress: bool = True, threads: int | None = None, narrow: bool = False) -> Path:
     """Write (or reuse) a shape-exact random proxy of SHAPES[shape] as an HF folder at ``out``; return ``out``.
 
-    ``layers`` keeps the first N layers (default: the real count); ``dtype`` bf16|f16|f32. A folder that
+    ``layers`` keeps the first N layers (default: the real count); ``dtype`` bf16|f16|f32; ``narrow`` writes
+    the narrow copy (``narrowed``). A folder that
     already holds the same proxy (same shape, layers, seed, dtype) is kept as is; an older proxy there is
     replaced; any other existing folder is refused. The folder is written as ``out.partial`` and renamed.
     """
     out = Path(out)
-    cfg = proxy_config(shape, layers, dtype)
+    cfg = proxy_config(shape, layers, dtype, narrow)
     st = _ST[dtype][0]
-    if proxy_matches(out, shape, layers, seed, dtype):
+    if proxy_matches(out, shape, layers, seed, dtype, narrow):
         if progress:
             print(f"proxy {shape}: reusing {out}", file=sys.stderr)
         return out
@@ -274,7 +291,11 @@ def write_proxy(out: Path, shape: str, layers: int | None = None, seed: int = 0,
                "eos_token_id": [151645, 151643] if cfg["eos_token_id"] == 151645 else 151643}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
         write_tokenizer(tmp)
-        (tmp / MARKER).write_text(json.dumps(_marker(shape, layers, seed, dtype), indent=2))
+        if cfg["eos_token_id"] == 151643:  # base models: eos <|endoftext|>, as their tokenizer_config.json says
+            tc = json.loads((tmp / "tokenizer_config.json").read_text())
+            tc["eos_token"] = "<|endoftext|>"
+            (tmp / "tokenizer_config.json").write_text(json.dumps(tc, indent=2, ensure_ascii=False))
+        (tmp / MARKER).write_text(json.dumps(_marker(shape, layers, seed, dtype, narrow), indent=2))
         os.replace(tmp, out)
         ok = True
     finally:
@@ -336,10 +357,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=None, help="number of layers (default: the real count)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", choices=list(_ST), default="bf16")
+    ap.add_argument("--narrow", action="store_true", help="the narrow copy with the same traits (for CI)")
     ap.add_argument("--threads", type=int, default=None, help="generator threads (default: min(4, CPUs))")
     a = ap.parse_args(argv)
     try:
-        write_proxy(a.out, a.shape, a.layers, a.seed, a.dtype, threads=a.threads)
+        write_proxy(a.out, a.shape, a.layers, a.seed, a.dtype, threads=a.threads, narrow=a.narrow)
     except QConvertError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
