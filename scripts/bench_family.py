@@ -12,7 +12,8 @@ in 24 GiB; ``--narrow``: the narrow copies with the same traits, as CI runs them
   q4_k_m  qconvert hf-to-gguf F16.gguf --outtype q4_k_m: KL <= 1.1x llama-quantize Q4_K_M of the same F16 GGUF,
           and every tensor type equal to llama-quantize's
   int4    qconvert quantize --mix uniform --sym (codes that map exactly to Q4_0 / Q8_0), hf-to-gguf of that
-          folder in llama.cpp vs our decoder on the folder: mean KL <= 5e-3 (llama.cpp's Q8 activations)
+          folder (every quantised tensor mapped exactly) in llama.cpp vs our decoder on the folder: mean KL <= 5e-3
+          (llama.cpp's Q8 activations)
   gguf-to-hf  of the F16 GGUF (--dtype f16): every tensor bit-equal to the source rounded to f16 by torch,
           and config.json equal to the source's (every key but the dtype)
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -45,13 +47,16 @@ CHECKS = ("f16", "gguf-to-hf", "q4_k_m", "q8_0", "int4")
 BOUNDS = {"f16": 5e-5, "q8_0": 1.5, "q4_k_m": 1.1, "int4": 5e-3, "moe_f16": 1.1}
 
 
-def sh(cmd: list[str], env: dict[str, str] | None = None) -> float:
-    """Run ``cmd``; return its wall time; raise with its last stderr lines when it fails."""
+def sh(cmd: list[str], env: dict[str, str] | None = None, output: list[str] | None = None) -> float:
+    """Run ``cmd``; return its wall time (its stdout + stderr appended to ``output``); raise with its last
+    stderr lines when it fails."""
     t0 = time.perf_counter()
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, cmd[:4]))} ... failed ({r.returncode}):\n"
                            + "\n".join((r.stderr or r.stdout).splitlines()[-12:]))
+    if output is not None:
+        output.append(r.stdout + r.stderr)
     return time.perf_counter() - t0
 
 
@@ -118,7 +123,7 @@ class System:
         self.ids_path.write_text(json.dumps(ids))
         checks = {"f16": self.check_f16, "gguf-to-hf": self.check_back, "q4_k_m": self.check_q4km,
                   "q8_0": self.check_q8, "int4": self.check_int4}
-        if set(self.checks) - {"gguf-to-hf"}:
+        if set(self.checks) & {"f16", "q8_0", "q4_k_m"}:
             self.ref = self.logits("hf", self.hf)
             self.log(f"transformers logits std {self.ref.std():.2f}")
         for name in self.checks:
@@ -212,12 +217,17 @@ class System:
     def check_int4(self) -> None:
         folder = self.work / "int4"
         secs = sh(QC + ["quantize", str(self.hf), str(folder), "--mix", "uniform", "--sym", "--force", "--quiet"])
-        g, s2 = self._gguf(folder, "int4.gguf", "auto")
+        said: list[str] = []
+        g = self.work / "int4.gguf"
+        s2 = sh(QC + ["hf-to-gguf", str(folder), str(g), "--force", "--quiet"], output=said)
+        m = re.search(r"(\d+) of (\d+) quantised tensors mapped exactly", said[0])
+        exact = bool(m) and m.group(1) == m.group(2)
         ours = self.logits("ours", folder)
         s = kl_stats(ours, self.logits("llama", g))
-        vs_ref = kl_stats(self.ref, ours)["mean_kl"]
+        vs_ref = kl_stats(self.ref, ours)["mean_kl"] if hasattr(self, "ref") else None
         shutil.rmtree(folder), g.unlink()
-        self.row("int4", s, BOUNDS["int4"], s["mean_kl"] <= BOUNDS["int4"], secs + s2, int4_vs_source_kl=vs_ref)
+        self.row("int4", s, BOUNDS["int4"], s["mean_kl"] <= BOUNDS["int4"] and exact, secs + s2,
+                 int4_vs_source_kl=vs_ref, mapped=m.group(0) if m else said[0].strip()[-120:])
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
