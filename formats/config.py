@@ -45,7 +45,9 @@ class ModelConfig:
     moe_intermediate_size: int = 0
     shared_expert_intermediate_size: int = 0
     norm_topk_prob: bool = False
-    # kept for a faithful round trip, unused by the maths
+    # Qwen2.5-1M dual chunk attention {"chunk_size", "local_size", "original_max_position_embeddings"}
+    dual_chunk_attention_config: dict[str, int] | None = None
+    # kept for a faithful round trip (GGUF: {arch}.hf.*), unused by the maths (use_sliding_window is refused)
     sliding_window: int | None = None
     max_window_layers: int | None = None
     name: str | None = None
@@ -65,6 +67,7 @@ class ModelConfig:
         self.is_moe = self.arch == "qwen2moe"
         if self.is_moe and not (self.num_experts and self.num_experts_per_tok and self.moe_intermediate_size):
             raise QConvertError("qwen2moe config lacks num_experts / num_experts_per_tok / moe_intermediate_size")
+        self.dual_chunk_attention_config = check_dca(self.dual_chunk_attention_config)
 
     # ------------------------------------------------------------------ HF
     @classmethod
@@ -84,6 +87,9 @@ class ModelConfig:
             if d.get("mlp_only_layers") or d.get("decoder_sparse_step", 1) != 1:
                 raise QConvertError(f"{where}: dense layers inside a qwen2_moe model (mlp_only_layers / "
                                     "decoder_sparse_step != 1) cannot be represented in GGUF")
+        if d.get("use_sliding_window"):
+            raise QConvertError(f"{where}: use_sliding_window is true; sliding-window attention is not supported "
+                                "(llama.cpp ignores it for qwen2 too): set it to false if the model was trained without")
         dtype = d.get("dtype") or d.get("torch_dtype") or "bfloat16"
         try:
             return cls(
@@ -101,6 +107,7 @@ class ModelConfig:
                 shared_expert_intermediate_size=d.get("shared_expert_intermediate_size", 0),
                 norm_topk_prob=bool(d.get("norm_topk_prob", False)),
                 sliding_window=d.get("sliding_window"), max_window_layers=d.get("max_window_layers"),
+                dual_chunk_attention_config=d.get("dual_chunk_attention_config"),
                 name=d.get("_name_or_path") or None,
             )
         except KeyError as e:
@@ -131,6 +138,8 @@ class ModelConfig:
             "max_window_layers": self.max_window_layers if self.max_window_layers is not None else self.num_hidden_layers,
             "torch_dtype": self.dtype,
         }
+        if self.dual_chunk_attention_config:
+            d["dual_chunk_attention_config"] = dict(self.dual_chunk_attention_config)
         if self.bos_token_id is not None:
             d["bos_token_id"] = self.bos_token_id
         if self.eos_token_id is not None:
@@ -161,6 +170,13 @@ class ModelConfig:
             kv[f"{a}.rope.scaling.factor"] = float(rs["factor"])
             if "original_max_position_embeddings" in rs:
                 kv[f"{a}.rope.scaling.original_context_length"] = int(rs["original_max_position_embeddings"])
+        if self.dual_chunk_attention_config:  # our keys: llama.cpp has none and ignores them (plain attention)
+            for key, hf in DCA_KEYS.items():
+                kv[f"{a}.dual_chunk_attention.{key}"] = int(self.dual_chunk_attention_config[hf])
+        if self.sliding_window is not None:
+            kv[f"{a}.hf.sliding_window"] = int(self.sliding_window)
+        if self.max_window_layers is not None:
+            kv[f"{a}.hf.max_window_layers"] = int(self.max_window_layers)
         if self.is_moe:
             kv.update({f"{a}.expert_count": self.num_experts, f"{a}.expert_used_count": self.num_experts_per_tok,
                        f"{a}.expert_feed_forward_length": self.moe_intermediate_size,
@@ -189,6 +205,9 @@ class ModelConfig:
                 scaling["original_max_position_embeddings"] = int(kv[f"{a}.rope.scaling.original_context_length"])
             scaling = normalize_rope_scaling(scaling, where)
         eos = kv.get("tokenizer.ggml.eos_token_id")
+        dca = None
+        if f"{a}.dual_chunk_attention.chunk_size" in kv:
+            dca = {hf: int(kv.get(f"{a}.dual_chunk_attention.{key}", 0)) for key, hf in DCA_KEYS.items()}
         return cls(
             arch=a, vocab_size=vocab_size, hidden_size=int(req("embedding_length")),
             intermediate_size=int(req("feed_forward_length")), num_hidden_layers=int(req("block_count")),
@@ -203,7 +222,8 @@ class ModelConfig:
             moe_intermediate_size=int(kv.get(f"{a}.expert_feed_forward_length", 0)),
             shared_expert_intermediate_size=int(kv.get(f"{a}.expert_shared_feed_forward_length", 0)),
             norm_topk_prob=bool(kv.get(f"{a}.expert_weights_norm", False)),
-            name=kv.get("general.name"),
+            dual_chunk_attention_config=dca, sliding_window=kv.get(f"{a}.hf.sliding_window"),
+            max_window_layers=kv.get(f"{a}.hf.max_window_layers"), name=kv.get("general.name"),
         )
 
     def replace(self, **changes: Any) -> "ModelConfig":
@@ -233,6 +253,25 @@ def normalize_rope_scaling(rs: dict[str, Any] | None, where: str) -> dict[str, A
     for k, v in rs.items():  # beta_fast, beta_slow, ... kept verbatim
         if v is not None:
             out[k] = v
+    return out
+
+
+DCA_KEYS = {"chunk_size": "chunk_size", "local_size": "local_size",
+            "original_context_length": "original_max_position_embeddings"}  # GGUF suffix -> HF key
+
+
+def check_dca(dca: dict[str, Any] | None, where: str = "config") -> dict[str, int] | None:
+    """A validated ``dual_chunk_attention_config`` (positive ints, local_size < chunk_size), or None."""
+    if not dca:
+        return None
+    try:
+        out = {k: int(dca[k]) for k in DCA_KEYS.values()}
+    except (KeyError, TypeError, ValueError):
+        raise QConvertError(f"{where}: dual_chunk_attention_config needs integer chunk_size, local_size and "
+                            f"original_max_position_embeddings (got {dca!r})") from None
+    if min(out.values()) <= 0 or out["local_size"] >= out["chunk_size"]:
+        raise QConvertError(f"{where}: dual_chunk_attention_config {out} is invalid: sizes must be positive and "
+                            "local_size smaller than chunk_size")
     return out
 
 

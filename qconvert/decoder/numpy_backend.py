@@ -13,6 +13,7 @@ import numpy as np
 
 from formats.config import ModelConfig
 from formats.source import Source
+from qconvert.decoder.dca import DualChunk
 from qconvert.decoder.matvec import Matrix, silu_mul, softmax_causal
 from qconvert.decoder.model import LayerNames, lm_head_name, load_f32
 from qconvert.decoder.rope import cos_sin, inv_freq_and_scale
@@ -81,6 +82,7 @@ class NumpyDecoder:
         self.m = {n: fused.get(n) or Matrix(t) for n, t in T.items() if len(t.shape) == 2 and n not in stacked}
         self.head = self.m[lm_head_name(cfg)]
         self.inv_freq, self.rope_scale = inv_freq_and_scale(cfg)
+        self.dca = DualChunk.of(cfg)
         self.layer_mats = [[m for k, m in self.m.items() if k.startswith(f"model.layers.{i}.")]
                            for i in range(cfg.num_hidden_layers)]
 
@@ -90,15 +92,17 @@ class NumpyDecoder:
 
     # ---------------------------------------------------------------- blocks
     def attention(self, x: np.ndarray, n: LayerNames, cache: KVCache, layer: int,
-                  cos: np.ndarray, sin: np.ndarray, keep: slice = slice(None)) -> np.ndarray:
-        """Self-attention of x [T, hidden]; the cache gets all T keys/values, outputs only for rows ``keep``."""
+                  cos: np.ndarray, sin: np.ndarray, keep: slice = slice(None), dca_q: list | None = None) -> np.ndarray:
+        """Self-attention of x [T, hidden]; the cache gets all T keys/values, outputs only for rows ``keep``.
+        ``dca_q``: dual chunk attention's three query rotations (dca.py); cos/sin then rotate the keys."""
         cfg, w, m, T = self.cfg, self.w, self.m, x.shape[0]
         hd, nh, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
         q, k, v = m[n.q].split(m[n.q](x))                                 # stacked q/k/v projection
         q = (q + w[n.q_b]).reshape(T, nh, hd)[keep]
         k = (k + w[n.k_b]).reshape(T, nkv, hd)
         v = (v + w[n.v_b]).reshape(T, nkv, hd)
-        q, k = rotate(q, cos[keep], sin[keep]), rotate(k, cos, sin)
+        qs = [rotate(q, c[keep], s[keep]) for c, s in dca_q] if dca_q else [rotate(q, cos[keep], sin[keep])]
+        k = rotate(k, cos, sin)
         start = cache.length
         end = start + T
         cache.k[layer][:, start:end] = k.transpose(1, 0, 2)
@@ -107,14 +111,15 @@ class NumpyDecoder:
         T = q.shape[0]
         g = cfg.n_kv_groups
         # queries grouped by the kv head they share: [nkv, g, T, hd], pre-scaled by 1/sqrt(hd)
-        qg = q.reshape(T, nkv, g, hd).transpose(1, 2, 0, 3) * np.float32(1 / np.sqrt(hd))
+        qgs = [q.reshape(T, nkv, g, hd).transpose(1, 2, 0, 3) * np.float32(1 / np.sqrt(hd)) for q in qs]
         out = np.empty((T, nkv, g, hd), np.float32)
         for b0 in range(0, T, ATTN_BLOCK):  # query blocks: keys past the block's last position are never read
             b1 = min(T, b0 + ATTN_BLOCK)
             b, S = b1 - b0, start + b1
             K, V = cache.k[layer][:, :S], cache.v[layer][:, :S]           # [nkv, S, hd]
-            qb = np.ascontiguousarray(qg[:, :, b0:b1]).reshape(nkv, g * b, hd)
-            scores = (qb @ K.transpose(0, 2, 1)).reshape(nkv, g, b, S)      # one GEMM per kv head
+            scores = [(np.ascontiguousarray(qg[:, :, b0:b1]).reshape(nkv, g * b, hd) @ K.transpose(0, 2, 1))
+                      .reshape(nkv, g, b, S) for qg in qgs]                 # one GEMM per kv head
+            scores = self.dca.select_scores(scores, start + b0) if dca_q else scores[0]
             # causal: query i of the block (absolute position start + b0 + i) sees keys <= its position
             pv = softmax_causal(scores, b, start + b0).reshape(nkv, g * b, S) @ V   # [nkv, g*b, hd]
             out[b0:b1] = pv.reshape(nkv, g, b, hd).transpose(2, 0, 1, 3)
@@ -146,11 +151,11 @@ class NumpyDecoder:
 
     # ---------------------------------------------------------------- model
     def layer(self, i: int, x: np.ndarray, cache: KVCache, cos: np.ndarray, sin: np.ndarray,
-              keep: slice = slice(None)) -> np.ndarray:
+              keep: slice = slice(None), dca_q: list | None = None) -> np.ndarray:
         """Decoder layer ``i`` on hidden states x [T, hidden] (positions cache.length..+T, whose
         cos/sin are given); returns the new hidden states of rows ``keep``. The cache is not advanced."""
         cfg, w, n = self.cfg, self.w, self.layers[i]
-        x = x[keep] + self.attention(rms_norm(x, w[n.ln1], cfg.rms_norm_eps), n, cache, i, cos, sin, keep)
+        x = x[keep] + self.attention(rms_norm(x, w[n.ln1], cfg.rms_norm_eps), n, cache, i, cos, sin, keep, dca_q)
         h = rms_norm(x, w[n.ln2], cfg.rms_norm_eps)
         return x + (self.moe(h, n) if cfg.is_moe else self.mlp(h, n.gate, n.up, n.down))
 
@@ -162,7 +167,12 @@ class NumpyDecoder:
         T = tokens.shape[0]
         if cache.length + T > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions; {cache.length + T} needed")
-        cos, sin = cos_sin(self.inv_freq, self.rope_scale, np.arange(cache.length, cache.length + T))
+        pos = np.arange(cache.length, cache.length + T)
+        dca_q = None
+        if self.dca and cache.length + T > self.dca.chunk_len:  # below: every pair intra-chunk, plain attention
+            cos, sin, dca_q = self.dca.tables(self.inv_freq, self.rope_scale, pos)
+        else:
+            cos, sin = cos_sin(self.inv_freq, self.rope_scale, pos)
         emb = self.m["model.embed_tokens.weight"]
         x = emb.rows_f32(tokens)
         if self.stream:
@@ -171,7 +181,7 @@ class NumpyDecoder:
         for i in range(len(self.layers)):
             # with last_only, the last layer needs every position's keys/values but only the last query
             keep = slice(T - 1, T) if last_only and i == last else slice(None)
-            x = self.layer(i, x, cache, cos, sin, keep)
+            x = self.layer(i, x, cache, cos, sin, keep, dca_q)
             if self.stream:
                 for m in self.layer_mats[i]:
                     m.release()

@@ -145,6 +145,11 @@ class TorchDecoder:
             T = ids.shape[0]
             if cache.length + T > cache.max_len:
                 raise ValueError(f"KV cache holds {cache.max_len} positions; {cache.length + T} needed")
+            dca = self.cfg.dual_chunk_attention_config
+            if dca and cache.length + T > dca["chunk_size"]:  # up to chunk_size DCA equals plain attention
+                raise QConvertError(f"{cache.length + T} positions exceed the dual chunk attention chunk size "
+                                    f"({dca['chunk_size']}); dual chunk attention is implemented in the numpy "
+                                    "backend: use --backend numpy")
             pos = t.arange(cache.length, cache.length + T, device=self.device, dtype=t.float32)
             freqs = pos[:, None] * self.inv_freq[None, :]
             emb = t.cat([freqs, freqs], dim=-1)
