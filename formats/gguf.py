@@ -16,10 +16,10 @@ import numpy as np
 from formats.config import ModelConfig
 from formats.dtypes import row_nbytes
 from formats.errors import QConvertError
-from formats.gguf_file import read_header
+from formats.gguf_split import part_path, plan_parts, read_parts, split_kv
 from formats.mapped import MappedFile, pread_exact
 from formats.names import KEEP_F32_SUFFIXES, canonical_shape, gguf_layout, gguf_to_hf
-from formats.output import atomic_file
+from formats.output import atomic_files
 from formats.progress import bar
 from formats.source import Source
 from formats.tensor import LazyTensor, stream_converted
@@ -31,49 +31,55 @@ QUANT_VERSION = 2
 
 
 def open_gguf(path: str | Path) -> Source:
-    """Open a GGUF file as a Source (canonical HF names; stacked experts split per expert)."""
+    """Open a GGUF file, plain or the first part of a split one, as a Source (canonical HF names; stacked
+    experts split per expert)."""
     path = Path(path)
     if not path.is_file():
         raise QConvertError(f"{path}: no such file; pass a .gguf file")
-    kv, infos = read_header(path)
+    kv, parts = read_parts(path)
     tok = TokenizerData.from_gguf_kv(kv, str(path))
-    by_name = {t.name: t for t in infos}
+    by_name = {t.name: t for _, infos in parts for t in infos}
     if "token_embd.weight" not in by_name:
         raise QConvertError(f"{path}: no token_embd.weight; not a Qwen2 GGUF")
     vocab = by_name["token_embd.weight"].shape[0]
     cfg = ModelConfig.from_gguf_kv(kv, vocab, tied="output.weight" not in by_name, where=str(path))
-    fd = os.open(path, os.O_RDONLY)
-    mapping: list[MappedFile] = []  # made on first use (the decoders); conversions pread
+    fds = [os.open(p, os.O_RDONLY) for p, _ in parts]
+    mapping: dict[int, MappedFile] = {}  # made on first use (the decoders); conversions pread
 
-    def view(offset: int, nbytes: int) -> np.ndarray:
-        if not mapping:
-            mapping.append(MappedFile(str(path)))
-        return mapping[0].view(offset, nbytes)
+    def viewer(k: int) -> Callable[[int, int], np.ndarray]:
+        def view(offset: int, nbytes: int) -> np.ndarray:
+            if k not in mapping:
+                mapping[k] = MappedFile(str(parts[k][0]))
+            return mapping[k].view(offset, nbytes)
+        return view
 
     def close() -> None:
-        os.close(fd)
-        for m in mapping:
+        for fd in fds:
+            os.close(fd)
+        for m in mapping.values():
             m.close()
     src = Source(config=cfg, tokenizer=tok, tensors={}, path=str(path), kind="gguf", closers=[close])
-    for ti in infos:
-        try:
-            names = gguf_to_hf(ti.name, cfg.num_experts)
-        except KeyError:
-            src.close()
-            raise QConvertError(f"{path}: unknown tensor {ti.name!r} for {cfg.arch}; the file is not a plain "
-                                "Qwen2 / Qwen2-MoE model") from None
-        want = canonical_shape(names[0], cfg)
-        per = int(np.prod(want))
-        if int(np.prod(ti.shape)) != per * len(names):
-            src.close()
-            raise QConvertError(f"{path}: tensor {ti.name} has shape {list(ti.shape)}, config implies "
-                                f"{len(names)} x {list(want)}")
-        rb = row_nbytes(ti.type, want[-1])
-        rows_per = per // want[-1]
-        for e, name in enumerate(names):
-            base = ti.offset + e * rows_per * rb
-            src.tensors[name] = LazyTensor(name, want, ti.type, _reader(fd, base, rb, str(path), ti.name),
-                                           mapper=_mapper(view, base, rows_per, rb))
+    src.parts = len(parts)
+    for k, (ppath, infos) in enumerate(parts):
+        for ti in infos:
+            try:
+                names = gguf_to_hf(ti.name, cfg.num_experts)
+            except KeyError:
+                src.close()
+                raise QConvertError(f"{ppath}: unknown tensor {ti.name!r} for {cfg.arch}; the file is not a plain "
+                                    "Qwen2 / Qwen2-MoE model") from None
+            want = canonical_shape(names[0], cfg)
+            per = int(np.prod(want))
+            if int(np.prod(ti.shape)) != per * len(names):
+                src.close()
+                raise QConvertError(f"{ppath}: tensor {ti.name} has shape {list(ti.shape)}, config implies "
+                                    f"{len(names)} x {list(want)}")
+            rb = row_nbytes(ti.type, want[-1])
+            rows_per = per // want[-1]
+            for e, name in enumerate(names):
+                base = ti.offset + e * rows_per * rb
+                src.tensors[name] = LazyTensor(name, want, ti.type, _reader(fds[k], base, rb, str(ppath), ti.name),
+                                               mapper=_mapper(viewer(k), base, rows_per, rb))
     src.check_complete()
     return src
 
@@ -124,13 +130,15 @@ def size_label(cfg: ModelConfig) -> str:
 def write_gguf(src: Source, out: Path, outtype: str = "auto", force: bool = False, progress: bool = True,
                name: str | None = None, types: dict[str, str] | None = None, file_type: int | None = None,
                raw_chunks: Callable[[str, str, ThreadPoolExecutor], Iterable[np.ndarray] | None] | None = None,
-               ) -> dict[str, str]:
+               split_max_size: int | None = None, split_max_tensors: int | None = None) -> dict[str, str]:
     """Write ``src`` as a GGUF at ``out``. Returns {gguf tensor name: GGML type}.
 
     ``types`` (GGUF name -> GGML type) overrides the per-tensor choice made from ``outtype``, as the
     K-quant mixtures do; ``file_type`` is then the llama_ftype to record. ``raw_chunks(canonical name,
     GGML type, pool)`` may return that tensor's bytes already encoded (e.g. int4 codes repacked into
-    GGML blocks, formats/int4_gguf.py); None converts it from the source as usual.
+    GGML blocks, formats/int4_gguf.py); None converts it from the source as usual. ``split_max_size`` (bytes of
+    tensor data) / ``split_max_tensors`` write llama.cpp's split files (formats/gguf_split.py) when more than one
+    part results; all parts appear together or not at all.
     """
     import gguf
 
@@ -150,22 +158,31 @@ def write_gguf(src: Source, out: Path, outtype: str = "auto", force: bool = Fals
     }
     kv.update(cfg.to_gguf_kv())
     kv.update(src.tokenizer.to_gguf_kv(cfg.vocab_size))
-    total = 0
-    with atomic_file(Path(out), force) as tmp:
-        w = _Writer(str(tmp), cfg.arch)
-        for k, v in kv.items():
-            _add_kv(w, k, v)
-        for gname, members, shape, t in plan:
-            nbytes = int(np.prod(shape[:-1])) * row_nbytes(t, shape[-1])
-            total += nbytes
-            byte_shape = (*shape[:-1], row_nbytes(t, shape[-1]))
-            w.add_tensor_info(gname, byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=gguf.GGMLQuantizationType[t])
-        w.write_header_to_file(Path(tmp))
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        fout = w.fout[0]
-        with ThreadPoolExecutor(2) as pool, bar(total, f"writing {Path(out).name}", progress) as pb:
-            for gname, members, shape, t in plan:
+    sizes = [int(np.prod(shape[:-1])) * row_nbytes(t, shape[-1]) for _, _, shape, t in plan]
+    parts = plan_parts(sizes, split_max_size, split_max_tensors)
+    outs = [Path(out)] if len(parts) == 1 else [part_path(out, k, len(parts)) for k in range(len(parts))]
+    with atomic_files(outs, force) as tmps, ThreadPoolExecutor(2) as pool, \
+            bar(sum(sizes), f"writing {Path(out).name}", progress) as pb:
+        for k, (tmp, idx) in enumerate(zip(tmps, parts)):
+            w = _Writer(str(tmp), cfg.arch)
+            if k:  # later parts hold only the split keys, as llama-gguf-split writes them
+                w.kv_data[0].clear()
+            for key, v in (kv.items() if k == 0 else ()):
+                _add_kv(w, key, v)
+            if len(parts) > 1:
+                for key, (vt, v) in split_kv(k, len(parts), len(plan)).items():
+                    (w.add_uint16 if vt == "u16" else w.add_int32)(key, v)
+            for i in idx:
+                gname, _, shape, t = plan[i]
+                byte_shape = (*shape[:-1], row_nbytes(t, shape[-1]))
+                w.add_tensor_info(gname, byte_shape, np.dtype(np.uint8), sizes[i],
+                                  raw_dtype=gguf.GGMLQuantizationType[t])
+            w.write_header_to_file(Path(tmp))
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            fout = w.fout[0]
+            for i in idx:
+                gname, members, shape, t = plan[i]
                 w.write_padding(fout, fout.tell())
                 n = 0
                 for m in members:
@@ -174,11 +191,10 @@ def write_gguf(src: Source, out: Path, outtype: str = "auto", force: bool = Fals
                         fout.write(memoryview(chunk).cast("B"))
                         n += chunk.nbytes
                         pb.update(chunk.nbytes)
-                if n != int(np.prod(shape[:-1])) * row_nbytes(t, shape[-1]):
-                    raise QConvertError(f"{gname}: wrote {n} bytes of {t} data, expected "
-                                        f"{int(np.prod(shape[:-1])) * row_nbytes(t, shape[-1])}")
+                if n != sizes[i]:
+                    raise QConvertError(f"{gname}: wrote {n} bytes of {t} data, expected {sizes[i]}")
                 w.write_padding(fout, n)
-        w.close()
+            w.close()
     return {g: t for g, _, _, t in plan}
 
 

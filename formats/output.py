@@ -35,6 +35,27 @@ def atomic_file(path: Path, force: bool = False) -> Iterator[Path]:
 
 
 @contextmanager
+def atomic_files(paths: list[Path], force: bool = False) -> Iterator[list[Path]]:
+    """Like ``atomic_file`` for several files written together (a split GGUF): every target is checked first,
+    and the files are renamed into place only when all were written; on error every temporary is deleted."""
+    paths = [Path(p) for p in paths]
+    for p in paths:
+        check_target(p, force)
+    tmps = [p.with_name(f".{p.name}.tmp-{os.getpid()}") for p in paths]
+    try:
+        yield tmps
+        for p in paths:
+            if p.is_dir():
+                raise QConvertError(f"{p} is a folder; choose a file name for the output")
+        for t, p in zip(tmps, paths):
+            os.replace(t, p)
+    finally:
+        for t in tmps:
+            if t.exists():
+                t.unlink()
+
+
+@contextmanager
 def atomic_dir(path: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; on success it replaces ``path``, on error it is removed."""
     path = Path(path)

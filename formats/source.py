@@ -21,6 +21,7 @@ class Source:
     path: str
     kind: str  # "hf" | "gguf" | "int4"
     generation_config: dict[str, Any] = field(default_factory=dict)
+    parts: int = 1  # files of a split GGUF
     closers: list[Callable[[], None]] = field(default_factory=list)
 
     def check_complete(self) -> None:

@@ -55,7 +55,8 @@ def _available_memory() -> int:
     return avail
 
 
-def _write_gguf(src, out: Path, outtype: str, force: bool, progress: bool, name: str | None = None) -> dict:
+def _write_gguf(src, out: Path, outtype: str, force: bool, progress: bool, name: str | None = None,
+                split: tuple[int | None, int | None] = (None, None)) -> dict:
     """Write a GGUF with a plain output type or a llama-quantize K-quant mixture.
 
     From an int4 folder, ``auto`` / ``q4_0`` / ``q4_1`` / ``q8_0`` repack the stored codes into GGML blocks
@@ -68,7 +69,8 @@ def _write_gguf(src, out: Path, outtype: str, force: bool, progress: bool, name:
         if outtype in EXACT_OUTTYPES:
             plan = plan_int4_gguf(src, outtype)
             types = write_gguf(src, out, force=force, progress=progress, name=name, types=plan.types,
-                               file_type=plan.file_type, raw_chunks=plan.raw_chunks)
+                               file_type=plan.file_type, raw_chunks=plan.raw_chunks, split_max_size=split[0],
+                               split_max_tensors=split[1])
             click.echo(plan.summary())
             return types
         click.echo(f"int4 -> GGUF: no tensor mapped exactly; every matrix dequantised and re-encoded as {outtype} "
@@ -76,8 +78,10 @@ def _write_gguf(src, out: Path, outtype: str, force: bool, progress: bool, name:
     if outtype in MIXTURES:
         from qconvert.quant.mixtures import mixture_types
         return write_gguf(src, out, force=force, progress=progress, name=name,
-                          types=mixture_types(src.config, outtype), file_type=MIXTURES[outtype][1])
-    return write_gguf(src, out, outtype, force=force, progress=progress, name=name)
+                          types=mixture_types(src.config, outtype), file_type=MIXTURES[outtype][1],
+                          split_max_size=split[0], split_max_tensors=split[1])
+    return write_gguf(src, out, outtype, force=force, progress=progress, name=name, split_max_size=split[0],
+                      split_max_tensors=split[1])
 
 
 @cli.command("hf-to-gguf")
@@ -90,21 +94,36 @@ def _write_gguf(src, out: Path, outtype: str, force: bool, progress: bool, name:
                    "only what cannot map (reported). q4_0 / q4_1 / q8_0 from an int4 folder also map exactly "
                    "where the codes fit that type")
 @click.option("--name", default=None, help="general.name to store (default: the model's own name)")
+@click.option("--split-max-size", default=None, help="write llama.cpp split files (OUT-00001-of-0000N.gguf) of at "
+              "most this much tensor data each, e.g. 2G or 200M (1000-based, as llama-gguf-split)")
+@click.option("--split-max-tensors", type=click.IntRange(min=1), default=None,
+              help="write llama.cpp split files of at most this many tensors each")
 @click.option("--force", is_flag=True, help="overwrite OUT if it exists")
 @click.option("--quiet", is_flag=True, help="no progress bar")
-def hf_to_gguf(src: str, out: Path, outtype: str, name: str | None, force: bool, quiet: bool) -> None:
-    """Convert an HF checkpoint (folder or Hub id), an int4 folder or a GGUF to a GGUF file."""
+def hf_to_gguf(src: str, out: Path, outtype: str, name: str | None, split_max_size: str | None,
+               split_max_tensors: int | None, force: bool, quiet: bool) -> None:
+    """Convert an HF checkpoint (folder or Hub id), an int4 folder or a GGUF (a split one: its first part) to a
+    GGUF file, or to llama.cpp split files."""
     from formats.detect import open_model
+    from formats.gguf_split import parse_size, part_path
     from formats.output import check_target
 
-    check_target(out, force)
+    split = (parse_size(split_max_size) if split_max_size else None, split_max_tensors)
+    if not any(split):
+        check_target(out, force)
     t0 = time.perf_counter()
     with open_model(src) as s:
-        types = _write_gguf(s, out, outtype, force, not quiet, name)
+        types = _write_gguf(s, out, outtype, force, not quiet, name, split)
     counts: dict[str, int] = {}
     for t in types.values():
         counts[t] = counts.get(t, 0) + 1
-    click.echo(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {len(types)} tensors {counts}) "
+    files = [out]
+    if not out.is_file():
+        n = next(k for k in range(2, len(types) + 1) if part_path(out, 0, k).is_file())
+        files = [part_path(out, k, n) for k in range(n)]
+    size = sum(f.stat().st_size for f in files)
+    where = f"{files[0]} .. {files[-1].name} ({len(files)} parts, " if len(files) > 1 else f"{out} ("
+    click.echo(f"wrote {where}{size / 2**20:.1f} MiB, {len(types)} tensors {counts}) "
                f"in {time.perf_counter() - t0:.1f}s")
 
 

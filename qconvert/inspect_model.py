@@ -15,7 +15,7 @@ def describe(src: Source) -> dict[str, Any]:
                for n, t in src.tensors.items()]
     cfg_d = cfg.to_hf_dict()
     return {
-        "path": src.path, "format": src.kind, "arch": cfg.arch, "config": cfg_d,
+        "path": src.path, "format": src.kind, "arch": cfg.arch, "config": cfg_d, "parts": src.parts,
         "tokenizer": {"tokens": len(tok.tokens), "real_tokens": tok.n_real, "merges": len(tok.merges),
                       "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id, "add_bos": tok.add_bos,
                       "chat_template": bool(tok.chat_template)},
@@ -31,13 +31,19 @@ def render(d: dict[str, Any], max_rows: int | None = None) -> str:
     c = d["config"]
     rs = c.get("rope_scaling")
     lines = [
-        f"{d['path']}  ({d['format']}, {d['arch']})",
+        f"{d['path']}  ({d['format']}, {d['arch']}"
+        + (f", split into {d['parts']} files)" if d.get("parts", 1) > 1 else ")"),
         f"  layers {c['num_hidden_layers']}  hidden {c['hidden_size']}  ffn {c['intermediate_size']}  "
         f"heads {c['num_attention_heads']}/{c['num_key_value_heads']}  vocab {c['vocab_size']}  "
         f"tied {c['tie_word_embeddings']}",
         f"  rope theta {c['rope_theta']:g}  scaling {rs if rs else 'none'}  ctx {c['max_position_embeddings']}  "
         f"rms eps {c['rms_norm_eps']:g}",
     ]
+    dca = c.get("dual_chunk_attention_config")
+    if dca:
+        lines.append(f"  dual chunk attention: chunk {dca['chunk_size']}, local {dca['local_size']} (qconvert's numpy "
+                     f"decoder runs it; llama.cpp ignores it and uses plain attention, which gives the same results "
+                     f"only up to {dca['chunk_size']} tokens)")
     if d["arch"] == "qwen2moe":
         lines.append(f"  experts {c['num_experts']} (top {c['num_experts_per_tok']}, ffn {c['moe_intermediate_size']}), "
                      f"shared ffn {c['shared_expert_intermediate_size']}")
