@@ -15,8 +15,16 @@ from qconvert.peers import llama_logits
 
 
 def _tensors(path: Path) -> dict[str, tuple[str, tuple, bytes]]:
+    """name -> (type, shape, bytes); shapes without leading 1s (ggml, hence llama-gguf-split, writes a
+    [1, 64] tensor as [64])."""
     raw = path.read_bytes()
-    return {t.name: (t.type, t.shape, raw[t.offset:t.offset + t.nbytes]) for t in read_header(path)[1]}
+    out = {}
+    for t in read_header(path)[1]:
+        shape = t.shape
+        while len(shape) > 1 and shape[0] == 1:
+            shape = shape[1:]
+        out[t.name] = (t.type, shape, raw[t.offset:t.offset + t.nbytes])
+    return out
 
 
 def _all_tensors(parts: list[Path]) -> dict[str, tuple[str, tuple, bytes]]:
