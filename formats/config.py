@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from formats.errors import QConvertError
 
 HF_MODEL_TYPES = {"qwen2": "qwen2", "qwen2_moe": "qwen2moe"}  # HF model_type -> GGUF arch
@@ -47,9 +49,10 @@ class ModelConfig:
     norm_topk_prob: bool = False
     # Qwen2.5-1M dual chunk attention {"chunk_size", "local_size", "original_max_position_embeddings"}
     dual_chunk_attention_config: dict[str, int] | None = None
-    # kept for a faithful round trip (GGUF: {arch}.hf.*), unused by the maths (use_sliding_window is refused)
+    # kept for a faithful round trip (GGUF: {arch}.hf.*), unused by the maths (use_sliding_window true is refused)
     sliding_window: int | None = None
     max_window_layers: int | None = None
+    use_sliding_window: bool = False
     name: str | None = None
     # derived
     head_dim: int = field(init=False)
@@ -68,6 +71,9 @@ class ModelConfig:
         if self.is_moe and not (self.num_experts and self.num_experts_per_tok and self.moe_intermediate_size):
             raise QConvertError("qwen2moe config lacks num_experts / num_experts_per_tok / moe_intermediate_size")
         self.dual_chunk_attention_config = check_dca(self.dual_chunk_attention_config)
+        if self.use_sliding_window:
+            raise QConvertError("use_sliding_window is true; sliding-window attention is not supported (llama.cpp "
+                                "ignores it for qwen2 too): set it to false if the model was trained without")
 
     # ------------------------------------------------------------------ HF
     @classmethod
@@ -107,7 +113,7 @@ class ModelConfig:
                 shared_expert_intermediate_size=d.get("shared_expert_intermediate_size", 0),
                 norm_topk_prob=bool(d.get("norm_topk_prob", False)),
                 sliding_window=d.get("sliding_window"), max_window_layers=d.get("max_window_layers"),
-                dual_chunk_attention_config=d.get("dual_chunk_attention_config"),
+                dual_chunk_attention_config=check_dca(d.get("dual_chunk_attention_config"), where),
                 name=d.get("_name_or_path") or None,
             )
         except KeyError as e:
@@ -134,7 +140,7 @@ class ModelConfig:
             "rms_norm_eps": self.rms_norm_eps, "tie_word_embeddings": self.tie_word_embeddings,
             "rope_scaling": dict(self.rope_scaling) if self.rope_scaling else None,
             "hidden_act": "silu", "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True,
-            "use_sliding_window": False, "sliding_window": self.sliding_window,
+            "use_sliding_window": self.use_sliding_window, "sliding_window": self.sliding_window,
             "max_window_layers": self.max_window_layers if self.max_window_layers is not None else self.num_hidden_layers,
             "torch_dtype": self.dtype,
         }
@@ -170,13 +176,17 @@ class ModelConfig:
             kv[f"{a}.rope.scaling.factor"] = float(rs["factor"])
             if "original_max_position_embeddings" in rs:
                 kv[f"{a}.rope.scaling.original_context_length"] = int(rs["original_max_position_embeddings"])
-        if self.dual_chunk_attention_config:  # our keys: llama.cpp has none and ignores them (plain attention)
+        if self.dual_chunk_attention_config:  # our keys (gguf-py has none): llama.cpp ignores them (plain attention)
             for key, hf in DCA_KEYS.items():
-                kv[f"{a}.dual_chunk_attention.{key}"] = int(self.dual_chunk_attention_config[hf])
+                if hf in self.dual_chunk_attention_config:
+                    kv[f"{a}.dual_chunk_attention.{key}"] = int(self.dual_chunk_attention_config[hf])
+        # HF-only fields under {arch}.hf.* (not attention.sliding_window, which would mean SWA to llama.cpp)
         if self.sliding_window is not None:
             kv[f"{a}.hf.sliding_window"] = int(self.sliding_window)
         if self.max_window_layers is not None:
             kv[f"{a}.hf.max_window_layers"] = int(self.max_window_layers)
+        if self.sliding_window is not None or self.max_window_layers is not None:
+            kv[f"{a}.hf.use_sliding_window"] = bool(self.use_sliding_window)
         if self.is_moe:
             kv.update({f"{a}.expert_count": self.num_experts, f"{a}.expert_used_count": self.num_experts_per_tok,
                        f"{a}.expert_feed_forward_length": self.moe_intermediate_size,
@@ -206,8 +216,11 @@ class ModelConfig:
             scaling = normalize_rope_scaling(scaling, where)
         eos = kv.get("tokenizer.ggml.eos_token_id")
         dca = None
-        if f"{a}.dual_chunk_attention.chunk_size" in kv:
-            dca = {hf: int(kv.get(f"{a}.dual_chunk_attention.{key}", 0)) for key, hf in DCA_KEYS.items()}
+        if any(f"{a}.dual_chunk_attention.{key}" in kv for key in DCA_KEYS):
+            dca = check_dca({hf: kv[f"{a}.dual_chunk_attention.{key}"] for key, hf in DCA_KEYS.items()
+                             if f"{a}.dual_chunk_attention.{key}" in kv}, where)
+        if kv.get(f"{a}.hf.use_sliding_window"):
+            raise QConvertError(f"{where}: {a}.hf.use_sliding_window is true; sliding-window attention is not supported")
         return cls(
             arch=a, vocab_size=vocab_size, hidden_size=int(req("embedding_length")),
             intermediate_size=int(req("feed_forward_length")), num_hidden_layers=int(req("block_count")),
@@ -222,8 +235,8 @@ class ModelConfig:
             moe_intermediate_size=int(kv.get(f"{a}.expert_feed_forward_length", 0)),
             shared_expert_intermediate_size=int(kv.get(f"{a}.expert_shared_feed_forward_length", 0)),
             norm_topk_prob=bool(kv.get(f"{a}.expert_weights_norm", False)),
-            dual_chunk_attention_config=dca, sliding_window=kv.get(f"{a}.hf.sliding_window"),
-            max_window_layers=kv.get(f"{a}.hf.max_window_layers"), name=kv.get("general.name"),
+            dual_chunk_attention_config=dca, sliding_window=_opt_int(kv.get(f"{a}.hf.sliding_window")),
+            max_window_layers=_opt_int(kv.get(f"{a}.hf.max_window_layers")), name=kv.get("general.name"),
         )
 
     def replace(self, **changes: Any) -> "ModelConfig":
@@ -260,19 +273,32 @@ DCA_KEYS = {"chunk_size": "chunk_size", "local_size": "local_size",
             "original_context_length": "original_max_position_embeddings"}  # GGUF suffix -> HF key
 
 
-def check_dca(dca: dict[str, Any] | None, where: str = "config") -> dict[str, int] | None:
-    """A validated ``dual_chunk_attention_config`` (positive ints, local_size < chunk_size), or None."""
-    if not dca:
+def check_dca(dca: Any, where: str = "config") -> dict[str, Any] | None:
+    """A validated ``dual_chunk_attention_config`` or None: chunk_size and local_size positive integers with
+    local_size < chunk_size, original_max_position_embeddings (optional, as in vLLM: no length scaling without
+    it) a positive integer. Other keys (vLLM's sparse_attention_*) are kept as they are for HF outputs; GGUF
+    stores the three sizes only."""
+    if dca is None or dca == {}:
         return None
-    try:
-        out = {k: int(dca[k]) for k in DCA_KEYS.values()}
-    except (KeyError, TypeError, ValueError):
-        raise QConvertError(f"{where}: dual_chunk_attention_config needs integer chunk_size, local_size and "
-                            f"original_max_position_embeddings (got {dca!r})") from None
-    if min(out.values()) <= 0 or out["local_size"] >= out["chunk_size"]:
-        raise QConvertError(f"{where}: dual_chunk_attention_config {out} is invalid: sizes must be positive and "
-                            "local_size smaller than chunk_size")
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0
+
+    sizes = [k for k in DCA_KEYS.values() if k in (dca if isinstance(dca, dict) else {})]
+    if not isinstance(dca, dict) or not {"chunk_size", "local_size"} <= set(sizes) or \
+            not all(is_int(dca[k]) for k in sizes):
+        raise QConvertError(f"{where}: dual_chunk_attention_config must hold positive integers chunk_size, "
+                            f"local_size (and optionally original_max_position_embeddings); got {dca!r}")
+    out = dict(dca)
+    out.update({k: int(dca[k]) for k in sizes})
+    if out["local_size"] >= out["chunk_size"]:
+        raise QConvertError(f"{where}: dual_chunk_attention_config is invalid: local_size ({out['local_size']}) "
+                            f"must be smaller than chunk_size ({out['chunk_size']})")
     return out
+
+
+def _opt_int(v: Any) -> int | None:
+    return None if v is None else int(v)
 
 
 def _f32_clean(x: float) -> float:

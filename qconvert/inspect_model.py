@@ -41,9 +41,11 @@ def render(d: dict[str, Any], max_rows: int | None = None) -> str:
     ]
     dca = c.get("dual_chunk_attention_config")
     if dca:
-        lines.append(f"  dual chunk attention: chunk {dca['chunk_size']}, local {dca['local_size']} (qconvert's numpy "
-                     f"decoder runs it; llama.cpp ignores it and uses plain attention, which gives the same results "
-                     f"only up to {dca['chunk_size']} tokens)")
+        orig = dca.get("original_max_position_embeddings")
+        exact = min(dca["chunk_size"], orig or dca["chunk_size"])
+        lines.append(f"  dual chunk attention: chunk {dca['chunk_size']}, local {dca['local_size']}"
+                     + (f", original ctx {orig}" if orig else "") + " (qconvert's numpy decoder runs it; llama.cpp "
+                     f"ignores it and uses plain attention, which gives the same results only up to {exact} tokens)")
     if d["arch"] == "qwen2moe":
         lines.append(f"  experts {c['num_experts']} (top {c['num_experts_per_tok']}, ffn {c['moe_intermediate_size']}), "
                      f"shared ffn {c['shared_expert_intermediate_size']}")

@@ -117,9 +117,10 @@ class NumpyDecoder:
             b1 = min(T, b0 + ATTN_BLOCK)
             b, S = b1 - b0, start + b1
             K, V = cache.k[layer][:, :S], cache.v[layer][:, :S]           # [nkv, S, hd]
-            scores = [(np.ascontiguousarray(qg[:, :, b0:b1]).reshape(nkv, g * b, hd) @ K.transpose(0, 2, 1))
-                      .reshape(nkv, g, b, S) for qg in qgs]                 # one GEMM per kv head
-            scores = self.dca.select_scores(scores, start + b0) if dca_q else scores[0]
+            def score(kind: int) -> np.ndarray:                           # one GEMM per kv head
+                qb = np.ascontiguousarray(qgs[kind][:, :, b0:b1]).reshape(nkv, g * b, hd)
+                return (qb @ K.transpose(0, 2, 1)).reshape(nkv, g, b, S)
+            scores = self.dca.select_scores(score, start + b0, b, S) if dca_q else score(0)
             # causal: query i of the block (absolute position start + b0 + i) sees keys <= its position
             pv = softmax_causal(scores, b, start + b0).reshape(nkv, g * b, S) @ V   # [nkv, g*b, hd]
             out[b0:b1] = pv.reshape(nkv, g, b, hd).transpose(2, 0, 1, 3)
@@ -169,8 +170,8 @@ class NumpyDecoder:
             raise ValueError(f"KV cache holds {cache.max_len} positions; {cache.length + T} needed")
         pos = np.arange(cache.length, cache.length + T)
         dca_q = None
-        if self.dca and cache.length + T > self.dca.chunk_len:  # below: every pair intra-chunk, plain attention
-            cos, sin, dca_q = self.dca.tables(self.inv_freq, self.rope_scale, pos)
+        if self.dca and self.dca.active(cache.length + T):  # otherwise exactly plain attention
+            cos, sin, dca_q = self.dca.tables(self.inv_freq, self.rope_scale, pos, cache.length + T)
         else:
             cos, sin = cos_sin(self.inv_freq, self.rope_scale, pos)
         emb = self.m["model.embed_tokens.weight"]

@@ -10,6 +10,7 @@ import numpy as np
 
 from formats.errors import QConvertError
 from formats.source import Source
+from qconvert.decoder.dca import DualChunk
 from qconvert.decoder.model import LayerNames, lm_head_name, load_f32
 from qconvert.decoder.rope import inv_freq_and_scale
 
@@ -55,6 +56,7 @@ class TorchDecoder:
         self.head = self.w[lm_head_name(cfg)].to(self.dtype)
         inv, self.rope_scale = inv_freq_and_scale(cfg)
         self.inv_freq = torch.from_numpy(inv).to(self.device)
+        self.dca = DualChunk.of(cfg)  # runs as plain attention while that is exact; beyond, refused (hidden)
 
     def _load(self, name: str) -> None:
         """One tensor onto the device: 1-D tensors and routers in float32, matrices in the decoder's dtype."""
@@ -145,11 +147,11 @@ class TorchDecoder:
             T = ids.shape[0]
             if cache.length + T > cache.max_len:
                 raise ValueError(f"KV cache holds {cache.max_len} positions; {cache.length + T} needed")
-            dca = self.cfg.dual_chunk_attention_config
-            if dca and cache.length + T > dca["chunk_size"]:  # up to chunk_size DCA equals plain attention
-                raise QConvertError(f"{cache.length + T} positions exceed the dual chunk attention chunk size "
-                                    f"({dca['chunk_size']}); dual chunk attention is implemented in the numpy "
-                                    "backend: use --backend numpy")
+            dca, L = self.dca, cache.length + T
+            if dca and (L > dca.chunk_size or dca.length_scale(L) != 1.0):  # else DCA equals plain attention
+                raise QConvertError(f"{L} positions exceed what plain attention reproduces of this model's dual "
+                                    f"chunk attention ({min(dca.chunk_size, dca.original or dca.chunk_size)}); "
+                                    "dual chunk attention is implemented in the numpy backend; use --backend numpy")
             pos = t.arange(cache.length, cache.length + T, device=self.device, dtype=t.float32)
             freqs = pos[:, None] * self.inv_freq[None, :]
             emb = t.cat([freqs, freqs], dim=-1)
