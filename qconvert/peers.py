@@ -225,32 +225,46 @@ LLAMA_CPP_PYTHON = ("llama-cpp-python", "0.3.36")
 
 def llama_tool(name: str = "llama-gguf-split") -> Path:
     """A llama.cpp command-line tool (e.g. ``llama-gguf-split``) built once from the llama-cpp-python sdist's
-    llama.cpp source (cmake + ninja, CPU only, that target only) and cached under the qconvert cache folder."""
+    llama.cpp source (cmake + ninja, CPU only, that target only) and cached under the qconvert cache folder.
+
+    The binary appears by rename when complete; a lock file makes concurrent callers wait for one build.
+    Portable flags (``GGML_NATIVE=OFF``) so a cached binary also runs on another CPU.
+    """
+    import fcntl
     import shutil as _shutil
     import time
 
-    exe = cache_dir() / "llama-tools" / name
+    tools = cache_dir() / "llama-tools"
+    exe = tools / name
     if exe.is_file():
         return exe
     if not (_shutil.which("cmake") and (_shutil.which("ninja") or _shutil.which("make"))):
         raise QConvertError(f"building {name} needs cmake and ninja (or make); install them")
-    src = fetch_sdist(*LLAMA_CPP_PYTHON) / "vendor" / "llama.cpp"
-    build = cache_dir() / "llama-tools" / f"build-{os.getpid()}"
-    gen = ["-G", "Ninja"] if _shutil.which("ninja") else []
-    t0 = time.perf_counter()
-    try:
-        for cmd in (["cmake", "-S", str(src), "-B", str(build), *gen, "-DCMAKE_BUILD_TYPE=Release",
-                     "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-                     "-DLLAMA_BUILD_SERVER=OFF", "-DBUILD_SHARED_LIBS=OFF", "-DGGML_OPENMP=OFF", "-DGGML_NATIVE=OFF"],
-                    ["cmake", "--build", str(build), "--target", name, "-j", str(os.cpu_count() or 2)]):
-            res = subprocess.run(cmd, capture_output=True, text=True)
-            if res.returncode != 0:
-                raise QConvertError(f"building {name} failed: " + " | ".join(res.stderr.splitlines()[-5:]))
-        built = next(build.rglob(name))
-        tmp = exe.with_name(f".{name}.tmp-{os.getpid()}")
-        _shutil.copy2(built, tmp)
-        os.replace(tmp, exe)
-    finally:
-        _shutil.rmtree(build, ignore_errors=True)
+    tools.mkdir(parents=True, exist_ok=True)
+    with open(tools / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building it: wait, then reuse its binary
+        if exe.is_file():
+            return exe
+        src = fetch_sdist(*LLAMA_CPP_PYTHON) / "vendor" / "llama.cpp"
+        build = tools / f"build-{os.getpid()}"
+        gen = ["-G", "Ninja"] if _shutil.which("ninja") else []
+        t0 = time.perf_counter()
+        try:
+            for cmd in (["cmake", "-S", str(src), "-B", str(build), *gen, "-DCMAKE_BUILD_TYPE=Release",
+                         "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+                         "-DLLAMA_BUILD_SERVER=OFF", "-DBUILD_SHARED_LIBS=OFF", "-DGGML_OPENMP=OFF",
+                         "-DGGML_NATIVE=OFF"],
+                        ["cmake", "--build", str(build), "--target", name, "-j", str(os.cpu_count() or 2)]):
+                res = subprocess.run(cmd, capture_output=True, text=True)
+                if res.returncode != 0:
+                    raise QConvertError(f"building {name} failed: " + " | ".join(res.stderr.splitlines()[-5:]))
+            built = next((p for p in build.rglob(name) if p.is_file()), None)
+            if built is None:
+                raise QConvertError(f"building {name}: the build finished without producing {name}")
+            tmp = exe.with_name(f".{name}.tmp-{os.getpid()}")
+            _shutil.copy2(built, tmp)
+            os.replace(tmp, exe)
+        finally:
+            _shutil.rmtree(build, ignore_errors=True)
     print(f"built {exe} in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
     return exe
