@@ -130,7 +130,8 @@ def size_label(cfg: ModelConfig) -> str:
 def write_gguf(src: Source, out: Path, outtype: str = "auto", force: bool = False, progress: bool = True,
                name: str | None = None, types: dict[str, str] | None = None, file_type: int | None = None,
                raw_chunks: Callable[[str, str, ThreadPoolExecutor], Iterable[np.ndarray] | None] | None = None,
-               split_max_size: int | None = None, split_max_tensors: int | None = None) -> dict[str, str]:
+               split_max_size: int | None = None, split_max_tensors: int | None = None,
+               files: list[Path] | None = None) -> dict[str, str]:
     """Write ``src`` as a GGUF at ``out``. Returns {gguf tensor name: GGML type}.
 
     ``types`` (GGUF name -> GGML type) overrides the per-tensor choice made from ``outtype``, as the
@@ -138,7 +139,7 @@ def write_gguf(src: Source, out: Path, outtype: str = "auto", force: bool = Fals
     GGML type, pool)`` may return that tensor's bytes already encoded (e.g. int4 codes repacked into
     GGML blocks, formats/int4_gguf.py); None converts it from the source as usual. ``split_max_size`` (bytes of
     tensor data) / ``split_max_tensors`` write llama.cpp's split files (formats/gguf_split.py) when more than one
-    part results; all parts appear together or not at all.
+    part results; all parts appear together or not at all. ``files``, if given, receives the paths written.
     """
     import gguf
 
@@ -195,6 +196,8 @@ def write_gguf(src: Source, out: Path, outtype: str = "auto", force: bool = Fals
                     raise QConvertError(f"{gname}: wrote {n} bytes of {t} data, expected {sizes[i]}")
                 w.write_padding(fout, n)
             w.close()
+    if files is not None:
+        files.extend(outs)
     return {g: t for g, _, _, t in plan}
 
 

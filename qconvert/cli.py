@@ -56,7 +56,7 @@ def _available_memory() -> int:
 
 
 def _write_gguf(src, out: Path, outtype: str, force: bool, progress: bool, name: str | None = None,
-                split: tuple[int | None, int | None] = (None, None)) -> dict:
+                split: tuple[int | None, int | None] = (None, None), files: list[Path] | None = None) -> dict:
     """Write a GGUF with a plain output type or a llama-quantize K-quant mixture.
 
     From an int4 folder, ``auto`` / ``q4_0`` / ``q4_1`` / ``q8_0`` repack the stored codes into GGML blocks
@@ -70,7 +70,7 @@ def _write_gguf(src, out: Path, outtype: str, force: bool, progress: bool, name:
             plan = plan_int4_gguf(src, outtype)
             types = write_gguf(src, out, force=force, progress=progress, name=name, types=plan.types,
                                file_type=plan.file_type, raw_chunks=plan.raw_chunks, split_max_size=split[0],
-                               split_max_tensors=split[1])
+                               split_max_tensors=split[1], files=files)
             click.echo(plan.summary())
             return types
         click.echo(f"int4 -> GGUF: no tensor mapped exactly; every matrix dequantised and re-encoded as {outtype} "
@@ -79,9 +79,9 @@ def _write_gguf(src, out: Path, outtype: str, force: bool, progress: bool, name:
         from qconvert.quant.mixtures import mixture_types
         return write_gguf(src, out, force=force, progress=progress, name=name,
                           types=mixture_types(src.config, outtype), file_type=MIXTURES[outtype][1],
-                          split_max_size=split[0], split_max_tensors=split[1])
+                          split_max_size=split[0], split_max_tensors=split[1], files=files)
     return write_gguf(src, out, outtype, force=force, progress=progress, name=name, split_max_size=split[0],
-                      split_max_tensors=split[1])
+                      split_max_tensors=split[1], files=files)
 
 
 @cli.command("hf-to-gguf")
@@ -105,7 +105,7 @@ def hf_to_gguf(src: str, out: Path, outtype: str, name: str | None, split_max_si
     """Convert an HF checkpoint (folder or Hub id), an int4 folder or a GGUF (a split one: its first part) to a
     GGUF file, or to llama.cpp split files."""
     from formats.detect import open_model
-    from formats.gguf_split import parse_size, part_path
+    from formats.gguf_split import parse_size
     from formats.output import check_target
 
     split = (parse_size(split_max_size) if split_max_size else None, split_max_tensors)
@@ -113,14 +113,11 @@ def hf_to_gguf(src: str, out: Path, outtype: str, name: str | None, split_max_si
         check_target(out, force)
     t0 = time.perf_counter()
     with open_model(src) as s:
-        types = _write_gguf(s, out, outtype, force, not quiet, name, split)
+        files: list[Path] = []
+        types = _write_gguf(s, out, outtype, force, not quiet, name, split, files)
     counts: dict[str, int] = {}
     for t in types.values():
         counts[t] = counts.get(t, 0) + 1
-    files = [out]
-    if not out.is_file():
-        n = next(k for k in range(2, len(types) + 1) if part_path(out, 0, k).is_file())
-        files = [part_path(out, k, n) for k in range(n)]
     size = sum(f.stat().st_size for f in files)
     where = f"{files[0]} .. {files[-1].name} ({len(files)} parts, " if len(files) > 1 else f"{out} ("
     click.echo(f"wrote {where}{size / 2**20:.1f} MiB, {len(types)} tensors {counts}) "
