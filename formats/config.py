@@ -60,6 +60,7 @@ class ModelConfig:
     is_moe: bool = field(init=False)
 
     def __post_init__(self) -> None:
+        _check_fields(self)
         if self.arch not in HF_ARCHITECTURES:
             raise QConvertError(f"unsupported architecture {self.arch!r}: qconvert handles qwen2 and qwen2moe only")
         if self.hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_key_value_heads:
@@ -79,12 +80,16 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], where: str = "config.json") -> "ModelConfig":
         """Build from a parsed HF ``config.json`` (transformers 4 or 5 style)."""
+        if not isinstance(d, dict):
+            raise QConvertError(f"{where}: expected a JSON object, got {type(d).__name__}; provide a valid HF config.json")
         mt = d.get("model_type")
         if mt not in HF_MODEL_TYPES:
             raise QConvertError(f"{where}: model_type {mt!r} is not supported; qconvert converts Qwen2-family "
                                 f"models only (model_type 'qwen2' or 'qwen2_moe')")
         arch = HF_MODEL_TYPES[mt]
         rope = d.get("rope_parameters") or {}
+        if not isinstance(rope, dict) or not isinstance(d.get("rope_scaling") or {}, dict):
+            raise QConvertError(f"{where}: rope_parameters / rope_scaling must be JSON objects")
         if isinstance(rope, dict) and any(isinstance(v, dict) for v in rope.values()):
             raise QConvertError(f"{where}: per-layer rope_parameters are not supported for {mt}")
         theta = d.get("rope_theta", rope.get("rope_theta", 1_000_000.0))
@@ -118,15 +123,16 @@ class ModelConfig:
             )
         except KeyError as e:
             raise QConvertError(f"{where}: missing required key {e.args[0]!r}; is this a complete HF config?") from None
+        except QConvertError as e:
+            raise _located(e, where) from None
+        except (TypeError, ValueError, OverflowError) as e:
+            raise QConvertError(f"{where}: a value has the wrong type ({e}); fix config.json") from None
 
     @classmethod
     def from_hf_json(cls, path: str | Path) -> "ModelConfig":
         """Read ``config.json``."""
-        try:
-            d = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise QConvertError(f"{path}: cannot read config ({e}); provide a valid HF config.json") from None
-        return cls.from_hf_dict(d, str(path))
+        from formats import jsonio
+        return cls.from_hf_dict(jsonio.load(path, "config"), str(path))
 
     def to_hf_dict(self) -> dict[str, Any]:
         """HF ``config.json`` content (transformers-4 style, loadable by transformers 4 and 5)."""
@@ -221,6 +227,16 @@ class ModelConfig:
                              if f"{a}.dual_chunk_attention.{key}" in kv}, where)
         if kv.get(f"{a}.hf.use_sliding_window"):
             raise QConvertError(f"{where}: {a}.hf.use_sliding_window is true; sliding-window attention is not supported")
+        try:
+            return cls._from_gguf(kv, a, req, vocab_size, tied, scaling, eos, dca)
+        except QConvertError as e:
+            raise _located(e, where) from None
+        except (TypeError, ValueError, OverflowError) as e:
+            raise QConvertError(f"{where}: a metadata value has the wrong type ({e}); the file is damaged") from None
+
+    @classmethod
+    def _from_gguf(cls, kv: dict[str, Any], a: str, req: Any, vocab_size: int, tied: bool, scaling: Any, eos: Any,
+                   dca: Any) -> "ModelConfig":
         return cls(
             arch=a, vocab_size=vocab_size, hidden_size=int(req("embedding_length")),
             intermediate_size=int(req("feed_forward_length")), num_hidden_layers=int(req("block_count")),
@@ -295,6 +311,60 @@ def check_dca(dca: Any, where: str = "config") -> dict[str, Any] | None:
         raise QConvertError(f"{where}: dual_chunk_attention_config is invalid: local_size ({out['local_size']}) "
                             f"must be smaller than chunk_size ({out['chunk_size']})")
     return out
+
+
+# (field, kind, lowest, highest): what a config may say before anything is sized from it
+_LIMITS = [("vocab_size", "int", 1, 1 << 24), ("hidden_size", "int", 1, 1 << 17), ("intermediate_size", "int", 1, 1 << 20),
+           ("num_hidden_layers", "int", 1, 1024), ("num_attention_heads", "int", 1, 4096),
+           ("num_key_value_heads", "int", 1, 4096), ("max_position_embeddings", "int", 1, 1 << 26),
+           ("rope_theta", "float", 1e-3, 1e12), ("rms_norm_eps", "float", 1e-12, 0.5),
+           ("num_experts", "int", 0, 4096), ("num_experts_per_tok", "int", 0, 4096),
+           ("moe_intermediate_size", "int", 0, 1 << 20), ("shared_expert_intermediate_size", "int", 0, 1 << 20),
+           ("sliding_window", "int?", 0, 1 << 31), ("max_window_layers", "int?", 0, 1 << 31),
+           ("bos_token_id", "int?", 0, (1 << 31) - 1)]
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _check_fields(c: "ModelConfig") -> None:
+    """Types and ranges of every field (a hostile config must not size an allocation or divide by zero)."""
+    import math
+    for name, kind, lo, hi in _LIMITS:
+        v = getattr(c, name)
+        if kind == "int?" and v is None:
+            continue
+        ok = _is_int(v) if kind.startswith("int") else isinstance(v, (int, float)) and not isinstance(v, bool) \
+            and math.isfinite(v)
+        if not ok or not lo <= v <= hi:
+            raise QConvertError(f"{name} is {v!r}; expected {'an integer' if kind != 'float' else 'a number'} "
+                                f"in [{lo}, {hi}]")
+    eos = c.eos_token_id if isinstance(c.eos_token_id, list) else [c.eos_token_id]
+    if len(eos) > 64 or not all(e is None or (_is_int(e) and 0 <= e < 1 << 31) for e in eos):
+        raise QConvertError(f"eos_token_id is {c.eos_token_id!r}; expected a token id or a short list of ids")
+    if c.num_experts_per_tok > c.num_experts:
+        raise QConvertError(f"num_experts_per_tok ({c.num_experts_per_tok}) exceeds num_experts ({c.num_experts})")
+    if c.name is not None and not isinstance(c.name, str):
+        raise QConvertError(f"the model name is {type(c.name).__name__}; expected a string")
+    if not isinstance(c.dtype, str) or not isinstance(c.tie_word_embeddings, bool):
+        raise QConvertError("dtype must be a string and tie_word_embeddings a boolean")
+    rs = c.rope_scaling
+    if rs is not None:
+        f, orig = rs.get("factor"), rs.get("original_max_position_embeddings")
+        if not isinstance(f, float) or not math.isfinite(f) or not 0 < f <= 1e6:
+            raise QConvertError(f"rope scaling factor is {f!r}; expected a positive number")
+        if orig is not None and not (_is_int(orig) and 0 < orig <= 1 << 26):
+            raise QConvertError(f"rope scaling original_max_position_embeddings is {orig!r}; expected a positive integer")
+        for k, v in rs.items():
+            if k not in ("type", "factor", "original_max_position_embeddings") and not (
+                    v is None or isinstance(v, (bool, str)) or (isinstance(v, (int, float)) and math.isfinite(v))):
+                raise QConvertError(f"rope scaling {k} is {v!r}; expected a number")
+
+
+def _located(e: QConvertError, where: str) -> QConvertError:
+    msg = str(e)
+    return QConvertError(msg if msg.startswith(where) else f"{where}: {msg}")
 
 
 def _opt_int(v: Any) -> int | None:

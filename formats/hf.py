@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from formats import jsonio
 from formats.config import ModelConfig
 from formats.dtypes import TORCH_NAMES
 from formats.errors import QConvertError
@@ -51,11 +52,30 @@ def resolve(path_or_id: str) -> Path:
         raise QConvertError(f"{path_or_id}: could not fetch from the Hub ({e})") from None
 
 
-def _read_json(p: Path) -> dict[str, Any]:
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise QConvertError(f"{p}: cannot read JSON ({e})") from None
+def _read_json(p: Path, kind: str = "config") -> dict[str, Any]:
+    return jsonio.load(p, kind)
+
+
+def shard_files(d: Path, index: Path) -> list[str]:
+    """The shard names of ``model.safetensors.index.json``: plain file names inside ``d`` (no ``..``, no
+    absolute paths, no folders, no symlink leading out of the folder), else QConvertError."""
+    wm = _read_json(index, "index").get("weight_map")
+    if not isinstance(wm, dict) or not wm:
+        raise QConvertError(f"{index}: no weight_map; the index file is damaged")
+    files = set()
+    for name, fn in wm.items():
+        if not isinstance(fn, str) or not fn or fn != os.path.basename(fn) or fn in (".", "..") or "\\" in fn \
+                or "\0" in fn or not fn.endswith(".safetensors"):
+            raise QConvertError(f"{index}: weight_map[{name!r}] is {fn!r}; shards must be plain *.safetensors file "
+                                "names inside the model folder (no paths)")
+        files.add(fn)
+    root = d.resolve()
+    for fn in files:
+        real = (d / fn).resolve()
+        if real.parent != root and (d / fn).exists():
+            raise QConvertError(f"{index}: shard {fn} is a symlink to {real}, outside the model folder; copy the file "
+                                "into the folder instead")
+    return sorted(files)
 
 
 def open_hf(path_or_id: str) -> Source:
@@ -67,12 +87,10 @@ def open_hf(path_or_id: str) -> Source:
     cfg = ModelConfig.from_hf_dict(raw_cfg, str(d / "config.json"))
     index = d / "model.safetensors.index.json"
     if index.is_file():
-        wm = _read_json(index).get("weight_map")
-        if not isinstance(wm, dict):
-            raise QConvertError(f"{index}: no weight_map; the index file is damaged")
-        files = sorted(set(wm.values()))
+        files = shard_files(d, index)
     else:
-        files = sorted(p.name for p in d.glob("*.safetensors"))
+        root = d.resolve()
+        files = sorted(p.name for p in d.glob("*.safetensors") if p.resolve().parent == root)
     if not files:
         pickles = [p.name for p in d.glob("*.bin")] + [p.name for p in d.glob("*.pt")]
         hint = " (pickle checkpoints are never loaded: re-save with safetensors)" if pickles else ""
@@ -89,6 +107,8 @@ def open_hf(path_or_id: str) -> Source:
         for name in f.names():
             if name == "lm_head.weight" and cfg.tie_word_embeddings:
                 continue  # tied: the embedding is the head
+            if name in src.tensors:
+                raise QConvertError(f"{d / fn}: tensor {name} is also in another shard; the checkpoint is damaged")
             if name not in known:
                 if name.endswith("rotary_emb.inv_freq"):
                     continue

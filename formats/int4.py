@@ -194,10 +194,14 @@ def tensor_choices(version: str, quantization: dict[str, Any], per_tensor: dict[
     """(bits, group_size, symmetric, scale_bits) of matrix ``name`` from the header's ``quantization`` and
     ``tensors`` entries; version-1 files have only per-tensor bits (the rest is global, scales f16)."""
     info = per_tensor.get(name, {})
-    bits = int(info.get("bits", quantization.get("bits", 4)))
-    if version == "1":
-        return bits, int(quantization["group_size"]), quantization["scheme"] == "sym", 16
-    return bits, int(info["group_size"]), info["scheme"] == "sym", int(info.get("scale_bits", 16))
+    src = quantization if version == "1" else info
+    bits, group, scheme = info.get("bits", quantization.get("bits", 4)), src["group_size"], src["scheme"]
+    scale_bits = 16 if version == "1" else info.get("scale_bits", 16)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (bits, group, scale_bits)) or \
+            scheme not in ("sym", "asym"):
+        raise ValueError(f"bits {bits!r}, group_size {group!r}, scale_bits {scale_bits!r} must be integers and "
+                         f"scheme {scheme!r} 'sym' or 'asym'")
+    return bits, group, scheme == "sym", scale_bits
 
 
 Quantiser = Callable[[np.ndarray, QuantSpec, ThreadPoolExecutor], GroupQuant]
@@ -304,48 +308,90 @@ def _json(p: Path, obj: Any) -> None:
 
 
 def open_int4(d: Path) -> Source:
-    """Open an int4 folder as a Source; matrices dequantise row ranges on the fly (float32)."""
+    """Open an int4 folder as a Source; matrices dequantise row ranges on the fly (float32).
+
+    Everything the header says is checked before any byte is used: format and version, each matrix's bits /
+    group size / scheme / scale precision, and the dtype and shape of every stored part."""
+    from formats import jsonio
+
     d = Path(d)
-    raw_cfg = json.loads((d / "config.json").read_text(encoding="utf-8"))
+    raw_cfg = jsonio.load(d / "config.json", "config")
     cfg = ModelConfig.from_hf_dict(raw_cfg, str(d / "config.json"))
     f = SafetensorsFile(d / FILENAME)
+    try:
+        src = _open_checked(d, f, cfg, raw_cfg)
+    except BaseException:
+        f.close()
+        raise
+    src.check_complete()
+    return src
+
+
+def _open_checked(d: Path, f: SafetensorsFile, cfg: ModelConfig, raw_cfg: dict[str, Any]) -> Source:
+    from formats import jsonio
+
+    where = d / FILENAME
     meta = f.header.get("__metadata__") or {}
     if meta.get("format") != FORMAT:
-        f.close()
-        raise QConvertError(f"{d / FILENAME}: not a {FORMAT} file; write it with `qconvert quantize --format int4`")
+        raise QConvertError(f"{where}: not a {FORMAT} file; write it with `qconvert quantize --format int4`")
     if meta.get("version") not in ("1", VERSION):
-        f.close()
-        raise QConvertError(f"{d / FILENAME}: int4 layout version {meta.get('version')} is not supported (this "
+        raise QConvertError(f"{where}: int4 layout version {str(meta.get('version'))[:20]} is not supported (this "
                             f"qconvert reads versions 1 to {VERSION}); upgrade qconvert")
-    q = json.loads(meta["quantization"])
+    if "quantization" not in meta:
+        raise QConvertError(f"{where}: __metadata__ has no quantization entry; re-run `qconvert quantize`")
+    q = jsonio.loads(meta["quantization"], f"{where} __metadata__.quantization", "metadata")
     version = meta["version"]
+    per = jsonio.loads(meta.get("tensors", "{}"), f"{where} __metadata__.tensors", "metadata")
     src = Source(config=cfg, tokenizer=TokenizerData.from_hf_dir(d, raw_cfg), tensors={}, path=str(d), kind="int4",
                  closers=[f.close])
     if (d / "generation_config.json").is_file():
-        src.generation_config = json.loads((d / "generation_config.json").read_text())
-    per = json.loads(meta.get("tensors", "{}"))
+        src.generation_config = jsonio.load(d / "generation_config.json", "config")
+    expected = set()
     for n in canonical_names(cfg):
+        shape = canonical_shape(n, cfg)
         if n in f.header:
+            _part(f, n, n, ("F32", "F16", "BF16"), shape)
+            expected.add(n)
             src.tensors[n] = f.tensor(n)
             continue
         try:
             b, g, sy, scale_bits = tensor_choices(version, q, per, n)
-        except (KeyError, ValueError) as e:
-            f.close()
-            raise QConvertError(f"{d / FILENAME}: broken int4 metadata for {n} ({e}); re-run `qconvert quantize`") \
-                from None
+            if not (2 <= b <= 8 and 1 <= g <= 1 << 16 and scale_bits in (8, 16)):
+                raise ValueError(f"bits {b}, group size {g}, scale bits {scale_bits} out of range")
+        except (KeyError, ValueError, TypeError, AttributeError, OverflowError) as e:
+            raise QConvertError(f"{where}: broken int4 metadata for {n} ({e}); re-run `qconvert quantize`") from None
+        if len(shape) != 2:
+            raise QConvertError(f"{where}: {n} is 1-D and must be stored as F32, not quantised")
         s8 = scale_bits == 8
-        qw, sc = f.tensor(f"{n}.qweight", n), f.tensor(f"{n}.scales", n)
-        of = f.tensor(f"{n}.offsets", n) if not sy else None
-        st = f.tensor(f"{n}.steps", n) if s8 else None
-        shape = canonical_shape(n, cfg)
-        reader = _reader(qw, sc, of, st, b, g, shape[1], unpack_v1 if version == "1" else unpack)
+        rows, cols = shape
+        ng = -(-cols // g)
+        rb = row_bytes(cols, b) if version != "1" or b == 4 else cols
+        qw = _part(f, f"{n}.qweight", n, ("U8",), (rows, rb))
+        sc = _part(f, f"{n}.scales", n, (("I8" if sy else "U8") if s8 else "F16",), (rows, ng))
+        of = _part(f, f"{n}.offsets", n, ("I8" if s8 else "F16",), (rows, ng)) if not sy else None
+        st = _part(f, f"{n}.steps", n, ("F16",), (rows, 2)) if s8 else None
+        expected.update(f"{n}.{k}" for k, t in (("qweight", qw), ("scales", sc), ("offsets", of), ("steps", st)) if t)
+        reader = _reader(qw, sc, of, st, b, g, cols, unpack_v1 if version == "1" else unpack)
         stored = sum(x.nbytes for x in (qw, sc, of, st) if x is not None)
         label = f"int{b} g{g} {'sym' if sy else 'asym'}" + (" s8" if s8 else "")
         src.tensors[n] = LazyTensor(n, shape, "F32", reader, quant=label, stored_nbytes=stored,
-                                    packer=_packer(qw, sc, of, st, b, g, shape[1], int(version)))
-    src.check_complete()
+                                    packer=_packer(qw, sc, of, st, b, g, cols, int(version)))
+    extra = sorted(set(f.header) - expected - {"__metadata__"})
+    if extra:
+        raise QConvertError(f"{where}: unexpected tensor {extra[0]!r} for this config; is config.json from the same "
+                            "int4 folder?")
     return src
+
+
+def _part(f: SafetensorsFile, name: str, canonical: str, dtypes: tuple[str, ...], shape: tuple[int, ...]) -> LazyTensor:
+    """Stored tensor ``name`` after checking it exists with one of ``dtypes`` and exactly ``shape``."""
+    m = f.header.get(name)
+    if m is None:
+        raise QConvertError(f"{f.path}: tensor {name} is missing; the int4 folder is incomplete, re-run `qconvert quantize`")
+    if m["dtype"] not in dtypes or tuple(m["shape"]) != tuple(shape):
+        raise QConvertError(f"{f.path}: tensor {name} is {m['dtype']} {list(m['shape'])}, the header's choices imply "
+                            f"{'/'.join(dtypes)} {list(shape)}; the file is damaged, re-run `qconvert quantize`")
+    return f.tensor(name, canonical)
 
 
 def _packer(qw: LazyTensor, sc: LazyTensor, of: LazyTensor | None, st: LazyTensor | None, bits: int, group: int,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import os
 
 import numpy as np
 from gguf import GGMLQuantizationType as GQ
@@ -17,9 +18,10 @@ from formats import dtypes
 
 _LIB = None
 _spec = importlib.util.find_spec("formats._kernels")
-if _spec is not None and _spec.origin:
+_path = os.environ.get("QCONVERT_KERNELS_LIB") or (_spec.origin if _spec is not None else None)  # scripts/fuzz.py --asan
+if _path:
     try:
-        _LIB = ctypes.CDLL(_spec.origin)
+        _LIB = ctypes.CDLL(_path)
     except OSError:  # a broken build: fall back to numpy
         _LIB = None
 

@@ -21,31 +21,86 @@ from formats.tensor import LazyTensor
 ST_TYPES = {"F32": 4, "F16": 2, "BF16": 2, "U8": 1, "I8": 1}  # U8 / I8: int4 codes and scale codes (formats/int4.py)
 
 
+MAX_HEADER = 100_000_000  # the safetensors library's own limit
+ALL_TYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2,
+             "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}  # what the format defines
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"key {dup!r} appears twice")
+    return d
+
+
 def read_header(path: Path) -> tuple[dict[str, Any], int]:
-    """Return (header dict, data start offset) of a .safetensors file; QConvertError if malformed."""
+    """Return (header dict, data start offset) of a .safetensors file after validating it as the safetensors
+    library does: header length <= 100 MB and inside the file, a UTF-8 JSON object without duplicate keys,
+    known dtypes, shape x itemsize == span, spans contiguous from 0 to the end of the file (no holes, overlaps
+    or trailing bytes), ``__metadata__`` string -> string. QConvertError names the file, field and offset."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
             raw = f.read(8)
             if len(raw) < 8:
-                raise ValueError("file shorter than the 8-byte header length")
+                raise ValueError(f"the file has {len(raw)} bytes, fewer than the 8-byte header length")
             (n,) = struct.unpack("<Q", raw)
-            if n > min(size - 8, 1 << 28):
-                raise ValueError(f"header length {n} exceeds the file")
-            header = json.loads(f.read(n))
+            if n > MAX_HEADER or n > size - 8:
+                raise ValueError(f"header length {n} (byte 0) exceeds {'the file' if n > size - 8 else '100 MB'}")
+            text = f.read(n)
+        if not text.startswith(b"{"):
+            raise ValueError("the header (byte 8) is not a JSON object")
+        header = json.loads(text.decode("utf-8"), object_pairs_hook=_no_duplicates)
         if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-        for name, meta in header.items():
-            if name == "__metadata__":
-                continue
-            b, e = meta["data_offsets"]
-            if not (0 <= b <= e <= size - 8 - n):
-                raise ValueError(f"tensor {name} lies outside the file")
+            raise ValueError("the header (byte 8) is not a JSON object")
+        _check_entries(header, size - 8 - n)
     except OSError as e:
         raise QConvertError(f"{path}: cannot read ({e.strerror or e})") from None
+    except RecursionError:
+        raise QConvertError(f"{path}: broken safetensors header (JSON nested too deeply); re-download or re-save "
+                            "the checkpoint") from None
     except (ValueError, KeyError, TypeError) as e:
         raise QConvertError(f"{path}: broken safetensors header ({e}); re-download or re-save the checkpoint") from None
     return header, 8 + n
+
+
+def _check_entries(header: dict[str, Any], data_len: int) -> None:
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ValueError("__metadata__ must map strings to strings")
+    spans = []
+    for name, m in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(m, dict) or set(m) - {"dtype", "shape", "data_offsets"} or len(m) != 3:
+            raise ValueError(f"tensor {name!r}: expected exactly dtype, shape and data_offsets")
+        dt, shape, offs = m["dtype"], m["shape"], m["data_offsets"]
+        if not isinstance(dt, str) or dt not in ALL_TYPES:
+            raise ValueError(f"tensor {name!r}: unknown dtype {dt!r}")
+        ints = (lambda xs: isinstance(xs, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                                                         for x in xs))
+        if not ints(shape) or len(shape) > 8:
+            raise ValueError(f"tensor {name!r}: shape {shape!r} is not a list of at most 8 non-negative integers")
+        if not ints(offs) or len(offs) != 2 or offs[0] > offs[1]:
+            raise ValueError(f"tensor {name!r}: data_offsets {offs!r} are not [begin, end] with begin <= end")
+        numel = 1
+        for x in shape:
+            numel *= x
+        if numel * ALL_TYPES[dt] != offs[1] - offs[0]:
+            raise ValueError(f"tensor {name!r}: shape {shape} of {dt} needs {numel * ALL_TYPES[dt]} bytes, "
+                             f"data_offsets span {offs[1] - offs[0]}")
+        spans.append((offs[0], offs[1], name))
+    end = 0
+    for b, e, name in sorted(spans):
+        if b != end:
+            raise ValueError(f"tensor {name!r}: data starts at {b}, expected {end} "
+                             f"({'a hole' if b > end else 'overlapping the previous tensor'})")
+        end = e
+    if end != data_len:
+        raise ValueError(f"the tensors cover {end} data bytes but the file has {data_len} "
+                         f"({'truncated' if end > data_len else 'trailing bytes'})")
 
 
 class SafetensorsFile:

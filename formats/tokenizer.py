@@ -34,6 +34,9 @@ class TokenizerData:
     chat_template: str | None = None
     model_max_length: int | None = None
 
+    def __post_init__(self) -> None:
+        check_tokenizer(self)
+
     @property
     def n_real(self) -> int:
         """Number of real tokens (without trailing ``[PAD]`` fillers)."""
@@ -71,11 +74,15 @@ class TokenizerData:
                                 "tokenizer with tokens and merges")
         tokens = list(kv["tokenizer.ggml.tokens"])
         types = list(kv.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))
-        return cls(tokens=tokens, token_types=[int(t) for t in types], merges=list(kv.get("tokenizer.ggml.merges", [])),
-                   bos_id=kv.get("tokenizer.ggml.bos_token_id"), eos_id=kv.get("tokenizer.ggml.eos_token_id"),
-                   pad_id=kv.get("tokenizer.ggml.padding_token_id"),
-                   add_bos=bool(kv.get("tokenizer.ggml.add_bos_token", False)),
-                   chat_template=kv.get("tokenizer.chat_template"))
+        try:
+            return cls(tokens=tokens, token_types=[int(t) for t in types],
+                       merges=list(kv.get("tokenizer.ggml.merges", [])),
+                       bos_id=kv.get("tokenizer.ggml.bos_token_id"), eos_id=kv.get("tokenizer.ggml.eos_token_id"),
+                       pad_id=kv.get("tokenizer.ggml.padding_token_id"),
+                       add_bos=bool(kv.get("tokenizer.ggml.add_bos_token", False)),
+                       chat_template=kv.get("tokenizer.chat_template"))
+        except QConvertError as e:
+            raise QConvertError(f"{where}: {e}; the file is damaged") from None
 
     # -------------------------------------------------------------- HF
     @classmethod
@@ -84,17 +91,26 @@ class TokenizerData:
         tj_path = d / "tokenizer.json"
         if not tj_path.is_file():
             raise QConvertError(f"{d}: no tokenizer.json; qconvert needs the fast-tokenizer file of the model")
-        try:
-            tj = json.loads(tj_path.read_text(encoding="utf-8"))
-            tc = json.loads((d / "tokenizer_config.json").read_text(encoding="utf-8")) \
-                if (d / "tokenizer_config.json").is_file() else {}
-        except ValueError as e:
-            raise QConvertError(f"{d}: tokenizer file is not valid JSON ({e})") from None
+        from formats import jsonio
+        tj = jsonio.load(tj_path, "tokenizer")
+        tc = jsonio.load(d / "tokenizer_config.json", "tokenizer") if (d / "tokenizer_config.json").is_file() else {}
         model = tj.get("model", {})
-        if model.get("type") != "BPE":
-            raise QConvertError(f"{tj_path}: tokenizer model is {model.get('type')!r}, expected Qwen2's byte-level BPE")
-        vocab: dict[str, int] = model["vocab"]
-        added = {t["id"]: t for t in tj.get("added_tokens", [])}
+        if not isinstance(model, dict) or model.get("type") != "BPE":
+            got = model.get("type") if isinstance(model, dict) else model
+            raise QConvertError(f"{tj_path}: tokenizer model is {got!r}, expected Qwen2's byte-level BPE")
+        vocab, added_list, merges = model.get("vocab"), tj.get("added_tokens") or [], model.get("merges") or []
+        if not isinstance(vocab, dict) or not vocab or not all(_is_id(i) for i in vocab.values()):
+            raise QConvertError(f"{tj_path}: model.vocab must map token strings to ids in [0, {MAX_TOKENS})")
+        if not isinstance(added_list, list) or not all(
+                isinstance(t, dict) and _is_id(t.get("id")) and isinstance(t.get("content"), str) and t["content"]
+                for t in added_list):
+            raise QConvertError(f"{tj_path}: added_tokens must be objects with an id in [0, {MAX_TOKENS}) and a "
+                                "non-empty content string")
+        if not isinstance(merges, list) or not all(
+                isinstance(m, str) or (isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m))
+                for m in merges):
+            raise QConvertError(f"{tj_path}: model.merges must be strings 'a b' or pairs [a, b]")
+        added = {t["id"]: t for t in added_list}
         n = max([*vocab.values(), *added.keys()]) + 1
         tokens = [""] * n
         types = [UNUSED] * n
@@ -106,7 +122,7 @@ class TokenizerData:
         for i in range(n):
             if not tokens[i]:
                 tokens[i] = f"[PAD{i}]"
-        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+        merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
         ids = {tok: i for i, tok in enumerate(tokens)}
 
         def tok_id(key: str, cfg_key: str) -> int | None:
@@ -121,12 +137,16 @@ class TokenizerData:
         if (d / "chat_template.jinja").is_file():
             template = (d / "chat_template.jinja").read_text(encoding="utf-8")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+            template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                            None)
         mml = tc.get("model_max_length")
-        return cls(tokens=tokens, token_types=types, merges=merges,
-                   bos_id=tok_id("bos_token", "bos_token_id"), eos_id=tok_id("eos_token", "eos_token_id"),
-                   pad_id=tok_id("pad_token", "pad_token_id"), add_bos=bool(tc.get("add_bos_token", False)),
-                   chat_template=template, model_max_length=int(mml) if isinstance(mml, (int, float)) and mml < 1e12 else None)
+        try:
+            return cls(tokens=tokens, token_types=types, merges=merges,
+                       bos_id=tok_id("bos_token", "bos_token_id"), eos_id=tok_id("eos_token", "eos_token_id"),
+                       pad_id=tok_id("pad_token", "pad_token_id"), add_bos=bool(tc.get("add_bos_token", False)),
+                       chat_template=template, model_max_length=int(mml) if isinstance(mml, (int, float)) and mml < 1e12 else None)
+        except QConvertError as e:
+            raise QConvertError(f"{tj_path}: {e}; the tokenizer files are damaged") from None
 
     def to_hf_files(self) -> dict[str, Any]:
         """{"tokenizer.json": obj, "tokenizer_config.json": obj} for a Qwen2 fast tokenizer."""
@@ -166,6 +186,31 @@ class TokenizerData:
         if self.chat_template:
             tc["chat_template"] = self.chat_template
         return {"tokenizer.json": tj, "tokenizer_config.json": tc}
+
+
+MAX_TOKENS = 1 << 20  # the largest real vocabularies have ~256k tokens
+MAX_TEMPLATE = 1 << 20
+
+
+def _is_id(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < MAX_TOKENS
+
+
+def check_tokenizer(t: TokenizerData) -> None:
+    """Types and ranges of tokenizer data read from any file (QConvertError without a location; readers add it)."""
+    if not isinstance(t.tokens, list) or not 0 < len(t.tokens) <= MAX_TOKENS or \
+            not all(isinstance(x, str) for x in t.tokens):
+        raise QConvertError(f"tokenizer tokens must be 1 to {MAX_TOKENS} strings")
+    if len(t.token_types) != len(t.tokens) or not all(isinstance(x, int) and 0 <= x <= 6 for x in t.token_types):
+        raise QConvertError(f"tokenizer token types must be {len(t.tokens)} integers in 0..6 (one per token); "
+                            f"got {len(t.token_types)}")
+    if not all(isinstance(m, str) for m in t.merges):
+        raise QConvertError("tokenizer merges must be strings")
+    for what, v in (("bos", t.bos_id), ("eos", t.eos_id), ("pad", t.pad_id)):
+        if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < len(t.tokens)):
+            raise QConvertError(f"tokenizer {what} token id {v!r} is not one of the {len(t.tokens)} tokens")
+    if t.chat_template is not None and (not isinstance(t.chat_template, str) or len(t.chat_template) > MAX_TEMPLATE):
+        raise QConvertError(f"chat template must be a string of at most {MAX_TEMPLATE} characters")
 
 
 def _looks_special(tok: str) -> bool:

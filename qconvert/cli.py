@@ -384,7 +384,9 @@ def verify_cmd(ref: str, cand: str, text: Path | None, ctx: int, max_kld: float 
                f"perplexity ref {rep.ppl_ref:.4f}  cand {rep.ppl_cand:.4f}\n"
                f"max |dlogit| {rep.max_abs_dlogit:.4g}\n{'PASS' if rep.passed else 'FAIL'}")
     if json_out:
-        json_out.write_text(json.dumps(rep.as_dict(), indent=2) + "\n")
+        from formats.output import atomic_file
+        with atomic_file(json_out, force=True) as tmp:  # a report: replaced, but never half-written
+            tmp.write_text(json.dumps(rep.as_dict(), indent=2) + "\n")
     if plot:
         plot_kl(kl, plot, f"{Path(cand).name} vs {Path(ref).name}: mean KL {rep.mean_kl:.2e}")
     if not rep.passed:
@@ -453,6 +455,13 @@ def main() -> None:
         e.show()
         sys.exit(e.exit_code)
     except BrokenPipeError:
+        sys.exit(1)
+    except MemoryError:
+        click.echo("error: out of memory; use a machine with more RAM or a smaller model / context", err=True)
+        sys.exit(1)
+    except OSError as e:  # a disk or file-system failure outside the writers' own handling: one line, no traceback
+        where = f"{e.filename}: " if e.filename else ""
+        click.echo(f"error: {where}{e.strerror or e}; check the path, permissions and free space", err=True)
         sys.exit(1)
 
 

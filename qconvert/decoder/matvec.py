@@ -18,7 +18,8 @@ from formats.mapped import release
 from formats.tensor import LazyTensor
 
 _spec = importlib.util.find_spec("qconvert.decoder._matvec")
-_LIB = ctypes.CDLL(_spec.origin) if _spec is not None and _spec.origin else None
+_path = os.environ.get("QCONVERT_MATVEC_LIB") or (_spec.origin if _spec is not None else None)  # scripts/fuzz.py --asan
+_LIB = ctypes.CDLL(_path) if _path else None
 if _LIB is not None:
     _LIB.qc_matvec16.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                  ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
