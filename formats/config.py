@@ -83,7 +83,7 @@ class ModelConfig:
         if not isinstance(d, dict):
             raise QConvertError(f"{where}: expected a JSON object, got {type(d).__name__}; provide a valid HF config.json")
         mt = d.get("model_type")
-        if mt not in HF_MODEL_TYPES:
+        if not isinstance(mt, str) or mt not in HF_MODEL_TYPES:
             raise QConvertError(f"{where}: model_type {mt!r} is not supported; qconvert converts Qwen2-family "
                                 f"models only (model_type 'qwen2' or 'qwen2_moe')")
         arch = HF_MODEL_TYPES[mt]
@@ -182,6 +182,9 @@ class ModelConfig:
             kv[f"{a}.rope.scaling.factor"] = float(rs["factor"])
             if "original_max_position_embeddings" in rs:
                 kv[f"{a}.rope.scaling.original_context_length"] = int(rs["original_max_position_embeddings"])
+            for hf, key in ROPE_EXTRA_KEYS.items():  # llama.cpp's yarn_beta_* where it has them, else ours
+                if rs.get(hf) is not None:
+                    kv[key.format(a=a)] = rs[hf] if hf == "truncate" else float(rs[hf])
         if self.dual_chunk_attention_config:  # our keys (gguf-py has none): llama.cpp ignores them (plain attention)
             for key, hf in DCA_KEYS.items():
                 if hf in self.dual_chunk_attention_config:
@@ -219,6 +222,10 @@ class ModelConfig:
             scaling = {"type": st, "factor": float(kv.get(f"{a}.rope.scaling.factor", 1.0))}
             if f"{a}.rope.scaling.original_context_length" in kv:
                 scaling["original_max_position_embeddings"] = int(kv[f"{a}.rope.scaling.original_context_length"])
+            for hf, key in ROPE_EXTRA_KEYS.items():
+                if key.format(a=a) in kv:
+                    v = kv[key.format(a=a)]
+                    scaling[hf] = v if hf == "truncate" else _f32_clean(v)
             scaling = normalize_rope_scaling(scaling, where)
         eos = kv.get("tokenizer.ggml.eos_token_id")
         dca = None
@@ -285,6 +292,9 @@ def normalize_rope_scaling(rs: dict[str, Any] | None, where: str) -> dict[str, A
     return out
 
 
+ROPE_EXTRA_KEYS = {"beta_fast": "{a}.rope.scaling.yarn_beta_fast", "beta_slow": "{a}.rope.scaling.yarn_beta_slow",
+                   "attention_factor": "{a}.hf.rope_scaling.attention_factor", "mscale": "{a}.hf.rope_scaling.mscale",
+                   "mscale_all_dim": "{a}.hf.rope_scaling.mscale_all_dim", "truncate": "{a}.hf.rope_scaling.truncate"}
 DCA_KEYS = {"chunk_size": "chunk_size", "local_size": "local_size",
             "original_context_length": "original_max_position_embeddings"}  # GGUF suffix -> HF key
 
@@ -298,7 +308,7 @@ def check_dca(dca: Any, where: str = "config") -> dict[str, Any] | None:
         return None
 
     def is_int(v: Any) -> bool:
-        return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 < v < 1 << 31
 
     sizes = [k for k in DCA_KEYS.values() if k in (dca if isinstance(dca, dict) else {})]
     if not isinstance(dca, dict) or not {"chunk_size", "local_size"} <= set(sizes) or \
@@ -317,7 +327,7 @@ def check_dca(dca: Any, where: str = "config") -> dict[str, Any] | None:
 _LIMITS = [("vocab_size", "int", 1, 1 << 24), ("hidden_size", "int", 1, 1 << 17), ("intermediate_size", "int", 1, 1 << 20),
            ("num_hidden_layers", "int", 1, 1024), ("num_attention_heads", "int", 1, 4096),
            ("num_key_value_heads", "int", 1, 4096), ("max_position_embeddings", "int", 1, 1 << 26),
-           ("rope_theta", "float", 1e-3, 1e12), ("rms_norm_eps", "float", 1e-12, 0.5),
+           ("rope_theta", "float", 1.0001, 1e12), ("rms_norm_eps", "float", 1e-12, 0.5),
            ("num_experts", "int", 0, 4096), ("num_experts_per_tok", "int", 0, 4096),
            ("moe_intermediate_size", "int", 0, 1 << 20), ("shared_expert_intermediate_size", "int", 0, 1 << 20),
            ("sliding_window", "int?", 0, 1 << 31), ("max_window_layers", "int?", 0, 1 << 31),
@@ -357,9 +367,14 @@ def _check_fields(c: "ModelConfig") -> None:
         if orig is not None and not (_is_int(orig) and 0 < orig <= 1 << 26):
             raise QConvertError(f"rope scaling original_max_position_embeddings is {orig!r}; expected a positive integer")
         for k, v in rs.items():
-            if k not in ("type", "factor", "original_max_position_embeddings") and not (
-                    v is None or isinstance(v, (bool, str)) or (isinstance(v, (int, float)) and math.isfinite(v))):
-                raise QConvertError(f"rope scaling {k} is {v!r}; expected a number")
+            if k in ("type", "factor", "original_max_position_embeddings") or v is None:
+                continue
+            if k not in ROPE_EXTRA_KEYS:
+                raise QConvertError(f"rope scaling has an unknown key {k!r} (known: factor, original_max_position_"
+                                    f"embeddings, {', '.join(ROPE_EXTRA_KEYS)}); remove or fix it")
+            if k == "truncate" and not isinstance(v, bool) or k != "truncate" and not (
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 < v < 1e6):
+                raise QConvertError(f"rope scaling {k} is {v!r}; expected {'true/false' if k == 'truncate' else 'a positive number'}")
 
 
 def _located(e: QConvertError, where: str) -> QConvertError:

@@ -47,8 +47,10 @@ _KEY_TYPES: list[tuple[re.Pattern, str]] = [(re.compile(p), t) for p, t in [
      r"feed_forward_length|vocab_size|attention\.head_count(_kv)?|expert_(count|used_count|feed_forward_length|"
      r"shared_feed_forward_length)|rope\.scaling\.original_context_length|dual_chunk_attention\.[a-z_]+|"
      r"hf\.(sliding_window|max_window_layers))", "int"),
-    (r"[a-z0-9_]+\.(rope\.freq_base|attention\.layer_norm_rms_epsilon|rope\.scaling\.(factor|attn_factor))", "float"),
-    (r"tokenizer\.ggml\.add_(bos|eos)_token|[a-z0-9_]+\.(expert_weights_norm|hf\.use_sliding_window)", "bool"),
+    (r"[a-z0-9_]+\.(rope\.freq_base|attention\.layer_norm_rms_epsilon|rope\.scaling\.(factor|attn_factor|yarn_beta_"
+     r"(fast|slow))|hf\.rope_scaling\.(attention_factor|mscale|mscale_all_dim))", "float"),
+    (r"tokenizer\.ggml\.add_(bos|eos)_token|[a-z0-9_]+\.(expert_weights_norm|hf\.use_sliding_window|hf\.rope_scaling"
+     r"\.truncate)", "bool"),
     (r"tokenizer\.ggml\.(tokens|merges)", "str[]"),
     (r"tokenizer\.ggml\.token_type", "int[]"),
     (r"tokenizer\.ggml\.scores", "float[]"),

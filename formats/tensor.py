@@ -68,8 +68,13 @@ class LazyTensor:
         unless stored so). The decoders multiply by it natively."""
         from formats.codecs import PackedMatrix
 
+        from formats.codecs import GGML_TYPES
+
         if self.packer is not None:
             return self.packer()
+        if self.stype not in GGML_TYPES:  # a type the kernels don't run (IQ*, TQ*, MXFP4): float32 once
+            rows = self.rows(0, self.n_rows)
+            return PackedMatrix.ggml("F32", rows.view(np.uint8).reshape(self.n_rows, -1), self.row_len)
         return PackedMatrix.ggml(self.stype, self.packed_view(), self.row_len)
 
     def numpy(self) -> np.ndarray:

@@ -35,6 +35,8 @@ class TokenizerData:
     model_max_length: int | None = None
 
     def __post_init__(self) -> None:
+        if self.chat_template == "":
+            self.chat_template = None  # an empty template is no template (GGUF then carries none)
         check_tokenizer(self)
 
     @property
@@ -206,6 +208,12 @@ def check_tokenizer(t: TokenizerData) -> None:
                             f"got {len(t.token_types)}")
     if not all(isinstance(m, str) for m in t.merges):
         raise QConvertError("tokenizer merges must be strings")
+    known = set(t.tokens)
+    for i, m in enumerate(t.merges):
+        parts = m.split(" ")
+        if len(parts) != 2 or parts[0] not in known or parts[1] not in known:
+            raise QConvertError(f"tokenizer merge {i} ({m[:40]!r}) is not two tokens of the vocabulary separated by "
+                                "one space")
     for what, v in (("bos", t.bos_id), ("eos", t.eos_id), ("pad", t.pad_id)):
         if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < len(t.tokens)):
             raise QConvertError(f"tokenizer {what} token id {v!r} is not one of the {len(t.tokens)} tokens")

@@ -1,0 +1,1 @@
+"""The fuzz campaign on every reader (scripts/fuzz.py): seeds, mutators, a worker that runs one case at a time."""
