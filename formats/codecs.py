@@ -104,6 +104,13 @@ def _rows_view(a: np.ndarray) -> np.ndarray:
     return a if a.ndim == 2 and a.strides[1] == a.itemsize else np.ascontiguousarray(a).reshape(a.shape[0], -1)
 
 
+def _aligned(a: np.ndarray) -> np.ndarray:
+    """C-contiguous and aligned to its item size (the C kernels load uint16 scales directly): a copy only when
+    the stored bytes sit at an odd address (an f16 tensor after an odd-sized one in a safetensors file)."""
+    a = np.ascontiguousarray(a)
+    return a if a.flags.aligned else a.copy()
+
+
 class PackedMatrix:
     """W [rows, cols] in its stored bytes. Build with ``PackedMatrix.ggml`` or ``PackedMatrix.int_codes``."""
 
@@ -130,7 +137,11 @@ class PackedMatrix:
             if d.size % rb:
                 raise ValueError(f"{d.size} bytes are not whole rows of {cols} {stype} values ({rb} bytes)")
             d = d.reshape(-1, rb)
-        return cls(d.shape[0], cols, stype, stype, data=_rows_view(d))
+        d = _rows_view(d)
+        item = {"F32": 4, "F16": 2, "BF16": 2}.get(stype, 2)  # block types start with an f16 scale
+        if d.ctypes.data % item or d.strides[0] % item:  # e.g. F16 after an odd-sized U8 tensor in safetensors
+            d = d.copy()
+        return cls(d.shape[0], cols, stype, stype, data=d)
 
     @classmethod
     def int_codes(cls, qweight: np.ndarray, scales: np.ndarray, offsets: np.ndarray | None,
@@ -147,10 +158,10 @@ class PackedMatrix:
         need = cols if one_per_byte else -(-cols * bits // 8)
         s8 = steps is not None
         sc_dt = (np.uint8 if offsets is not None else np.int8) if s8 else np.uint16
-        sc = np.ascontiguousarray(np.asarray(scales).view(sc_dt).reshape(q.shape[0], ng))
-        of = None if offsets is None else np.ascontiguousarray(
+        sc = _aligned(np.asarray(scales).view(sc_dt).reshape(q.shape[0], ng))
+        of = None if offsets is None else _aligned(
             np.asarray(offsets).view(np.int8 if s8 else np.uint16).reshape(q.shape[0], ng))
-        st = None if steps is None else np.ascontiguousarray(np.asarray(steps).view(np.uint16).reshape(q.shape[0], 2))
+        st = None if steps is None else _aligned(np.asarray(steps).view(np.uint16).reshape(q.shape[0], 2))
         if q.shape[1] < need:
             raise ValueError(f"qweight rows have {q.shape[1]} bytes; {cols} codes of {bits} bits need {need}")
         label = f"int{bits} g{group} {'asym' if of is not None else 'sym'}" + (" s8" if s8 else "")
