@@ -51,10 +51,25 @@ def sweep_stale(path: Path) -> None:
         kind, _, pid = c.name[len(path.name) + 2:].partition("-")
         if kind not in ("tmp", "old") or not pid.isdigit() or _alive(int(pid)):
             continue
-        if c.is_dir() and not c.is_symlink():
+        if kind == "old" and not path.exists() and not path.is_symlink():
+            os.replace(c, path)  # killed between moving the old output aside and renaming the new one in
+        elif c.is_dir() and not c.is_symlink():
             shutil.rmtree(c, ignore_errors=True)
         else:
             c.unlink(missing_ok=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where the system can't."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def _alive(pid: int) -> bool:
@@ -145,10 +160,13 @@ def atomic_dir(path: Path, force: bool = False) -> Iterator[Path]:
             fsync_path(tmp)
             if path.exists():
                 old = path.with_name(f".{path.name}.old-{os.getpid()}")
-                os.replace(path, old)
-                os.replace(tmp, path)
+                if _exchange(tmp, path):  # one atomic swap: the old folder is now at tmp
+                    old = tmp
+                else:  # two renames; a kill between them is repaired by sweep_stale (the old folder comes back)
+                    os.replace(path, old)
+                    os.replace(tmp, path)
                 fsync_path(path.parent)
-                if old.is_dir():
+                if old.is_dir() and not old.is_symlink():
                     shutil.rmtree(old)
                 else:
                     old.unlink()

@@ -107,3 +107,20 @@ def test_full_disk_is_one_clear_error(tiny, tmp_path, small_disk, command):
     assert "Traceback" not in r.stderr
     assert list(small_disk.iterdir()) == [], f"left behind: {list(small_disk.iterdir())}"
     shutil.rmtree(tmp_path / "w", ignore_errors=True)
+
+
+def test_kill_between_two_renames_is_repaired(tmp_path):
+    """Without renameat2, replacing a folder takes two renames; a kill between them leaves only the old folder
+    under its temporary name. The next run puts it back instead of deleting it."""
+    from formats.output import atomic_dir, sweep_stale
+    out = tmp_path / "model"
+    aside = tmp_path / ".model.old-99999999"  # a dead process's
+    aside.mkdir()
+    (aside / "config.json").write_text("old")
+    (tmp_path / ".model.tmp-99999999").mkdir()  # its half-written new folder
+    sweep_stale(out)
+    assert (out / "config.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    with atomic_dir(out, force=True) as t:
+        (t / "config.json").write_text("new")
+    assert (out / "config.json").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
