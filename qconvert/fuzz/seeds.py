@@ -18,6 +18,7 @@ N_BPE = 300  # 256 byte symbols + the first 44 merges of the real vocabulary
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 VOCAB = 320
 CHATML = (DATA / "tokenizer_config.json")
+SEEDS_VERSION = "seeds 1\n"  # bump when the seeds change: cached seed folders are then rebuilt
 
 
 def micro_tokenizer() -> tuple[dict[str, Any], dict[str, Any]]:
@@ -95,7 +96,7 @@ def make_seeds(root: Path) -> dict[str, Path]:
     marker = root / ".done"
     seeds = {"hf": root / "hf", "hf16": root / "hf16", "gguf_f16": root / "f16.gguf", "gguf_q8": root / "q8.gguf",
              "gguf_q4": root / "q4_1.gguf", "int4": root / "int4", "int4_16": root / "int4_16"}
-    if marker.is_file():
+    if marker.is_file() and marker.read_text() == SEEDS_VERSION:
         real = root / "real-header.gguf"
         return {**seeds, **({"gguf_real": real} if real.is_file() else {})}
     shutil.rmtree(root, ignore_errors=True)
@@ -111,6 +112,6 @@ def make_seeds(root: Path) -> dict[str, Path]:
     subprocess.run([*cli, str(seeds["hf16"]), str(seeds["int4_16"]), "--method", "rtn", "--quiet", "--bits", "3",
                     "--scale-bits", "16", "--sym", "--mix", "uniform"], check=True, capture_output=True)
     real = real_header_gguf(root / "real-header.gguf")
-    marker.write_text("ok\n")
+    marker.write_text(SEEDS_VERSION)
     os.sync()
     return {**seeds, **({"gguf_real": real} if real else {})}
