@@ -130,6 +130,7 @@ def cli_cases(reader: str, n: int, seed: int, total: int, seeds: dict, work: Pat
     exe = str(Path(sys.executable).parent / "qconvert")
     step = max(1, total // n)
     out = []
+    work.mkdir(parents=True, exist_ok=True)
     ids = work / "ids.json"
     ids.write_text("[1, 17, 256, 300]")
     for k, i in enumerate(range(0, total, step)[:n]):
@@ -233,6 +234,7 @@ def main() -> int:
     t0 = time.monotonic()
     for r in readers:
         rows[r] = run_cases(r, a.cases, a.seed, a.workers, env, a.timeout, work)
+        print(table({r: rows[r]}, f"{r}: in-process, {time.monotonic() - t0:.0f} s"), file=sys.stderr, flush=True)
         if a.cli:
             cli_rows[r] = cli_cases(r, a.cli, a.seed, a.cases, seeds, work / "cli", max(30.0, 3 * a.timeout))
     title = (f"in-process: seed {a.seed}, {a.cases} cases per reader, {a.workers} workers"
