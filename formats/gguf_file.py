@@ -34,6 +34,7 @@ _NP = {VT.UINT8: "<u1", VT.INT8: "<i1", VT.UINT16: "<u2", VT.INT16: "<i2", VT.UI
        VT.FLOAT32: "<f4", VT.UINT64: "<u8", VT.INT64: "<i8", VT.FLOAT64: "<f8", VT.BOOL: "<u1"}
 MAX_DIMS = 4                # GGML_MAX_DIMS
 MAX_NAME = 63               # GGML_MAX_NAME - 1 (the C string's terminator)
+MAX_ELEMENTS = 1 << 23      # array values in all the metadata: bounds the Python objects a header can make
 _INT64_MAX = (1 << 63) - 1
 _INTS = {VT.UINT8, VT.INT8, VT.UINT16, VT.INT16, VT.UINT32, VT.INT32, VT.UINT64, VT.INT64}
 _FLOATS = {VT.FLOAT32, VT.FLOAT64}
@@ -85,6 +86,7 @@ class _Buf:
 
     def __init__(self, data: Any, size: int):
         self.d, self.p, self.size = data, 0, size
+        self.elements = 0  # array values read so far (each becomes a Python object)
 
     def need(self, n: int, field: str) -> None:
         if n < 0 or n > self.size - self.p:
@@ -123,6 +125,10 @@ def _value(b: _Buf, vt: int, field: str) -> tuple[Any, int]:
         raise _Bad(field, at, f"array element type {sub} is not a GGUF value type"
                    + (" (nested arrays are not supported, as in llama.cpp)" if sub == VT.ARRAY else ""))
     n = b.unpack("<Q", field + " array length")
+    b.elements += n
+    if b.elements > MAX_ELEMENTS:
+        raise _Bad(field, at + 4, f"array of {n} values: the metadata would hold over {MAX_ELEMENTS} values in all "
+                   "(real vocabularies have under 300k tokens)")
     if sub == VT.STRING:
         b.need(8 * n, field + f" array of {n} strings")  # each string has at least its 8-byte length
         return [b.string(f"{field}[{i}]") for i in range(n)], sub
