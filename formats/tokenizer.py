@@ -112,6 +112,8 @@ class TokenizerData:
                 isinstance(m, str) or (isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m))
                 for m in merges):
             raise QConvertError(f"{tj_path}: model.merges must be strings 'a b' or pairs [a, b]")
+        if len(set(vocab.values())) != len(vocab):
+            raise QConvertError(f"{tj_path}: model.vocab gives two tokens the same id; the file is damaged")
         added = {t["id"]: t for t in added_list}
         n = max([*vocab.values(), *added.keys()]) + 1
         tokens = [""] * n
@@ -211,9 +213,9 @@ def check_tokenizer(t: TokenizerData) -> None:
     known = set(t.tokens)
     for i, m in enumerate(t.merges):
         parts = m.split(" ")
-        if len(parts) != 2 or parts[0] not in known or parts[1] not in known:
+        if len(parts) != 2 or parts[0] not in known or parts[1] not in known or parts[0] + parts[1] not in known:
             raise QConvertError(f"tokenizer merge {i} ({m[:40]!r}) is not two tokens of the vocabulary separated by "
-                                "one space")
+                                "one space whose concatenation is a token too")
     for what, v in (("bos", t.bos_id), ("eos", t.eos_id), ("pad", t.pad_id)):
         if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < len(t.tokens)):
             raise QConvertError(f"tokenizer {what} token id {v!r} is not one of the {len(t.tokens)} tokens")

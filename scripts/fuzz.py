@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import select
 import shutil
 import subprocess
@@ -163,8 +164,9 @@ def cli_cases(reader: str, n: int, seed: int, total: int, seeds: dict, work: Pat
         leftovers = [p.name for p in (work / "case").rglob(".*tmp-*")]
         if leftovers:
             kind, detail = "mismatch", f"temporary left behind: {leftovers}"
+        rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # the largest child so far
         out.append({"index": i, "kind": kind, "label": label, "cmd": cmd[0], "detail": detail,
-                    "secs": time.monotonic() - t0})
+                    "secs": time.monotonic() - t0, "rss": rss})
     return out
 
 
