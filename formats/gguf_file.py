@@ -35,6 +35,8 @@ _NP = {VT.UINT8: "<u1", VT.INT8: "<i1", VT.UINT16: "<u2", VT.INT16: "<i2", VT.UI
 MAX_DIMS = 4                # GGML_MAX_DIMS
 MAX_NAME = 63               # GGML_MAX_NAME - 1 (the C string's terminator)
 MAX_ELEMENTS = 1 << 23      # array values in all the metadata: bounds the Python objects a header can make
+MAX_STRING = 64 << 20       # one string (the largest real ones: a tokenizer.json of ~10 MB stored as a string)
+MAX_TEXT = 128 << 20        # all strings of a header together
 _INT64_MAX = (1 << 63) - 1
 _INTS = {VT.UINT8, VT.INT8, VT.UINT16, VT.INT16, VT.UINT32, VT.INT32, VT.UINT64, VT.INT64}
 _FLOATS = {VT.FLOAT32, VT.FLOAT64}
@@ -87,6 +89,7 @@ class _Buf:
     def __init__(self, data: Any, size: int):
         self.d, self.p, self.size = data, 0, size
         self.elements = 0  # array values read so far (each becomes a Python object)
+        self.text = 0  # string bytes read so far
 
     def need(self, n: int, field: str) -> None:
         if n < 0 or n > self.size - self.p:
@@ -104,6 +107,10 @@ class _Buf:
         at = self.p
         n = self.unpack("<Q", field + " length")
         self.need(n, field)
+        self.text += n
+        if n > MAX_STRING or self.text > MAX_TEXT:
+            raise _Bad(field, at, f"a string of {n} bytes: over {MAX_STRING >> 20} MiB, or over {MAX_TEXT >> 20} MiB "
+                       "of strings in all; no real GGUF header holds that much text")
         raw = bytes(self.d[self.p:self.p + n])
         self.p += n
         try:

@@ -233,3 +233,20 @@ def test_seeded_fuzz_short():
                         "--seed", "7"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert "FINDING" not in r.stdout
+
+
+def test_huge_string_in_a_sparse_file_is_refused_before_it_is_read(seeds, tmp_path):
+    """A length that fits in a (sparse) file but is no real metadata string: refused without reading it."""
+    import resource
+
+    from formats.gguf_file import read_header
+    b = Path(seeds["gguf_q8"]).read_bytes()
+    lay = gguf_mut.parse(b)
+    bad = tmp_path / "sparse.gguf"
+    with open(bad, "wb") as f:
+        f.write(_field(b, lay, "kv[general.architecture].strlen", 300 << 20))
+        f.truncate(400 << 20)  # a hole: costs no disk
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(QConvertError, match="over 64 MiB"):
+        read_header(bad)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 << 10  # KiB: no 300 MB copy
