@@ -59,20 +59,27 @@ def test_sigkill_never_leaves_a_partial_output(tiny, tmp_path, command):
     full = time.monotonic() - t0
     old = _digest(out)
     rng = np.random.default_rng(11)
-    outcomes = {"old intact": 0, "new complete": 0, "killed mid-write": 0}
+    # the output is deterministic: "intact" = byte-identical to the complete output (old, or a finished new one)
+    outcomes = {"intact": 0, "other complete output": 0, "killed mid-write": 0}
     for k in range(KILLS):
         p = subprocess.Popen([EXE, *args, "--quiet"] if command != "quantize" else [EXE, *args],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(float(rng.uniform(0.3, 1.3)) * full)
+        if k % 2:  # any moment of the run, rename included
+            time.sleep(float(rng.uniform(0.1, 1.3)) * full)
+        else:  # a moment of the write itself: once the temporary exists
+            t_end = time.monotonic() + 3 * full
+            while not any(".tmp-" in x.name for x in work.iterdir()) and time.monotonic() < t_end and p.poll() is None:
+                time.sleep(0.002)
+            time.sleep(float(rng.uniform(0.0, 0.3)) * full)
         outcomes["killed mid-write"] += any(".tmp-" in x.name for x in work.iterdir())
         p.send_signal(signal.SIGKILL)
         p.wait()
         assert out.exists(), f"kill {k}: the old output is gone"
         if _digest(out) == old:
-            outcomes["old intact"] += 1
+            outcomes["intact"] += 1
         else:  # the rename happened before the kill: the new output must be whole
             assert _valid(out), f"kill {k}: a partial output"
-            outcomes["new complete"] += 1
+            outcomes["other complete output"] += 1
             old = _digest(out)
     print(f"{command}: {KILLS} kills, {outcomes}")
     assert outcomes["killed mid-write"] >= KILLS // 4, f"too few kills hit the write itself: {outcomes}"
