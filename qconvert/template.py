@@ -25,11 +25,27 @@ MEMORY_LIMIT = 256 << 20  # bytes of address space the renderer may add
 _WIDTH = re.compile(r"%[-#0 +]*(\d*)(?:\.(\d*))?")
 
 
-class _Stop(Exception):
-    """Raised inside the renderer when a limit is reached."""
+class _Stop(BaseException):
+    """Raised inside the renderer when a limit is reached (a BaseException: Jinja's own handlers let it pass)."""
 
 
-def _env(max_output: int) -> Any:
+class _Deadline:
+    """An iterable that stops the render when the time is up (Jinja's ``range`` in loops that print nothing)."""
+
+    def __init__(self, it: Any, deadline: float, limit: float):
+        self.it, self.deadline, self.limit = it, deadline, limit
+
+    def __len__(self) -> int:
+        return len(self.it)
+
+    def __iter__(self) -> Any:
+        for k, v in enumerate(self.it):
+            if not k & 1023 and time.monotonic() > self.deadline:
+                raise _Stop(f"stopped after {self.limit:g} s")
+            yield v
+
+
+def _env(max_output: int, deadline: float = float("inf"), limit: float = TIME_LIMIT) -> Any:
     from jinja2.exceptions import SecurityError, TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -77,7 +93,10 @@ def _env(max_output: int) -> Any:
             raise SecurityError("tojson indent must be 0-16")
         return json.dumps(x, ensure_ascii=False, indent=indent)
 
+    from jinja2.sandbox import safe_range
+
     env.globals["raise_exception"] = raise_exception
+    env.globals["range"] = lambda *a: _Deadline(safe_range(*a), deadline, limit)
     env.filters["tojson"] = tojson
     for name in ("center", "indent", "wordwrap", "truncate", "format", "replace"):  # size-changing filters
         env.filters[name] = _bounded(env.filters[name], max_output)
@@ -101,8 +120,8 @@ def _bounded(fn: Any, max_output: int) -> Any:
 
 def _render_here(template: str, context: dict[str, Any], time_limit: float, max_output: int) -> str:
     """Render in this process (the sandbox and the operator checks; the time checked between output pieces)."""
-    env = _env(max_output)
     deadline = time.monotonic() + time_limit
+    env = _env(max_output, deadline, time_limit)
     parts, n = [], 0
     for piece in env.from_string(template).generate(**context):
         n += len(piece)
