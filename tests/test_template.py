@@ -167,8 +167,6 @@ def test_timer_inside_jinja_frame_is_clean():
     assert time.monotonic() - t0 < 2.5
 
 
-@pytest.mark.xfail(reason="known gap in qconvert/template.py: when the timer fires inside a Jinja frame, Jinja's "
-                          "traceback rewrite fails (tb_lineno None) and the error reads 'failed to render: TypeError'")
 def test_timer_inside_jinja_frame_says_stopped():
     assert error_of("{% set l = range(99999) | list %}{% for i in range(99999) %}{% if i in l %}{% endif %}"
                     "{% endfor %}") == STOPPED
