@@ -4,6 +4,8 @@ A GGML block covers 32 consecutive values of a row with one f16 scale ``d`` (and
 
 - Q4_0: ``d``, 16 bytes; byte ``j`` holds value ``j`` (low nibble) and ``j + 16`` (high nibble); ``d * (q - 8)``;
 - Q4_1: ``d``, ``m``, 16 bytes as Q4_0; ``d * q + m``;
+- Q5_0: ``d``, 4 bytes ``qh`` (bit k: the fifth bit of value k), 16 bytes of low nibbles as Q4_0; ``d * (q - 16)``;
+- Q5_1: ``d``, ``m``, ``qh``, 16 bytes as Q5_0; ``d * q + m``;
 - Q8_0: ``d``, 32 int8; ``d * q``.
 
 An int4 group (``group_size`` 32/64/128 columns, one f16 scale, plus an f16 offset when asymmetric) spans
@@ -12,6 +14,8 @@ whole blocks when the row length is a multiple of 32 (a short last group then is
 - b-bit symmetric codes (``s * (q - 2^(b-1))``), b <= 4 -> Q4_0 with ``d = s``, code ``q + 8 - 2^(b-1)``;
 - b-bit asymmetric codes (``s * q + m``), b <= 4 -> Q4_1 with ``d = s``, ``m = m``, code ``q``;
 - b-bit symmetric codes, b <= 4 -> Q4_1 with ``d = s``, ``m = -2^(b-1) * s`` (exact unless that overflows f16);
+- b-bit symmetric codes, b <= 5 -> Q5_0 with ``d = s``, code ``q + 16 - 2^(b-1)``;
+- b-bit asymmetric codes, b <= 5 -> Q5_1 with ``d = s``, ``m = m``, code ``q`` (symmetric: ``m = -2^(b-1) * s``);
 - b-bit symmetric codes, b <= 8 -> Q8_0 with ``d = s``, int8 ``q - 2^(b-1)``.
 
 Matrices stored with 8-bit scale codes (``scale_bits`` 8: scale = row step x code) map the same way, their
@@ -37,10 +41,11 @@ from formats.names import canonical_shape, gguf_layout
 from formats.source import Source
 from formats.tensor import LazyTensor, pipelined
 
-MAPPABLE = ("Q4_0", "Q4_1", "Q8_0")
-EXACT_OUTTYPES = ("auto", "q4_0", "q4_1", "q8_0")  # --outtype values that map int4 codes exactly
-QK = 32  # values per GGML block of the three mappable types
-_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+MAPPABLE = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+EXACT_OUTTYPES = ("auto", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0")  # --outtype values that map int4 codes exactly
+QK = 32  # values per GGML block of the mappable types
+_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q8_0": 34}
+_WIDTH = {"Q4_0": 4, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5}  # code bits of the nibble types
 
 
 def exact_reason(bits: int, sym: bool, group_size: int, cols: int, ggml_type: str) -> str | None:
@@ -57,10 +62,10 @@ def exact_reason(bits: int, sym: bool, group_size: int, cols: int, ggml_type: st
         if bits > 8:
             return f"{bits}-bit codes do not fit Q8_0"
         return None
-    if bits > 4:
-        return f"{bits}-bit codes do not fit {ggml_type}'s 4 bits"
-    if ggml_type == "Q4_0" and not sym:
-        return "asymmetric codes have an offset Q4_0 cannot hold"
+    if bits > _WIDTH[ggml_type]:
+        return f"{bits}-bit codes do not fit {ggml_type}'s {_WIDTH[ggml_type]} bits"
+    if ggml_type in ("Q4_0", "Q5_0") and not sym:
+        return f"asymmetric codes have an offset {ggml_type} cannot hold"
     return None
 
 
@@ -112,9 +117,9 @@ def repack(qweight: np.ndarray, scales: np.ndarray, offsets: np.ndarray | None, 
         raise QConvertError(f"{kind} codes of {cols} columns: got qweight {list(qweight.shape)}, scales "
                             f"{list(scales.shape)}, expected {list(want_q)} and {list(want_s)}; the int4 file is corrupt")
     scales = np.ascontiguousarray(scales).view(np.uint16)
-    if sym and ggml_type == "Q4_1":
+    if sym and ggml_type in ("Q4_1", "Q5_1"):
         if offset_overflows(scales, bits):
-            raise QConvertError(f"cannot map symmetric codes onto Q4_1: -{1 << (bits - 1)} x scale overflows f16")
+            raise QConvertError(f"cannot map symmetric codes onto {ggml_type}: -{1 << (bits - 1)} x scale overflows f16")
         offsets = _sym_offset(scales, bits)
     out = np.empty((rows, nb, _BLOCK_BYTES[ggml_type]), np.uint8)
     out[:, :, 0:2] = _per_block(scales, group_size, nb)
@@ -124,9 +129,18 @@ def repack(qweight: np.ndarray, scales: np.ndarray, offsets: np.ndarray | None, 
         np.add(c, shift, out=out[:, :, 2:], casting="unsafe")
         return out.reshape(rows, -1)
     body = 2
-    if ggml_type == "Q4_1":
+    if ggml_type in ("Q4_1", "Q5_1"):
         out[:, :, 2:4] = _per_block(np.ascontiguousarray(offsets).view(np.uint16), group_size, nb)
         body = 4
+    if ggml_type in ("Q5_0", "Q5_1"):
+        c = _codes(qweight, bits, cols).reshape(rows, nb, QK)
+        if sym and ggml_type == "Q5_0":
+            c = c + np.uint8(16 - (1 << (bits - 1)))
+        high = ((c >> 4) & 1).astype(np.uint32) << np.arange(QK, dtype=np.uint32)  # qh bit k: fifth bit of value k
+        out[:, :, body:body + 4] = high.sum(axis=2, dtype=np.uint32).astype("<u4").view(np.uint8).reshape(rows, nb, 4)
+        low = c & 0x0F
+        out[:, :, body + 4:] = low[:, :, :16] | (low[:, :, 16:] << 4)
+        return out.reshape(rows, -1)
     nib = out[:, :, body:]
     if bits == 4:  # codes unchanged (Q4_0 of sym, Q4_1 of sym or asym): move nibbles only
         # byte i of an int4 block holds values 2i, 2i+1; GGML byte j holds values j and j+16
@@ -228,9 +242,12 @@ def stored_matrices(src: Source) -> dict[str, StoredMatrix]:
 
 
 def auto_type(bits: int, sym: bool) -> str:
-    """GGML type ``--outtype auto`` gives an int4-layout matrix: Q4_0 / Q4_1 up to 4 bits, Q8_0 above."""
+    """GGML type ``--outtype auto`` gives an int4-layout matrix: Q4_0 / Q4_1 up to 4 bits, Q5_0 / Q5_1 for
+    5 bits, Q8_0 above (exact for symmetric codes; asymmetric ones are requantised)."""
     if bits <= 4:
         return "Q4_0" if sym else "Q4_1"
+    if bits == 5:
+        return "Q5_0" if sym else "Q5_1"
     return "Q8_0"
 
 
@@ -306,7 +323,7 @@ def plan_int4_gguf(src: Source, outtype: str) -> Int4GGUFPlan:
         want = auto_type(m0.bits, m0.sym) if outtype == "auto" else outtype.upper()
         t = "F16" if base == "F16" else want
         why = exact_reason(m0.bits, m0.sym, m0.group_size, m0.cols, t)
-        if why is None and m0.sym and t == "Q4_1":
+        if why is None and m0.sym and t in ("Q4_1", "Q5_1"):
             if any(offset_overflows(m.read(0, m.rows)[1], m.bits) for m in ms):
                 why = f"-{1 << (m0.bits - 1)} x scale overflows f16"
         if base == "F16":

@@ -90,8 +90,9 @@ def _write_gguf(src, out: Path, outtype: str, force: bool, progress: bool, name:
 @click.option("--outtype", type=click.Choice(OUTTYPES + tuple(MIXTURES)), default="auto", show_default=True,
               help="type of 2-D weights (1-D tensors and norms stay F32), or a llama-quantize K-quant mixture. "
                    "auto: bf16 for a bf16 source, else f16; for an int4 folder, its codes repacked exactly into "
-                   "Q4_0 (sym) / Q4_1 (asym) blocks, Q8_0 for 5-8-bit sym codes (the 8-bit head), requantising "
-                   "only what cannot map (reported). q4_0 / q4_1 / q8_0 from an int4 folder also map exactly "
+                   "Q4_0 (sym) / Q4_1 (asym) blocks up to 4 bits, Q5_0 / Q5_1 for 5 bits, Q8_0 for 6-8-bit sym codes "
+                   "(the 8-bit head), requantising only what cannot map (reported). q4_0 / q4_1 / q5_0 / q5_1 / "
+                   "q8_0 from an int4 folder also map exactly "
                    "where the codes fit that type")
 @click.option("--name", default=None, help="general.name to store (default: the model's own name)")
 @click.option("--split-max-size", default=None, help="write llama.cpp split files (OUT-00001-of-0000N.gguf) of at "

@@ -27,7 +27,9 @@ CASES = [(4, True, 32, 256, "Q4_0"), (4, True, 64, 96, "Q4_0"), (4, True, 128, 1
          (4, False, 64, 256, "Q4_1"), (4, False, 128, 96, "Q4_1"), (4, False, 32, 64, "Q4_1"),
          (4, True, 64, 256, "Q4_1"), (4, True, 64, 256, "Q8_0"), (8, True, 32, 256, "Q8_0"),
          (8, True, 128, 160, "Q8_0"), (3, True, 64, 256, "Q4_0"), (3, False, 32, 256, "Q4_1"),
-         (2, True, 32, 64, "Q4_0"), (5, True, 64, 256, "Q8_0"), (3, True, 32, 96, "Q8_0")]
+         (2, True, 32, 64, "Q4_0"), (5, True, 64, 256, "Q8_0"), (3, True, 32, 96, "Q8_0"),
+         (5, False, 32, 256, "Q5_1"), (5, False, 128, 160, "Q5_1"), (5, True, 64, 256, "Q5_0"),
+         (5, True, 32, 96, "Q5_1"), (4, False, 64, 256, "Q5_1"), (4, True, 32, 64, "Q5_0"), (3, False, 32, 64, "Q5_1")]
 
 
 @pytest.mark.parametrize("bits,sym,group,cols,t", CASES)
@@ -40,7 +42,7 @@ def test_repack_equals_int4_dequant(bits, sym, group, cols, t):
     ref = dequant_rows(g.q, g.scales, g.offsets, bits, group)
     for use_c in (True, False):  # our C codec and the gguf package's numpy codec
         got = kernels.to_f32(raw, t, use_c=use_c).reshape(24, cols)
-        if sym and t == "Q4_1":
+        if sym and t in ("Q4_1", "Q5_1"):
             # d*q + m with m = -8d is the same number as s*(q-8), but gives +0.0 where s*(q-8) gives -0.0
             # (negative s, q = 8): equal values, zeros may differ in sign.
             assert np.array_equal(got, ref)
@@ -68,7 +70,9 @@ def test_repack_block_layout():
     ((8, False, 64, 256, "Q8_0"), "asymmetric codes have an offset Q8_0 cannot hold"),
     ((5, True, 64, 256, "Q4_0"), "5-bit codes do not fit Q4_0's 4 bits"),
     ((4, True, 64, 80, "Q4_0"), "row length 80 is not a multiple of 32"),
-    ((4, True, 64, 256, "Q5_0"), "codes map onto Q4_0, Q4_1, Q8_0 only, not Q5_0"),
+    ((4, True, 64, 256, "Q4_K"), "codes map onto Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 only, not Q4_K"),
+    ((6, False, 32, 256, "Q5_1"), "6-bit codes do not fit Q5_1's 5 bits"),
+    ((5, False, 32, 256, "Q5_0"), "asymmetric codes have an offset Q5_0 cannot hold"),
 ])
 def test_inexact_is_refused(args, why):
     assert exact_reason(*args) == why
@@ -217,18 +221,19 @@ def test_row_not_in_blocks_is_requantised(int4_dir, tmp_path, monkeypatch):
 
 def test_other_bit_widths(int4_dir, tmp_path):
     """3-bit symmetric codes are a subset of Q4_0's grid (code q + 4): mapped exactly; 5-bit asymmetric codes
-    have no exact GGML type here: requantised to Q8_0."""
+    are Q5_1's grid: mapped exactly too (the 8-bit asymmetric head has no exact type: requantised to Q8_0)."""
     d3 = int4_dir("tied", "--bits", "3", "--group-size", "32", "--sym", "--head-bits", "3")
     stdout, mapped, total = _to_gguf(d3, tmp_path / "b3.gguf")
     assert mapped == total == 15 and "Q4_0 x15" in stdout, stdout
     assert all(same for _, same, _ in _compare(d3, tmp_path / "b3.gguf").values())
 
-    d5 = int4_dir("tied", "--bits", "5", "--group-size", "32")
+    d5 = int4_dir("tied", "--bits", "5", "--group-size", "32", "--scale-bits", "16")
     stdout, mapped, total = _to_gguf(d5, tmp_path / "b5.gguf")
-    assert (mapped, total) == (0, 15), stdout
-    assert "requantised 15: token_embd.weight -> Q8_0 (8-bit asym: asymmetric codes have an offset Q8_0 cannot " \
-        "hold); blk.0.attn_q.weight, blk.0.attn_k.weight, blk.0.attn_v.weight (+11 more) -> Q8_0 (5-bit asym: " \
-        "asymmetric codes have an offset Q8_0 cannot hold)" in stdout, stdout
+    assert (mapped, total) == (14, 15) and "Q5_1 x14" in stdout, stdout
+    assert "requantised 1: token_embd.weight -> Q8_0 (8-bit asym: asymmetric codes have an offset Q8_0 cannot " \
+        "hold)" in stdout, stdout
+    cmp = _compare(d5, tmp_path / "b5.gguf")
+    assert all(same for n, (t, same, _) in cmp.items() if t == "Q5_1") and sum(t == "Q5_1" for t, _, _ in cmp.values()) == 14
 
 
 def test_explicit_outtypes(int4_dir, tmp_path):
@@ -249,7 +254,7 @@ def test_explicit_outtypes(int4_dir, tmp_path):
 
 def test_default_mix_maps_with_rounded_scales(int4_dir, tmp_path, sample_tokens):
     """The default int4 (--mix roles, 8-bit scale codes): 4-bit matrices still map onto Q4_1 with their codes
-    kept (scales rounded to f16, and said so); 3/5/8-bit asymmetric ones are requantised. llama.cpp on the
+    kept (scales rounded to f16, and said so), 5-bit ones onto Q5_1; 8-bit asymmetric k/v are requantised. llama.cpp on the
     result stays close to our decoder on the int4 folder."""
     from formats.detect import open_model
     from qconvert.decoder import make_decoder
@@ -259,9 +264,10 @@ def test_default_mix_maps_with_rounded_scales(int4_dir, tmp_path, sample_tokens)
     out = tmp_path / "m.gguf"
     stdout, mapped, total = _to_gguf(d, out)
     assert mapped > 0 and f"{mapped} of them with their 8-bit scale codes rounded to f16 (codes kept)" in stdout, stdout
-    assert "(5-bit asym: 5-bit codes do not fit Q4_1's 4 bits)" in stdout or "5-bit asym" in stdout, stdout
+    assert "Q5_1 x" in stdout and "(8-bit asym: asymmetric codes have an offset Q8_0 cannot hold)" in stdout, stdout
     cmp = _compare(d, out)
-    q41 = [rel for t, same, rel in cmp.values() if t == "Q4_1"]
+    assert sum(t == "Q5_1" for t, _, _ in cmp.values()) >= 8  # the 5-bit feed-forward matrices map onto Q5_1
+    q41 = [rel for t, same, rel in cmp.values() if t in ("Q4_1", "Q5_1")]
     assert q41 and max(q41) < 2e-3, max(q41)  # f16 rounding of the scales only
     with open_model(str(d)) as src:
         ours = make_decoder(src, "numpy", "cpu", "float32").logits(sample_tokens)
