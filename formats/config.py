@@ -7,7 +7,7 @@ Derived fields (head_dim, kv groups, MoE flag) are computed once in ``__post_ini
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -340,7 +340,6 @@ def _is_int(v: Any) -> bool:
 
 def _check_fields(c: "ModelConfig") -> None:
     """Types and ranges of every field (a hostile config must not size an allocation or divide by zero)."""
-    import math
     for name, kind, lo, hi in _LIMITS:
         v = getattr(c, name)
         if kind == "int?" and v is None:

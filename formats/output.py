@@ -95,28 +95,11 @@ def _disk_errors(target: Path) -> Iterator[None]:
         raise
 
 
-def _commit(tmp: Path, path: Path) -> None:
-    fsync_path(tmp)
-    os.replace(tmp, path)
-    fsync_path(path.parent)
-
-
 @contextmanager
 def atomic_file(path: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it to ``path``, on error delete it."""
-    path = Path(path)
-    check_target(path, force)
-    sweep_stale(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with _disk_errors(path):
-            yield tmp
-            if path.is_dir():
-                raise QConvertError(f"{path} is a folder; choose a file name for the output")
-            _commit(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_files([path], force) as tmps:
+        yield tmps[0]
 
 
 @contextmanager

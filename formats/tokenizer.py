@@ -6,7 +6,6 @@ GGUF side: ``tokenizer.ggml.*`` keys exactly as llama.cpp's converter writes the
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any

@@ -210,8 +210,11 @@ def make_case(reader: str, seeds: dict[str, Path], seed: int, index: int, work: 
     work.mkdir(parents=True)
     structural = rng.random() < 0.6
     if reader == "gguf":
-        pool = ["gguf_f16", "gguf_q8", "gguf_q4"] + (["gguf_real"] if "gguf_real" in seeds and index % 50 == 0 else [])
-        src = Path(seeds[pool[int(rng.integers(len(pool)))] if index % 50 else pool[-1]])
+        if index % 50 == 0:  # every 50th case: the real 0.5B header when cached
+            key = "gguf_real" if "gguf_real" in seeds else "gguf_q4"
+        else:
+            key = ("gguf_f16", "gguf_q8", "gguf_q4")[int(rng.integers(3))]
+        src = Path(seeds[key])
         out = work / "case.gguf"
         if src.stat().st_size > 64 << 20:  # the real header: mutate the header, keep the hole
             head_len = 6 << 20
@@ -282,7 +285,6 @@ def index_case(d: Path, rng: np.random.Generator) -> str:
         outside = d.parent / "outside.safetensors"
         os.replace(d / "model.safetensors", outside)
         os.symlink(outside, d / "model.safetensors")
-    from safetensors import safe_open  # noqa: F401  (the seed is a plain safetensors file)
     header, _ = st_split((d / "model.safetensors").read_bytes())
     wm = {k: target for k in header if k != "__metadata__"}
     (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
