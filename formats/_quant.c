@@ -6,11 +6,11 @@
 #include <string.h>
 #include <math.h>
 #include "_half.h"
+#include "_quant.h"
 
 /* ---- quantisers for the 32-value block types, bit-identical to ggml's reference (no importance
  * matrix): the scale comes from the block's extreme values, values are truncated after adding the
  * offset, and the scale is stored as f16 while the unrounded scale is used to quantise. ---- */
-static inline void put16(uint8_t *p, float v) { const uint16_t h = f2h(v); memcpy(p, &h, 2); }
 
 static void q_q8_0(const float *x, uint8_t *b, int64_t nb) {
     for (int64_t i = 0; i < nb; i++, x += 32, b += 34) {
@@ -89,19 +89,11 @@ static void q_q5_1(const float *x, uint8_t *b, int64_t nb) {
  * a weighted least-squares search over candidate grids, as ggml's reference quantisers do; the
  * sub-block scales are then quantised against the super-block's f16 scale, and values re-quantised
  * with the final (rounded) scales. ---- */
-/* round half to even for |v| < 2^22: adding 1.5 * 2^23 leaves the integer in the mantissa */
-static inline int rnd(float v) {
-    const float t = v + 12582912.f;
-    int32_t i; memcpy(&i, &t, 4);
-    return (i & 0x007fffff) - 0x00400000;
-}
-static inline int clampi(int v, int lo, int hi) { return v < lo ? lo : v > hi ? hi : v; }
-
 /* x ~ scale * L - m with L in [0, nmax], m >= 0; weights w. Returns scale, writes L and m.
  * As in ggml's reference, a better candidate's offset becomes the origin of the later candidates' grids
  * (lo is updated inside the search); together with the same operation order this makes the result
  * bit-identical to ggml's (tests/test_kquants.py). */
-static float fit_scale_min(int n, int nmax, const float *x, const float *w, uint8_t *L, float *m_out,
+float qc_fit_scale_min(int n, int nmax, const float *x, const float *w, uint8_t *L, float *m_out,
                            float rmin, float rdelta, int nstep) {
     float lo = x[0], hi = x[0], sw = 0, sx = 0;
     for (int i = 0; i < n; i++) { lo = x[i] < lo ? x[i] : lo; hi = x[i] > hi ? x[i] : hi; sw += w[i]; sx += w[i] * x[i]; }
@@ -134,30 +126,39 @@ static float fit_scale_min(int n, int nmax, const float *x, const float *w, uint
     return scale;
 }
 
-/* symmetric: x ~ scale * (L - nmax), L in [0, 2 nmax - 1], weights x^2; returns the (signed) scale */
-static float fit_scale_sym(int n, int nmax, const float *x, int8_t *L) {
+/* symmetric: x ~ scale * (L - nmax), L in [0, 2 nmax - 1], weights w (NULL: x^2): the scale from the value
+ * of largest magnitude, then 18 nearby grids, each with its weighted least-squares scale; the grid with the
+ * largest explained sum wins. Same operation order as ggml's make_qx_quants (bit-identical results). */
+float qc_fit_sym(int n, int nmax, const float *x, const float *w, int8_t *L) {
     float amax = 0, max = 0;
     for (int i = 0; i < n; i++) { const float a = fabsf(x[i]); if (a > amax) { amax = a; max = x[i]; } }
     if (amax < 1e-15f) { memset(L, 0, n); return 0.0f; }
-    float best_scale = 0, best = -1;
-    for (int k = 0; k <= 18; k++) {
-        const int step = k == 0 ? 0 : (k <= 9 ? k - 10 : k - 9);  /* 0, then -9..-1, 1..9 */
-        const float is = -(nmax + 0.1f * step) / max;
-        float sxl = 0, sl2 = 0;
+    float is = -nmax / max, sxl = 0, sl2 = 0;
+    for (int i = 0; i < n; i++) {
+        const int l = clampi(rnd(is * x[i]), -nmax, nmax - 1);
+        const float wi = w ? w[i] : x[i] * x[i];
+        L[i] = (int8_t)(l + nmax);
+        sxl += wi * x[i] * l; sl2 += wi * l * l;
+    }
+    float scale = sl2 ? sxl / sl2 : 0.0f, best = scale * sxl;
+    for (int k = -9; k <= 9; k++) {
+        if (!k) continue;
+        is = -(nmax + 0.1f * k) / max;
+        sxl = sl2 = 0;
         for (int i = 0; i < n; i++) {
             const int l = clampi(rnd(is * x[i]), -nmax, nmax - 1);
-            const float w = x[i] * x[i];
-            sxl += w * x[i] * l; sl2 += w * l * l;
+            const float wi = w ? w[i] : x[i] * x[i];
+            sxl += wi * x[i] * l; sl2 += wi * l * l;
         }
-        if (sl2 > 0 && (best < 0 || sxl * sxl > best * sl2)) {
-            best_scale = sxl / sl2; best = best_scale * sxl;
+        if (sl2 > 0 && sxl * sxl > best * sl2) {
             for (int i = 0; i < n; i++) L[i] = (int8_t)(clampi(rnd(is * x[i]), -nmax, nmax - 1) + nmax);
+            scale = sxl / sl2; best = scale * sxl;
         }
     }
-    return best_scale;
+    return scale;
 }
 
-static void pack_scale_min_k4(uint8_t *sc, int j, int ls, int lm) {
+void qc_pack_scale_min_k4(uint8_t *sc, int j, int ls, int lm) {
     if (j < 4) { sc[j] = (uint8_t)ls; sc[j + 4] = (uint8_t)lm; }
     else {
         sc[j + 4] = (uint8_t)((ls & 0xF) | ((lm & 0xF) << 4));
@@ -177,15 +178,15 @@ static void q_k45(int five, const float *x, uint8_t *b, int64_t nb) {
             for (int l = 0; l < 32; l++) s2 += xs[l] * xs[l];
             const float av = sqrtf(s2 / 32);
             for (int l = 0; l < 32; l++) w[l] = av + fabsf(xs[l]);
-            scales[j] = five ? fit_scale_min(32, 31, xs, w, L + 32 * j, &mins[j], -0.5f, 0.1f, 15)
-                             : fit_scale_min(32, 15, xs, w, L + 32 * j, &mins[j], -1.0f, 0.1f, 20);
+            scales[j] = five ? qc_fit_scale_min(32, 31, xs, w, L + 32 * j, &mins[j], -0.5f, 0.1f, 15)
+                             : qc_fit_scale_min(32, 15, xs, w, L + 32 * j, &mins[j], -1.0f, 0.1f, 20);
             if (scales[j] > max_scale) max_scale = scales[j];
             if (mins[j] > max_min) max_min = mins[j];
         }
         const float inv_s = max_scale > 0 ? 63.f / max_scale : 0.f, inv_m = max_min > 0 ? 63.f / max_min : 0.f;
         uint8_t *sc = b + 4;
         for (int j = 0; j < 8; j++)
-            pack_scale_min_k4(sc, j, clampi(rnd(inv_s * scales[j]), 0, 63), clampi(rnd(inv_m * mins[j]), 0, 63));
+            qc_pack_scale_min_k4(sc, j, clampi(rnd(inv_s * scales[j]), 0, 63), clampi(rnd(inv_m * mins[j]), 0, 63));
         put16(b, max_scale / 63.f); put16(b + 2, max_min / 63.f);
         const float d = h2f(rd16(b)), dmin = h2f(rd16(b + 2));
         for (int j = 0; j < 8; j++) {
@@ -194,27 +195,33 @@ static void q_k45(int five, const float *x, uint8_t *b, int64_t nb) {
             if (!dj) continue;
             for (int l = 0; l < 32; l++) L[32 * j + l] = (uint8_t)clampi(rnd((x[32 * j + l] + mj) / dj), 0, nmax);
         }
-        uint8_t *qh = b + 16, *q = five ? b + 48 : b + 16;
-        for (int j = 0, u1 = 1, u2 = 2; j < 256; j += 64, q += 32, u1 <<= 2, u2 <<= 2) {
-            for (int l = 0; l < 32; l++) {
-                uint8_t a = L[j + l], c = L[j + l + 32];
-                if (five) {
-                    if (a > 15) { a -= 16; qh[l] |= (uint8_t)u1; }
-                    if (c > 15) { c -= 16; qh[l] |= (uint8_t)u2; }
-                }
-                q[l] = (uint8_t)(a | (c << 4));
+        qc_pack_k45(five, L, b);
+    }
+}
+
+/* The codes L [256] of a Q4_K / Q5_K super-block into its bytes (fifth bits in qh; qh must be zero) */
+void qc_pack_k45(int five, const uint8_t *L, uint8_t *b) {
+    uint8_t *qh = b + 16, *q = five ? b + 48 : b + 16;
+    for (int j = 0, u1 = 1, u2 = 2; j < 256; j += 64, q += 32, u1 <<= 2, u2 <<= 2) {
+        for (int l = 0; l < 32; l++) {
+            uint8_t a = L[j + l], c = L[j + l + 32];
+            if (five) {
+                if (a > 15) { a -= 16; qh[l] |= (uint8_t)u1; }
+                if (c > 15) { c -= 16; qh[l] |= (uint8_t)u2; }
             }
+            q[l] = (uint8_t)(a | (c << 4));
         }
     }
 }
 
-/* Q6_K: 16 sub-blocks of 16 with signed 8-bit scales, 6-bit values */
-static void q_q6_k(const float *x, uint8_t *b, int64_t nb) {
-    for (int64_t i = 0; i < nb; i++, x += 256, b += 210) {
+/* Q6_K: 16 sub-blocks of 16 with signed 8-bit scales, 6-bit values. qw: importance weights of the 256
+ * columns of each super-block, used as they are (NULL: x^2), as ggml does. */
+void qc_q6k(const float *x, uint8_t *b, int64_t nb, const float *qw) {
+    for (int64_t i = 0; i < nb; i++, x += 256, b += 210, qw = qw ? qw + 256 : NULL) {
         int8_t L[256]; float scales[16], max_scale = 0, max_abs = 0;
         memset(b, 0, 210);
         for (int j = 0; j < 16; j++) {
-            scales[j] = fit_scale_sym(16, 32, x + 16 * j, L + 16 * j);
+            scales[j] = qc_fit_sym(16, 32, x + 16 * j, qw ? qw + 16 * j : NULL, L + 16 * j);
             if (fabsf(scales[j]) > max_abs) { max_abs = fabsf(scales[j]); max_scale = scales[j]; }
         }
         if (max_abs < 1e-15f) continue;
@@ -242,7 +249,7 @@ static void q_q6_k(const float *x, uint8_t *b, int64_t nb) {
 
 /* 2-bit fields of a Q2_K / Q3_K block: byte l of each 32-byte group holds values l, l+32, l+64, l+96 of
  * its 128-value half, lowest bits first */
-static void pack_2bit(const uint8_t *L, uint8_t *qs) {
+void qc_pack_2bit(const uint8_t *L, uint8_t *qs) {
     for (int j = 0; j < 256; j += 128, qs += 32)
         for (int l = 0; l < 32; l++)
             qs[l] = (uint8_t)(L[j + l] | (L[j + l + 32] << 2) | (L[j + l + 64] << 4) | (L[j + l + 96] << 6));
@@ -270,7 +277,7 @@ static void q_q2_k(const float *x, uint8_t *b, int64_t nb) {
         for (int j = 0; j < 16; j++) {
             const float *xs = x + 16 * j;
             for (int l = 0; l < 16; l++) w[l] = fabsf(xs[l]);
-            scales[j] = fit_scale_min(16, 3, xs, w, L + 16 * j, &mins[j], -0.5f, 0.1f, 15);
+            scales[j] = qc_fit_scale_min(16, 3, xs, w, L + 16 * j, &mins[j], -0.5f, 0.1f, 15);
             if (scales[j] > max_scale) max_scale = scales[j];
             if (mins[j] > max_min) max_min = mins[j];
         }
@@ -290,7 +297,7 @@ static void q_q2_k(const float *x, uint8_t *b, int64_t nb) {
             }
             b[j] = (uint8_t)(bs | (bm << 4));
         }
-        pack_2bit(L, b + 16);
+        qc_pack_2bit(L, b + 16);
     }
 }
 
@@ -306,14 +313,14 @@ static float q3_sub_err(const float *x, float dl, uint8_t *L) {
 }
 
 /* Q3_K: 16 sub-blocks of 16, x ~ d * sc * (L - 4) with L in [0, 7] and signed 6-bit sc. Sub-block scales
- * come from fit_scale_sym; after the super-block scale is rounded to f16, each sub-block takes the 6-bit
+ * come from qc_fit_sym; after the super-block scale is rounded to f16, each sub-block takes the 6-bit
  * scale next to the rounded one whose re-coded values have the smallest squared error. */
 static void q_q3_k(const float *x, uint8_t *b, int64_t nb) {
     for (int64_t i = 0; i < nb; i++, x += 256, b += 110) {
         uint8_t L[256], La[16]; int8_t Ls[16]; float scales[16], max_scale = 0, max_abs = 0;
         memset(b, 0, 110);
         for (int j = 0; j < 16; j++) {
-            scales[j] = fit_scale_sym(16, 4, x + 16 * j, Ls);
+            scales[j] = qc_fit_sym(16, 4, x + 16 * j, NULL, Ls);
             if (fabsf(scales[j]) > max_abs) { max_abs = fabsf(scales[j]); max_scale = scales[j]; }
         }
         memset(L, 4, 256);
@@ -338,7 +345,7 @@ static void q_q3_k(const float *x, uint8_t *b, int64_t nb) {
         uint8_t *hm = b;  /* bit k of hm[l] is the high bit of value 32 k + l */
         for (int j = 0; j < 256; j++)
             if (L[j] > 3) { hm[j % 32] |= (uint8_t)(1u << (j / 32)); L[j] -= 4; }
-        pack_2bit(L, b + 32);
+        qc_pack_2bit(L, b + 32);
     }
 }
 
@@ -354,7 +361,7 @@ int qc_quant(int type, const float *x, uint8_t *out, int64_t n_blocks) {
         case 11: q_q3_k(x, out, n_blocks); return 0;
         case 12: q_k45(0, x, out, n_blocks); return 0;
         case 13: q_k45(1, x, out, n_blocks); return 0;
-        case 14: q_q6_k(x, out, n_blocks); return 0;
+        case 14: qc_q6k(x, out, n_blocks, NULL); return 0;
         default: return -1;
     }
 }
@@ -442,7 +449,7 @@ static void fit_one_group(const float *xs, int n, int bits, int sym, int method,
     float s, m = 0;
     if (sym) {
         /* signed scale: the extreme value maps to q = 0 (l = -half), as Q4_0 does */
-        if (method == 1 && n <= 256) s = fit_scale_sym(n, half, xs, Ls);
+        if (method == 1 && n <= 256) s = qc_fit_sym(n, half, xs, NULL, Ls);
         else { float mx = 0, amax = 0; for (int i = 0; i < n; i++) if (fabsf(xs[i]) > amax) { amax = fabsf(xs[i]); mx = xs[i]; } s = mx / -half; }
     } else if (method == 1 && n <= 256) {
         float s2 = 0; for (int i = 0; i < n; i++) s2 += xs[i] * xs[i];

@@ -35,6 +35,11 @@ if _LIB is not None:
     for _fn in ("qc_dequant", "qc_quant"):
         getattr(_LIB, _fn).argtypes = [ctypes.c_int, _P, _P, _N]
         getattr(_LIB, _fn).restype = ctypes.c_int
+    if hasattr(_LIB, "qc_quant_w"):
+        _LIB.qc_quant_w.argtypes = [ctypes.c_int, _P, _P, _N, _N, _P]
+        _LIB.qc_quant_w.restype = ctypes.c_int
+        _LIB.qc_dequant_iq4.argtypes = [ctypes.c_int, _P, _P, _N]
+        _LIB.qc_dequant_iq4.restype = ctypes.c_int
     for _fn in ("qc_pack_bits", "qc_unpack_bits"):
         getattr(_LIB, _fn).argtypes = [_P, _N, _N, ctypes.c_int, _P]
         getattr(_LIB, _fn).restype = None
@@ -78,6 +83,9 @@ def _keep_chunk_buffers() -> None:
 _keep_chunk_buffers()
 C_DEQUANT = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
 C_QUANT = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
+IQ4 = {"IQ4_NL", "IQ4_XS"}  # formats/_quant_w.c: encoders and decoders
+WEIGHTED = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"}
+"""Types whose encoder uses an importance matrix (llama-quantize's set; Q8_0 and float types ignore it)."""
 _FLOAT_DT = {"F32": np.float32, "F16": np.uint16, "BF16": np.uint16}
 
 
@@ -114,18 +122,29 @@ def to_f32(raw: np.ndarray, t: str, use_c: bool = True) -> np.ndarray:
             nb = raw.nbytes // GGML_QUANT_SIZES[GQ[t]][1]
             _LIB.qc_dequant(int(GQ[t]), _ptr(raw), _ptr(out), nb)
         return out
+    if use_c and t in IQ4 and _LIB is not None and hasattr(_LIB, "qc_dequant_iq4"):
+        out = np.empty(n, np.float32)
+        _LIB.qc_dequant_iq4(int(GQ[t]), _ptr(raw), _ptr(out), raw.nbytes // GGML_QUANT_SIZES[GQ[t]][1])
+        return out
     block, size = GGML_QUANT_SIZES[GQ[t]]
     if t in ("F16", "BF16"):
         return dtypes.decode_rows(raw.reshape(-1), t).reshape(-1)
     return dtypes.decode_rows(raw.view(np.uint8).reshape(-1, size), t).reshape(-1)
 
 
-def from_f32(x: np.ndarray, t: str, use_c: bool = True) -> np.ndarray:
-    """float32 values -> flat raw values of type ``t`` (uint8 for block types, uint16 for F16/BF16)."""
+def from_f32(x: np.ndarray, t: str, use_c: bool = True, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """float32 values -> flat raw values of type ``t`` (uint8 for block types, uint16 for F16/BF16).
+
+    ``imatrix``: importance weights of the columns (x is then whole rows of ``len(imatrix)`` values), used
+    by the types in ``WEIGHTED`` exactly as llama-quantize --imatrix uses them; other types ignore it.
+    The IQ4 types and the weighted fits need the compiled kernels.
+    """
     x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
     n = x.size
     if t == "F32":
         return x
+    if t in IQ4 or (imatrix is not None and t in WEIGHTED):
+        return _from_f32_weighted(x, t, imatrix)
     if use_c and _LIB is not None and (t in ("F16", "BF16") or t in C_QUANT):
         if t in C_QUANT:
             block, size = GGML_QUANT_SIZES[GQ[t]]
@@ -141,6 +160,22 @@ def from_f32(x: np.ndarray, t: str, use_c: bool = True) -> np.ndarray:
         return dtypes.f32_to_bf16(x)
     block = GGML_QUANT_SIZES[GQ[t]][0]
     return dtypes.encode_rows(x.reshape(-1, block), t).reshape(-1)
+
+
+def _from_f32_weighted(x: np.ndarray, t: str, imatrix: np.ndarray | None) -> np.ndarray:
+    if _LIB is None or not hasattr(_LIB, "qc_quant_w"):
+        raise RuntimeError(f"{t} encoding{' with an importance matrix' if imatrix is not None else ''} needs the "
+                           "compiled kernels (formats/_kernels); reinstall qconvert with a C compiler")
+    block, size = GGML_QUANT_SIZES[GQ[t]]
+    cols = x.size if imatrix is None else imatrix.size
+    if cols == 0 or x.size % cols or cols % block:
+        raise ValueError(f"{t}: {x.size} values are not whole rows of {cols} (a multiple of {block})")
+    qw = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
+    out = np.empty(x.size // block * size, np.uint8)
+    rc = _LIB.qc_quant_w(int(GQ[t]), _ptr(x), _ptr(out), x.size // cols, cols, None if qw is None else _ptr(qw))
+    if rc != 0:
+        raise ValueError(f"no importance-weighted encoder for {t}")
+    return out
 
 
 def convert(raw: np.ndarray, src: str, dst: str, use_c: bool = True) -> np.ndarray:
