@@ -131,7 +131,7 @@ def write_gguf(src: Source, out: Path, outtype: str = "auto", force: bool = Fals
                name: str | None = None, types: dict[str, str] | None = None, file_type: int | None = None,
                raw_chunks: Callable[[str, str, ThreadPoolExecutor], Iterable[np.ndarray] | None] | None = None,
                split_max_size: int | None = None, split_max_tensors: int | None = None,
-               files: list[Path] | None = None) -> dict[str, str]:
+               files: list[Path] | None = None, imatrix: "Imatrix | None" = None) -> dict[str, str]:
     """Write ``src`` as a GGUF at ``out``. Returns {gguf tensor name: GGML type}.
 
     ``types`` (GGUF name -> GGML type) overrides the per-tensor choice made from ``outtype``, as the
@@ -140,6 +140,9 @@ def write_gguf(src: Source, out: Path, outtype: str = "auto", force: bool = Fals
     GGML blocks, formats/int4_gguf.py); None converts it from the source as usual. ``split_max_size`` (bytes of
     tensor data) / ``split_max_tensors`` write llama.cpp's split files (formats/gguf_split.py) when more than one
     part results; all parts appear together or not at all. ``files``, if given, receives the paths written.
+    ``imatrix`` (formats/imatrix.py): importance weights for the encoders, per tensor as llama-quantize uses
+    them (a tensor without an entry is encoded without); the file's datasets and chunk count are recorded
+    under llama-quantize's ``quantize.imatrix.*`` keys.
     """
     import gguf
 
@@ -159,6 +162,8 @@ def write_gguf(src: Source, out: Path, outtype: str = "auto", force: bool = Fals
     }
     kv.update(cfg.to_gguf_kv())
     kv.update(src.tokenizer.to_gguf_kv(cfg.vocab_size))
+    if imatrix is not None:
+        kv.update(imatrix_kv(imatrix))
     sizes = [int(np.prod(shape[:-1])) * row_nbytes(t, shape[-1]) for _, _, shape, t in plan]
     parts = plan_parts(sizes, split_max_size, split_max_tensors)
     outs = [Path(out)] if len(parts) == 1 else [part_path(out, k, len(parts)) for k in range(len(parts))]
@@ -186,9 +191,12 @@ def write_gguf(src: Source, out: Path, outtype: str = "auto", force: bool = Fals
                 gname, members, shape, t = plan[i]
                 w.write_padding(fout, fout.tell())
                 n = 0
-                for m in members:
+                qw = imatrix.weights(gname, shape[-1], len(members)) if imatrix is not None else None
+                for j, m in enumerate(members):
                     chunks = raw_chunks(m, t, pool) if raw_chunks else None
-                    for chunk in stream_converted(src.tensors[m], t, pool) if chunks is None else chunks:
+                    if chunks is None:
+                        chunks = stream_converted(src.tensors[m], t, pool, None if qw is None else qw[j])
+                    for chunk in chunks:
                         fout.write(memoryview(chunk).cast("B"))
                         n += chunk.nbytes
                         pb.update(chunk.nbytes)
@@ -199,6 +207,15 @@ def write_gguf(src: Source, out: Path, outtype: str = "auto", force: bool = Fals
     if files is not None:
         files.extend(outs)
     return {g: t for g, _, _, t in plan}
+
+
+def imatrix_kv(im: "Imatrix") -> dict[str, Any]:
+    """llama-quantize's record of the importance matrix a file was quantised with."""
+    kv: dict[str, Any] = {"quantize.imatrix.entries_count": len(im.entries),
+                          "quantize.imatrix.chunks_count": int(im.chunk_count)}
+    if im.datasets:
+        kv["quantize.imatrix.dataset"] = im.datasets[0]
+    return kv
 
 
 def _writer_class() -> type:

@@ -178,8 +178,9 @@ def _from_f32_weighted(x: np.ndarray, t: str, imatrix: np.ndarray | None) -> np.
     return out
 
 
-def convert(raw: np.ndarray, src: str, dst: str, use_c: bool = True) -> np.ndarray:
-    """Raw values of type ``src`` -> flat raw values of type ``dst`` (a copy-free view when equal)."""
+def convert(raw: np.ndarray, src: str, dst: str, use_c: bool = True, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """Raw values of type ``src`` -> flat raw values of type ``dst`` (a copy-free view when equal); ``imatrix``:
+    column importance for the encoder (see ``from_f32``)."""
     if src == dst:
         return np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
     if use_c and _LIB is not None and (src, dst) in (("BF16", "F16"), ("F16", "BF16")):
@@ -187,4 +188,4 @@ def convert(raw: np.ndarray, src: str, dst: str, use_c: bool = True) -> np.ndarr
         out = np.empty(n, np.uint16)
         (_LIB.qc_bf16_to_f16 if src == "BF16" else _LIB.qc_f16_to_bf16)(_ptr(raw), _ptr(out), n)
         return out.view(np.uint8)
-    return from_f32(to_f32(raw, src, use_c), dst, use_c).view(np.uint8)
+    return from_f32(to_f32(raw, src, use_c), dst, use_c, imatrix).view(np.uint8)

@@ -88,12 +88,14 @@ def row_chunks(t: LazyTensor, chunk_values: int = CHUNK_VALUES) -> list[tuple[in
     return [(s, min(s + step, t.n_rows)) for s in range(0, t.n_rows, step)]
 
 
-def stream_converted(t: LazyTensor, dst: str, pool: ThreadPoolExecutor | None = None) -> Iterator[np.ndarray]:
-    """Yield the tensor's data as raw ``dst`` bytes, chunk by chunk, in order.
+def stream_converted(t: LazyTensor, dst: str, pool: ThreadPoolExecutor | None = None,
+                     imatrix: np.ndarray | None = None) -> Iterator[np.ndarray]:
+    """Yield the tensor's data as raw ``dst`` bytes, chunk by chunk, in order (``imatrix``: importance of the
+    columns, for the encoders that use one).
 
     With a thread pool, up to two chunks ahead are converted while the caller writes the current one.
     """
-    return pipelined(lambda r: kernels.convert(t.raw_rows(*r), t.stype, dst), row_chunks(t), pool)
+    return pipelined(lambda r: kernels.convert(t.raw_rows(*r), t.stype, dst, imatrix=imatrix), row_chunks(t), pool)
 
 
 def pipelined(work: Callable[[tuple[int, int]], np.ndarray], ranges: list[tuple[int, int]],

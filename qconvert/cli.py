@@ -56,13 +56,21 @@ def _available_memory() -> int:
 
 
 def _write_gguf(src, out: Path, outtype: str, force: bool, progress: bool, name: str | None = None,
-                split: tuple[int | None, int | None] = (None, None), files: list[Path] | None = None) -> dict:
-    """Write a GGUF with a plain output type or a llama-quantize K-quant mixture.
+                split: tuple[int | None, int | None] = (None, None), files: list[Path] | None = None,
+                imatrix: Path | None = None) -> dict:
+    """Write a GGUF with a plain output type or a llama-quantize mixture (``imatrix``: an importance-matrix
+    file for the encoders, as llama-quantize --imatrix).
 
     From an int4 folder, ``auto`` / ``q4_0`` / ``q4_1`` / ``q8_0`` repack the stored codes into GGML blocks
     where that is exact and requantise the rest (formats/int4_gguf.py); one line reports which.
     """
     from formats.gguf import write_gguf
+    from formats.imatrix import read_imatrix
+
+    im = read_imatrix(imatrix) if imatrix is not None else None
+    if im is not None:
+        click.echo(f"imatrix: {len(im.entries)} entries from {imatrix} ({im.chunk_count} chunks"
+                   + (f" of {im.datasets[0]}" if im.datasets else "") + ")")
 
     if src.kind == "int4":
         from formats.int4_gguf import EXACT_OUTTYPES, plan_int4_gguf
@@ -70,7 +78,7 @@ def _write_gguf(src, out: Path, outtype: str, force: bool, progress: bool, name:
             plan = plan_int4_gguf(src, outtype)
             types = write_gguf(src, out, force=force, progress=progress, name=name, types=plan.types,
                                file_type=plan.file_type, raw_chunks=plan.raw_chunks, split_max_size=split[0],
-                               split_max_tensors=split[1], files=files)
+                               split_max_tensors=split[1], files=files, imatrix=im)
             click.echo(plan.summary())
             return types
         click.echo(f"int4 -> GGUF: no tensor mapped exactly; every matrix dequantised and re-encoded as {outtype} "
@@ -78,17 +86,24 @@ def _write_gguf(src, out: Path, outtype: str, force: bool, progress: bool, name:
     if outtype in MIXTURES:
         from qconvert.quant.mixtures import mixture_types
         return write_gguf(src, out, force=force, progress=progress, name=name,
-                          types=mixture_types(src.config, outtype), file_type=MIXTURES[outtype][1],
-                          split_max_size=split[0], split_max_tensors=split[1], files=files)
+                          types=mixture_types(src.config, outtype, im is not None), file_type=MIXTURES[outtype][1],
+                          split_max_size=split[0], split_max_tensors=split[1], files=files, imatrix=im)
     return write_gguf(src, out, outtype, force=force, progress=progress, name=name, split_max_size=split[0],
-                      split_max_tensors=split[1], files=files)
+                      split_max_tensors=split[1], files=files, imatrix=im)
+
+
+def _imatrix_option(f):
+    return click.option("--imatrix", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+                        help="importance matrix (llama-imatrix's GGUF or legacy .dat, or `qconvert imatrix`): "
+                             "weights every block's fit as llama-quantize --imatrix does")(f)
 
 
 @cli.command("hf-to-gguf")
 @click.argument("src")
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--outtype", type=click.Choice(OUTTYPES + tuple(MIXTURES)), default="auto", show_default=True,
-              help="type of 2-D weights (1-D tensors and norms stay F32), or a llama-quantize K-quant mixture. "
+              help="type of 2-D weights (1-D tensors and norms stay F32), or a llama-quantize mixture (the K-quant "
+                   "ones, iq4_nl, iq4_xs, and q4_0_mix .. q5_1_mix: llama-quantize's Q4_0 .. Q5_1 files). "
                    "auto: bf16 for a bf16 source, else f16; for an int4 folder, its codes repacked exactly into "
                    "Q4_0 (sym) / Q4_1 (asym) blocks up to 4 bits, Q5_0 / Q5_1 for 5 bits, Q8_0 for 6-8-bit sym codes "
                    "(the 8-bit head), requantising only what cannot map (reported). q4_0 / q4_1 / q5_0 / q5_1 / "
@@ -99,10 +114,11 @@ def _write_gguf(src, out: Path, outtype: str, force: bool, progress: bool, name:
               "most this much tensor data each, e.g. 2G or 200M (1000-based, as llama-gguf-split)")
 @click.option("--split-max-tensors", type=click.IntRange(min=1), default=None,
               help="write llama.cpp split files of at most this many tensors each")
+@_imatrix_option
 @click.option("--force", is_flag=True, help="overwrite OUT if it exists")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def hf_to_gguf(src: str, out: Path, outtype: str, name: str | None, split_max_size: str | None,
-               split_max_tensors: int | None, force: bool, quiet: bool) -> None:
+               split_max_tensors: int | None, imatrix: Path | None, force: bool, quiet: bool) -> None:
     """Convert an HF checkpoint (folder or Hub id), an int4 folder or a GGUF (a split one: its first part) to a
     GGUF file, or to llama.cpp split files."""
     from formats.detect import open_model
@@ -115,7 +131,7 @@ def hf_to_gguf(src: str, out: Path, outtype: str, name: str | None, split_max_si
     t0 = time.perf_counter()
     with open_model(src) as s:
         files: list[Path] = []
-        types = _write_gguf(s, out, outtype, force, not quiet, name, split, files)
+        types = _write_gguf(s, out, outtype, force, not quiet, name, split, files, imatrix)
     counts: dict[str, int] = {}
     for t in types.values():
         counts[t] = counts.get(t, 0) + 1
@@ -194,24 +210,27 @@ def inspect_cmd(model: str, as_json: bool, show_all: bool) -> None:
               help="int4 format: write the per-layer error as a PNG plot")
 @click.option("--type", "gtype", default="q4_k_m", show_default=True,
               help="gguf format: q8_0, q4_0, q4_1, q5_0, q5_1 or a mixture (" + ", ".join(MIXTURES) + ")")
+@_imatrix_option
 @click.option("--force", is_flag=True, help="replace OUT if it exists")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def quantize_cmd(src: str, out: Path, fmt: str, bits: int, group_size: str, scale_bits: str, mix: str,
                  target_bpw: float | None, method: str, sym: bool, head_bits: int, calib: Path | None,
                  calib_samples: int, calib_ctx: int, act_order: bool, sequential: bool, damp: float,
                  report_png: Path | None,
-                 gtype: str, force: bool, quiet: bool) -> None:
+                 gtype: str, imatrix: Path | None, force: bool, quiet: bool) -> None:
     """Quantise a model (HF folder, Hub id or GGUF) to the int4 layout or to a GGUF type / mixture."""
     from formats.detect import open_model
     from formats.output import check_target
 
     check_target(out, force)
     t0 = time.perf_counter()
+    if imatrix is not None and fmt != "gguf":
+        raise QConvertError("--imatrix applies to --format gguf; the int4 format's data-aware method is --method gptq")
     if fmt == "gguf":
         if gtype not in MIXTURES and gtype not in ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1"):
             raise QConvertError(f"--type {gtype} is not a GGUF quantisation qconvert writes; see --help")
         with open_model(src) as s:
-            types = _write_gguf(s, out, gtype, force, not quiet)
+            types = _write_gguf(s, out, gtype, force, not quiet, imatrix=imatrix)
         n = sum(1 for t in types.values() if t != "F32")
         click.echo(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {n} quantised tensors, {gtype}) "
                    f"in {time.perf_counter() - t0:.1f}s")
@@ -239,6 +258,43 @@ def quantize_cmd(src: str, out: Path, fmt: str, bits: int, group_size: str, scal
     if report_png:
         plot_errors(errs, report_png, f"{src}: {title}")
         click.echo(f"wrote {report_png}")
+
+
+@cli.command("imatrix")
+@click.argument("model")
+@click.option("--calib", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              help="calibration text file (default: a fixed set of Python standard-library modules)")
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path, dir_okay=False), required=True,
+              help="imatrix file to write (llama-imatrix's GGUF layout)")
+@click.option("--ctx", type=click.IntRange(16), default=512, show_default=True,
+              help="tokens per chunk; each chunk runs from an empty cache (llama-imatrix's -c)")
+@click.option("--chunks", type=click.IntRange(1), default=None, help="use at most this many chunks (default: all)")
+@click.option("--force", is_flag=True, help="replace OUT if it exists")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def imatrix_cmd(model: str, calib: Path | None, out: Path, ctx: int, chunks: int | None, force: bool,
+                quiet: bool) -> None:
+    """Compute an importance matrix (per input column of every layer matrix, the mean squared activation over
+    the calibration text), written in llama.cpp's imatrix format for `--imatrix` here or in llama-quantize."""
+    from formats.detect import open_model
+    from formats.imatrix import write_imatrix
+    from formats.output import check_target
+    from formats.progress import bar
+    from qconvert.corpus import CALIB_MODULES, stdlib_text, tokens_digest, windows
+    from qconvert.quant.imatrix import compute_imatrix
+    from qconvert.text import encode
+
+    check_target(out, force)
+    t0 = time.perf_counter()
+    text = calib.read_text(encoding="utf-8", errors="replace") if calib else stdlib_text(CALIB_MODULES)
+    with open_model(model) as s:
+        ids = encode(s.tokenizer, text)
+        ws = windows(ids, chunks or len(ids) // ctx, ctx)
+        with bar(len(ws), "imatrix chunks", not quiet) as pb:
+            im = compute_imatrix(s, ws, str(calib) if calib else "python-stdlib:" + ",".join(CALIB_MODULES),
+                                 on_window=lambda k, n: pb.update(1))
+    write_imatrix(im, out, force)
+    click.echo(f"wrote {out}: {len(im.entries)} entries from {len(ws)} x {ctx} tokens (ids {tokens_digest(ws)}) "
+               f"in {time.perf_counter() - t0:.1f}s")
 
 
 def _backend_options(f):

@@ -97,25 +97,53 @@ def llama_convert(hf_dir: Path, out: Path, outtype: str) -> Path:
 
 LLAMA_FTYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12,
                 "Q3_K_L": 13, "Q4_K_S": 14,
-                "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18}
+                "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18, "IQ4_NL": 25, "IQ4_XS": 30}
 
 
-def llama_quantize(inp: Path, out: Path, ftype: str, pure: bool = False, n_threads: int = 2) -> Path:
-    """llama-quantize's own code (``llama_model_quantize`` through llama-cpp-python), no imatrix."""
+def _imatrix_param(imatrix: "dict[str, np.ndarray] | None"):
+    """llama_model_quantize's importance-matrix argument ({GGUF tensor name: float32 weights, experts
+    concatenated}) as a NULL-terminated ctypes array, plus the buffers it points into (keep them alive)."""
+    import ctypes
+
+    import llama_cpp
+
+    if imatrix is None:
+        return None, []
+    keep = [np.ascontiguousarray(v, dtype=np.float32).reshape(-1) for v in imatrix.values()]
+    arr = (llama_cpp.llama_model_imatrix_data * (len(keep) + 1))()
+    for k, (name, v) in enumerate(zip(imatrix, keep)):
+        arr[k].name, arr[k].size = name.encode(), v.size
+        arr[k].data = v.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+    arr[len(keep)].name = None
+    return arr, keep
+
+
+def llama_quantize(inp: Path, out: Path, ftype: "str | int", pure: bool = False, n_threads: int = 2,
+                   imatrix: "dict[str, np.ndarray] | None" = None) -> Path:
+    """llama-quantize's own code (``llama_model_quantize`` through llama-cpp-python). ``ftype``: a name in
+    LLAMA_FTYPES or a llama_ftype number; ``imatrix``: {GGUF tensor name: importance weights} as llama-quantize
+    passes them after reading an imatrix file (e.g. ``Imatrix.weights``)."""
+    import ctypes
+
     import llama_cpp
 
     p = llama_cpp.llama_model_quantize_default_params()
-    p.ftype = LLAMA_FTYPES[ftype]
+    p.ftype = ftype if isinstance(ftype, int) else LLAMA_FTYPES[ftype]
     p.nthread = n_threads
     p.pure = pure
+    arr, _keep = _imatrix_param(imatrix)
+    if arr is not None:
+        p.imatrix = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
     rc = llama_cpp.llama_model_quantize(str(inp).encode(), str(out).encode(), p)
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize({inp}, {ftype}) failed with {rc}")
     return out
 
 
-def llama_quantize_types(inp: Path, ftype: str, n_threads: int = 2) -> dict[str, str]:
-    """{tensor name: GGML type name} that llama-quantize picks for ``inp`` under ``ftype`` (no imatrix), from
+def llama_quantize_types(inp: Path, ftype: "str | int", n_threads: int = 2,
+                         imatrix: "dict[str, np.ndarray] | None" = None) -> dict[str, str]:
+    """{tensor name: GGML type name} that llama-quantize picks for ``inp`` under ``ftype`` (some choices depend
+    on whether an ``imatrix`` is given), from
     its ``dry_run`` (llama.cpp's ``--dry-run``): the types are read from its log, no tensor data is read or
     written, so the input may be a sparse file holding only a header (``qconvert.proxy.write_shape_gguf``)."""
     import ctypes
@@ -131,9 +159,12 @@ def llama_quantize_types(inp: Path, ftype: str, n_threads: int = 2) -> dict[str,
         lines.append(text.decode("utf-8", errors="replace"))
 
     p = llama_cpp.llama_model_quantize_default_params()
-    p.ftype = LLAMA_FTYPES[ftype]
+    p.ftype = ftype if isinstance(ftype, int) else LLAMA_FTYPES[ftype]
     p.nthread = n_threads
     p.dry_run = True
+    arr, _keep = _imatrix_param(imatrix)
+    if arr is not None:
+        p.imatrix = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
     llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
     try:
         rc = llama_cpp.llama_model_quantize(str(inp).encode(), str(inp.with_suffix(".dry-run")).encode(), p)

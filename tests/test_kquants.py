@@ -99,7 +99,7 @@ def test_k_quant_bytes_decode_the_same_in_gguf_package():
         assert rel < {"Q2_K": 0.15, "Q3_K": 0.05, "Q4_K": 0.012, "Q5_K": 0.003, "Q6_K": 0.001}[qtype], (qtype, rel)
 
 
-_MIXES = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_m", "q4_k_s", "q5_k_m", "q6_k")
+_MIXES = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_m", "q4_k_s", "q5_k_m", "q6_k", "iq4_xs", "q4_0_mix")
 _EXTRA_VARIANTS = {  # llama.cpp's special cases: an 80-layer dense Qwen2 ("70B") and an 8-expert MoE
     "l80": dict(tiny_mod.VARIANTS["untied_yarn"], num_hidden_layers=80, rope_scaling=None),
     "moe8": dict(tiny_mod.VARIANTS["moe"], num_experts=8),
@@ -118,7 +118,7 @@ def test_mixture_types_equal_llama_quantize(tiny, tmp_path, monkeypatch, variant
     for mix in mixes:
         ours, theirs = tmp_path / f"o-{mix}.gguf", tmp_path / f"t-{mix}.gguf"
         qconvert("hf-to-gguf", str(f16), str(ours), "--outtype", mix)
-        llama_quantize(f16, theirs, mix.upper())
+        llama_quantize(f16, theirs, MIXTURES[mix][1])
         a = {t.name: t.type for t in read_header(ours)[1]}
         b = {t.name: t.type for t in read_header(theirs)[1]}
         assert a == b, (mix, {k: (a[k], b[k]) for k in a if a[k] != b[k]})
@@ -131,11 +131,18 @@ def test_mixture_types_equal_llama_quantize_at_full_size(shape, tmp_path):
     80-layer 72B with 29568-wide ffn_down rows, 8 kv heads, 64 experts + shared expert, tied heads."""
     f16 = proxy.write_shape_gguf(tmp_path / "shape.gguf", proxy.proxy_config(shape, dtype="f16"))
     cfg = ModelConfig.from_hf_dict(proxy.proxy_config(shape))
+    # some choices depend on whether an imatrix is given (a one-entry imatrix is enough to switch them)
+    im = {"blk.0.attn_q.weight": np.ones(cfg.hidden_size, np.float32)}
     for mix in MIXTURES:
-        theirs = llama_quantize_types(f16, mix.upper())
-        ours = mixture_types(cfg, mix)
-        assert ours == theirs, (shape, mix, {k: (ours.get(k), theirs.get(k)) for k in set(ours) | set(theirs)
-                                             if ours.get(k) != theirs.get(k)})
+        for imatrix in (None, im) if mix in _IMATRIX_DEPENDENT else (None,):
+            theirs = llama_quantize_types(f16, MIXTURES[mix][1], imatrix=imatrix)
+            ours = mixture_types(cfg, mix, imatrix is not None)
+            assert ours == theirs, (shape, mix, imatrix is not None, {k: (ours.get(k), theirs.get(k))
+                                                                    for k in set(ours) | set(theirs)
+                                                                    if ours.get(k) != theirs.get(k)})
+
+
+_IMATRIX_DEPENDENT = ("iq4_nl", "iq4_xs", "q4_0_mix", "q5_0_mix")
 
 
 @pytest.fixture(scope="module")
