@@ -235,14 +235,19 @@ void qc_q6k(const float *x, uint8_t *b, int64_t nb, const float *qw) {
             if (!dj) continue;
             for (int l = 0; l < 16; l++) L[16 * j + l] = (int8_t)(clampi(rnd(x[16 * j + l] / dj), -32, 31) + 32);
         }
-        uint8_t *ql = b, *qh = b + 128;
-        for (int j = 0; j < 256; j += 128, ql += 64, qh += 32) {
-            for (int l = 0; l < 32; l++) {
-                const uint8_t a = L[j + l], c = L[j + l + 32], e = L[j + l + 64], f = L[j + l + 96];
-                ql[l] = (uint8_t)((a & 0xF) | ((e & 0xF) << 4));
-                ql[l + 32] = (uint8_t)((c & 0xF) | ((f & 0xF) << 4));
-                qh[l] = (uint8_t)((a >> 4) | ((c >> 4) << 2) | ((e >> 4) << 4) | ((f >> 4) << 6));
-            }
+        qc_pack_q6k((const uint8_t *)L, b);
+    }
+}
+
+/* The codes L [256] (0..63) of a Q6_K super-block into its ql / qh bytes */
+void qc_pack_q6k(const uint8_t *L, uint8_t *b) {
+    uint8_t *ql = b, *qh = b + 128;
+    for (int j = 0; j < 256; j += 128, ql += 64, qh += 32) {
+        for (int l = 0; l < 32; l++) {
+            const uint8_t a = L[j + l], c = L[j + l + 32], e = L[j + l + 64], f = L[j + l + 96];
+            ql[l] = (uint8_t)((a & 0xF) | ((e & 0xF) << 4));
+            ql[l + 32] = (uint8_t)((c & 0xF) | ((f & 0xF) << 4));
+            qh[l] = (uint8_t)((a >> 4) | ((c >> 4) << 2) | ((e >> 4) << 4) | ((f >> 4) << 6));
         }
     }
 }

@@ -21,5 +21,6 @@ float qc_fit_sym(int n, int nmax, const float *x, const float *w, int8_t *L);
 void qc_pack_scale_min_k4(uint8_t *sc, int j, int ls, int lm);
 void qc_pack_2bit(const uint8_t *L, uint8_t *qs);
 void qc_pack_k45(int five, const uint8_t *L, uint8_t *b);
+void qc_pack_q6k(const uint8_t *L, uint8_t *b);
 void qc_q6k(const float *x, uint8_t *b, int64_t nb, const float *qw);
 #endif

@@ -314,3 +314,115 @@ int qc_dequant_iq4(int type, const uint8_t *b, float *y, int64_t nb) {
     }
     return 0;
 }
+
+/* ---- fixed block scales, free codes (GPTQ on GGML grids, qconvert/quant/gptq_ggml.py) ----
+ * Every type here decodes as value = d * G(L) + m per sub-block, with L the stored code: G(L) = L for the
+ * affine types (L in 0..nmax), the IQ4 grid for IQ4_NL / IQ4_XS. qc_grid reads (d, m) of every sub-block;
+ * qc_pack_codes writes new codes into blocks whose scale bytes it keeps. Q8_0 codes are stored + 128. */
+typedef struct { int sub, size, nmax; } grid_info;
+static int info_of(int type, grid_info *g) {
+    switch (type) {
+        case 2: *g = (grid_info){32, 18, 15}; return 0;
+        case 3: *g = (grid_info){32, 20, 15}; return 0;
+        case 6: *g = (grid_info){32, 22, 31}; return 0;
+        case 7: *g = (grid_info){32, 24, 31}; return 0;
+        case 8: *g = (grid_info){32, 34, 255}; return 0;
+        case 10: *g = (grid_info){16, 84, 3}; return 0;
+        case 11: *g = (grid_info){16, 110, 7}; return 0;
+        case 12: *g = (grid_info){32, 144, 15}; return 0;
+        case 13: *g = (grid_info){32, 176, 31}; return 0;
+        case 14: *g = (grid_info){16, 210, 63}; return 0;
+        case 20: *g = (grid_info){32, 18, 15}; return 0;
+        case 23: *g = (grid_info){32, 136, 15}; return 0;
+        default: return -1;
+    }
+}
+
+/* sub-block parameters of nb blocks: d[nb * subs], m[nb * subs]; returns subs per block, or -1 */
+int qc_grid(int type, const uint8_t *b, int64_t nb, float *d, float *m) {
+    grid_info g;
+    if (info_of(type, &g)) return -1;
+    const int64_t per = (type >= 10 && type <= 14) || type == 23 ? 256 / g.sub : 1;
+    for (int64_t i = 0; i < nb; i++, b += g.size, d += per, m += per) {
+        switch (type) {
+            case 2: d[0] = h2f(rd16(b)); m[0] = -8 * d[0]; break;
+            case 6: d[0] = h2f(rd16(b)); m[0] = -16 * d[0]; break;
+            case 8: d[0] = h2f(rd16(b)); m[0] = -128 * d[0]; break;
+            case 3: case 7: d[0] = h2f(rd16(b)); m[0] = h2f(rd16(b + 2)); break;
+            case 20: d[0] = h2f(rd16(b)); m[0] = 0; break;
+            case 10: {
+                const float D = h2f(rd16(b + 80)), M = h2f(rd16(b + 82));
+                for (int j = 0; j < 16; j++) { d[j] = D * (b[j] & 0xF); m[j] = -M * (b[j] >> 4); }
+                break;
+            }
+            case 11: {
+                const float D = h2f(rd16(b + 108)); const uint8_t *sc = b + 96;
+                for (int j = 0; j < 16; j++) {
+                    const int s = (((sc[j % 8] >> (j < 8 ? 0 : 4)) & 0xF) | (((sc[8 + j % 4] >> (2 * (j / 4))) & 3) << 4)) - 32;
+                    d[j] = D * s; m[j] = -4 * d[j];
+                }
+                break;
+            }
+            case 12: case 13: {
+                const float D = h2f(rd16(b)), M = h2f(rd16(b + 2));
+                for (int j = 0; j < 8; j++) { uint8_t s, mm; scale_min_k4(j, b + 4, &s, &mm); d[j] = D * s; m[j] = -M * mm; }
+                break;
+            }
+            case 14: {
+                const float D = h2f(rd16(b + 208));
+                for (int j = 0; j < 16; j++) { d[j] = D * ((const int8_t *)(b + 192))[j]; m[j] = -32 * d[j]; }
+                break;
+            }
+            case 23: {
+                const float D = h2f(rd16(b)); const uint16_t sh = rd16(b + 2);
+                for (int j = 0; j < 8; j++) {
+                    const int ls = ((b[4 + j / 2] >> (4 * (j % 2))) & 0xF) | (((sh >> (2 * j)) & 3) << 4);
+                    d[j] = D * (ls - 32); m[j] = 0;
+                }
+                break;
+            }
+        }
+    }
+    return (int)per;
+}
+
+/* write codes L (one per value, in order) into nb blocks, keeping their scale bytes */
+int qc_pack_codes(int type, uint8_t *b, int64_t nb, const uint8_t *L) {
+    grid_info g;
+    if (info_of(type, &g)) return -1;
+    const int vals = (type >= 10 && type <= 14) || type == 23 ? 256 : 32;
+    for (int64_t i = 0; i < nb; i++, b += g.size, L += vals) {
+        switch (type) {
+            case 2: case 3: case 6: case 7: case 20: {
+                const int asym = type == 3 || type == 7, five = type == 6 || type == 7;
+                uint8_t *qs = b + g.size - 16; uint32_t qh = 0;
+                for (int j = 0; j < 16; j++) {
+                    qs[j] = (uint8_t)((L[j] & 0xF) | ((L[j + 16] & 0xF) << 4));
+                    qh |= ((uint32_t)(L[j] >> 4) & 1u) << j;
+                    qh |= ((uint32_t)(L[j + 16] >> 4) & 1u) << (j + 16);
+                }
+                if (five) memcpy(b + 2 + 2 * asym, &qh, 4);
+                break;
+            }
+            case 8: for (int j = 0; j < 32; j++) b[2 + j] = (uint8_t)(L[j] - 128); break;
+            case 10: qc_pack_2bit(L, b + 16); break;
+            case 11: {
+                uint8_t U[256];
+                memset(b, 0, 32);
+                for (int j = 0; j < 256; j++) {
+                    U[j] = L[j];
+                    if (U[j] > 3) { b[j % 32] |= (uint8_t)(1u << (j / 32)); U[j] -= 4; }
+                }
+                qc_pack_2bit(U, b + 32);
+                break;
+            }
+            case 12: case 13: if (type == 13) memset(b + 16, 0, 32); qc_pack_k45(type == 13, L, b); break;
+            case 14: qc_pack_q6k(L, b); break;
+            case 23:
+                for (int k = 0; k < 8; k++)
+                    for (int j = 0; j < 16; j++) b[8 + 16 * k + j] = (uint8_t)(L[32 * k + j] | (L[32 * k + 16 + j] << 4));
+                break;
+        }
+    }
+    return 0;
+}

@@ -40,6 +40,10 @@ if _LIB is not None:
         _LIB.qc_quant_w.restype = ctypes.c_int
         _LIB.qc_dequant_iq4.argtypes = [ctypes.c_int, _P, _P, _N]
         _LIB.qc_dequant_iq4.restype = ctypes.c_int
+        _LIB.qc_grid.argtypes = [ctypes.c_int, _P, _N, _P, _P]
+        _LIB.qc_grid.restype = ctypes.c_int
+        _LIB.qc_pack_codes.argtypes = [ctypes.c_int, _P, _N, _P]
+        _LIB.qc_pack_codes.restype = ctypes.c_int
     for _fn in ("qc_pack_bits", "qc_unpack_bits"):
         getattr(_LIB, _fn).argtypes = [_P, _N, _N, ctypes.c_int, _P]
         getattr(_LIB, _fn).restype = None
@@ -175,6 +179,43 @@ def _from_f32_weighted(x: np.ndarray, t: str, imatrix: np.ndarray | None) -> np.
     rc = _LIB.qc_quant_w(int(GQ[t]), _ptr(x), _ptr(out), x.size // cols, cols, None if qw is None else _ptr(qw))
     if rc != 0:
         raise ValueError(f"no importance-weighted encoder for {t}")
+    return out
+
+
+GRID_TYPES = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"}
+"""Block types whose sub-block grids ``block_grid`` reads and whose codes ``pack_codes`` rewrites."""
+
+
+def _need_grid(t: str) -> None:
+    if _LIB is None or not hasattr(_LIB, "qc_grid"):
+        raise RuntimeError("GGML block grids need the compiled kernels (formats/_kernels)")
+    if t not in GRID_TYPES:
+        raise ValueError(f"no block grid for {t}")
+
+
+def block_grid(raw: np.ndarray, t: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """Sub-block parameters of GGML blocks: (d, m) [n_sub] with value = d * G(code) + m, and the sub-block
+    length. G(code) = code for the affine types (codes 0..nmax, Q8_0's stored + 128), the IQ4 grid for IQ4."""
+    _need_grid(t)
+    raw = np.ascontiguousarray(raw).view(np.uint8)
+    block, size = GGML_QUANT_SIZES[GQ[t]]
+    nb = raw.size // size
+    subs = 1 if block == 32 else (16 if t in ("Q2_K", "Q3_K", "Q6_K") else 8)
+    d, m = np.empty(nb * subs, np.float32), np.empty(nb * subs, np.float32)
+    _LIB.qc_grid(int(GQ[t]), _ptr(raw), nb, _ptr(d), _ptr(m))
+    return d, m, block // subs
+
+
+def pack_codes(raw: np.ndarray, t: str, codes: np.ndarray) -> np.ndarray:
+    """A copy of GGML blocks ``raw`` with their codes replaced by ``codes`` (one uint8 per value, as
+    ``block_grid`` numbers them) and their scale bytes kept."""
+    _need_grid(t)
+    out = np.array(raw, dtype=np.uint8, copy=True).reshape(-1)
+    codes = np.ascontiguousarray(codes, dtype=np.uint8).reshape(-1)
+    block, size = GGML_QUANT_SIZES[GQ[t]]
+    if codes.size != out.size // size * block:
+        raise ValueError(f"{codes.size} codes for {out.size // size} {t} blocks")
+    _LIB.qc_pack_codes(int(GQ[t]), _ptr(out), out.size // size, _ptr(codes))
     return out
 
 

@@ -191,7 +191,8 @@ def inspect_cmd(model: str, as_json: bool, show_all: bool) -> None:
 @click.option("--target-bpw", type=click.FloatRange(1, 16), help="--mix roles: bits-per-weight budget "
               "(default: bits + 0.5)")
 @click.option("--method", type=click.Choice(["rtn", "search", "gptq"]), default="search", show_default=True,
-              help="rtn: min/max; search: error-minimising scale/offset search; gptq: data-aware (calibration text)")
+              help="rtn: min/max; search: error-minimising scale/offset search; gptq: data-aware (calibration text). "
+                   "gguf format: search (the GGML encoders, as llama-quantize) or gptq onto the type's own blocks")
 @click.option("--sym", is_flag=True, help="symmetric groups (no offsets)")
 @click.option("--head-bits", type=click.IntRange(2, 8), default=8, show_default=True,
               help="int4 format: bits of the output head (lm_head, or the tied embedding)")
@@ -209,7 +210,8 @@ def inspect_cmd(model: str, as_json: bool, show_all: bool) -> None:
 @click.option("--report", "report_png", type=click.Path(path_type=Path, dir_okay=False),
               help="int4 format: write the per-layer error as a PNG plot")
 @click.option("--type", "gtype", default="q4_k_m", show_default=True,
-              help="gguf format: q8_0, q4_0, q4_1, q5_0, q5_1 or a mixture (" + ", ".join(MIXTURES) + ")")
+              help="gguf format: q8_0, q4_0, q4_1, q5_0, q5_1 (every matrix) or a llama-quantize mixture ("
+                   + ", ".join(MIXTURES) + ")")
 @_imatrix_option
 @click.option("--force", is_flag=True, help="replace OUT if it exists")
 @click.option("--quiet", is_flag=True, help="no progress bar")
@@ -226,20 +228,30 @@ def quantize_cmd(src: str, out: Path, fmt: str, bits: int, group_size: str, scal
     t0 = time.perf_counter()
     if imatrix is not None and fmt != "gguf":
         raise QConvertError("--imatrix applies to --format gguf; the int4 format's data-aware method is --method gptq")
+    from qconvert.quant.run import CalibOptions
+    calib_opts = CalibOptions(calib, calib_samples, calib_ctx, act_order, damp, sequential)
     if fmt == "gguf":
         if gtype not in MIXTURES and gtype not in ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1"):
             raise QConvertError(f"--type {gtype} is not a GGUF quantisation qconvert writes; see --help")
+        if method not in ("search", "gptq"):
+            raise QConvertError(f"--method {method} is not available for --format gguf: the GGML encoders are "
+                                "used (default), or gptq onto their blocks (--method gptq)")
         with open_model(src) as s:
-            types = _write_gguf(s, out, gtype, force, not quiet, imatrix=imatrix)
+            if method == "gptq":
+                from formats.imatrix import read_imatrix
+                from qconvert.quant.run import quantize_gguf_gptq
+                im = read_imatrix(imatrix) if imatrix is not None else None
+                types = quantize_gguf_gptq(s, out, gtype, im, calib_opts, force, quiet, click.echo)
+            else:
+                types = _write_gguf(s, out, gtype, force, not quiet, imatrix=imatrix)
         n = sum(1 for t in types.values() if t != "F32")
         click.echo(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {n} quantised tensors, {gtype}) "
                    f"in {time.perf_counter() - t0:.1f}s")
         return
     from qconvert.quant.groupwise import QuantSpec
     from qconvert.quant.report import layer_table, plot_errors
-    from qconvert.quant.run import CalibOptions, quantize_int4
+    from qconvert.quant.run import quantize_int4
     base = QuantSpec(bits, int(group_size), sym, int(scale_bits))
-    calib_opts = CalibOptions(calib, calib_samples, calib_ctx, act_order, damp, sequential)
     with open_model(src) as s:
         st = quantize_int4(s, out, base, method, mix, head_bits, target_bpw, calib_opts, force, quiet, click.echo)
     errs = st["errors"]

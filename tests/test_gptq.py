@@ -82,3 +82,67 @@ def test_c_sweep_equals_numpy_reference(sym, scale_bits):
     r = gptq_matrix(W, H, spec, use_c=False)
     assert np.mean(c.q == r.q) > 0.999 and np.mean(c.scales == r.scales) > 0.999
     assert np.abs(dequantize(c) - dequantize(r)).max() <= 0.05 * np.abs(W).max()
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL",
+                                   "IQ4_XS"])
+def test_gptq_on_ggml_blocks(qtype):
+    """GPTQ onto GGML blocks: the bytes decode (in the gguf package too) to exactly the values the sweep
+    chose, and the output-space error is well below the imatrix-weighted encoder's (llama-quantize --imatrix)."""
+    import gguf
+
+    from formats import kernels
+    from qconvert.quant.gptq_ggml import gptq_ggml_matrix
+
+    X, W = _problem(2)
+    W = np.concatenate([W, W[:, :256] * 0.5], axis=1)  # 512 columns: two K-quant super-blocks
+    X = np.concatenate([X, X * 0.3 + np.roll(X, 7, axis=1) * 0.2], axis=1)
+    H = X.T.astype(np.float64) @ X
+    raw, dq = gptq_ggml_matrix(W, H, qtype)
+    assert raw.shape == (W.shape[0], W.shape[1] // gguf.constants.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]][0]
+                         * gguf.constants.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]][1])
+    back = gguf.quants.dequantize(raw.reshape(-1), gguf.GGMLQuantizationType[qtype]).reshape(W.shape)
+    assert np.array_equal(back, dq) and np.array_equal(kernels.to_f32(raw, qtype).reshape(W.shape), dq)
+    imp = (np.diag(H) / len(X)).astype(np.float32)
+    rtn = kernels.to_f32(kernels.from_f32(W, qtype, imatrix=imp), qtype).reshape(W.shape)
+    e_gptq, e_rtn = _out_err(X, W, dq), _out_err(X, W, rtn)
+    print(f"{qtype}: output RMS error gptq {e_gptq:.4f}, imatrix-weighted encoder {e_rtn:.4f}")
+    assert e_gptq < 0.75 * e_rtn
+
+
+def test_gguf_gptq_cli_runs_in_llama_cpp(tiny, tmp_path, sample_tokens):
+    """quantize --format gguf --method gptq writes an ordinary GGUF of the mixture's types: llama.cpp's logits
+    on it match our decoder's on the same file, and its KL to the f32 model is below llama-quantize-style
+    encoding of the same mixture with the same statistics."""
+    from formats.gguf_file import read_header
+    from qconvert.peers import llama_logits
+    from formats.config import ModelConfig
+    from qconvert.quant.mixtures import mixture_types
+
+    src = tiny("h256")
+    kl = {}
+    for method in ("search", "gptq"):
+        out = tmp_path / f"{method}.gguf"
+        qconvert("quantize", str(src), str(out), "--format", "gguf", "--type", "q4_0_mix", "--method", method,
+                 "--calib-samples", "16", "--calib-ctx", "128", "--quiet")
+        qconvert("verify", str(src), str(out), "--text", str(_eval_text(tmp_path)), "--ctx", "256", "--json",
+                 str(tmp_path / f"{method}.json"), "--max-kld", "5", "--min-top1", "0")
+        kl[method] = json.loads((tmp_path / f"{method}.json").read_text())["mean_kl"]
+    cfg = ModelConfig.from_hf_dict(json.loads((src / "config.json").read_text()))
+    assert {t.name: t.type for t in read_header(tmp_path / "gptq.gguf")[1]} == mixture_types(cfg, "q4_0_mix")
+    from formats.detect import open_model
+    from qconvert.decoder import make_decoder
+    with open_model(str(tmp_path / "gptq.gguf")) as s:
+        ours = make_decoder(s).logits(sample_tokens[:64])
+    theirs = llama_logits(tmp_path / "gptq.gguf", sample_tokens[:64])
+    assert np.abs(ours - theirs).max() < 0.05 * np.abs(theirs).max()
+    print(f"q4_0_mix KL gptq {kl['gptq']:.4f} search {kl['search']:.4f}")
+    assert kl["gptq"] < kl["search"]
+
+
+def _eval_text(tmp_path):
+    from qconvert.corpus import EVAL_MODULES, stdlib_text
+    p = tmp_path / "eval.txt"
+    if not p.exists():
+        p.write_text(stdlib_text(EVAL_MODULES[:2]))
+    return p

@@ -158,17 +158,46 @@ def _c_sweep(W, U, Q, scales, offsets, steps, spec, method, block, pool) -> bool
     return True
 
 
-class _Recorder:
-    """Wraps a decoder Matrix: accumulates X^T X of every input it multiplies."""
+class Hessian:
+    """X^T X of the inputs of one matrix, accumulated in float32 (torch's GEMM when installed: about twice
+    numpy's speed here), and the number of rows seen."""
 
-    def __init__(self, mat):
-        self.mat, self.H, self.n = mat, np.zeros((mat.cols, mat.cols), np.float64), 0
+    def __init__(self, cols: int):
+        self.n = 0
+        try:
+            import torch
+            self._t = torch.zeros((cols, cols), dtype=torch.float32)
+        except ImportError:
+            self._t = None
+            self._np = np.zeros((cols, cols), np.float32)
+
+    def add(self, x: np.ndarray) -> None:
+        x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
+        if self._t is not None:
+            import torch
+            xt = torch.from_numpy(x)
+            self._t.addmm_(xt.T, xt)
+        else:
+            self._np += x.T @ x
+        self.n += x.shape[0]
+
+    @property
+    def H(self) -> np.ndarray:
+        return (self._t.numpy() if self._t is not None else self._np).astype(np.float64)
+
+
+class _Recorder:
+    """Wraps a decoder Matrix: accumulates X^T X of every input it multiplies; ``through`` False skips the
+    product itself (returns zeros) when only the inputs are wanted."""
+
+    def __init__(self, mat, through: bool = True, keep: list | None = None):
+        self.mat, self.hess, self.through, self.keep = mat, Hessian(mat.cols), through, keep
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        self.H += x.T @ x
-        self.n += x.shape[0]
-        return self.mat(x)
+        self.hess.add(x)
+        if self.keep is not None:
+            self.keep.append(np.ascontiguousarray(x, dtype=np.float32))
+        return self.mat(x) if self.through else np.zeros((x.shape[0], self.mat.rows), np.float32)
 
     def split(self, y: np.ndarray) -> list[np.ndarray]:
         return self.mat.split(y)
@@ -176,59 +205,120 @@ class _Recorder:
 
 def gptq_model(src: Source, windows: list[np.ndarray], specs: dict[str, QuantSpec], method: str = "search",
                damp: float = 0.01, act_order: bool = False, skip: set[str] = frozenset(),
-               on_layer: Callable[[int, int], None] | None = None, sequential: bool = True) -> dict[str, GroupQuant]:
-    """GPTQ every decoder-layer matrix of ``src`` on calibration token ``windows``; {tensor name: GroupQuant}.
+               on_layer: Callable[[int, int], None] | None = None, sequential: bool = True,
+               quantise: Callable | None = None) -> dict:
+    """GPTQ every decoder-layer matrix of ``src`` on calibration token ``windows``; {tensor name: result}.
 
     ``specs`` gives each matrix its QuantSpec (fused q/k/v and gate/up share one Hessian and are swept
     member by member in their own specs). ``sequential``: within a layer, q/k/v, then o_proj, then the
-    feed-forward input matrices, then down_proj, each stage's Hessians recorded with the earlier stages
-    already quantised (one forward pass per stage); otherwise one pass for the whole layer. Matrices named
-    in ``skip`` (and those no calibration token reaches, e.g. an unused expert) are left to the caller's
-    plain quantiser. ``on_layer(i, n_layers)`` reports progress.
+    feed-forward input matrices, then down_proj, each stage's Hessian recorded with the earlier stages
+    already quantised; a dense layer does this in one pass over the windows that keeps the attention
+    context and the residual stream between stages (about 1.5 forward passes per layer), an MoE layer runs
+    the layer once per stage. Otherwise one pass records the whole layer. Matrices named in ``skip`` (and
+    those no calibration token reaches, e.g. an unused expert) are left to the caller's plain quantiser.
+    ``quantise(name, W, H, spec, U, pool) -> (result, dequantised W)`` replaces the int4 group sweep (e.g.
+    GGML blocks, qconvert/quant/gptq_ggml.py). ``on_layer(i, n_layers)`` reports progress.
     """
-    from qconvert.decoder.matvec import Matrix
     from qconvert.decoder.numpy_backend import KVCache, NumpyDecoder
     from qconvert.decoder.rope import cos_sin
 
-    dec = NumpyDecoder(src)
+    dec = NumpyDecoder(src, stream=True)
     cfg = dec.cfg
     ctx = max(len(w) for w in windows)
     cos, sin = cos_sin(dec.inv_freq, dec.rope_scale, np.arange(ctx))
     xs = [dec.m["model.embed_tokens.weight"].rows_f32(w) for w in windows]
     cache = KVCache(cfg, ctx)
-    out: dict[str, GroupQuant] = {}
+    out: dict = {}
+    sweep = quantise or _int4_sweep(method, damp, act_order)
     with ThreadPoolExecutor(2) as pool:
         for i, n in enumerate(dec.layers):
             prefix = f"model.layers.{i}."
             keys = [k for k in dec.m if k.startswith(prefix) and not k.endswith("mlp.gate.weight")
                     and dec.m[k].rows > 1 and k not in skip]
-            stages = [[k for k in keys if _stage(k) == j] for j in range(4)] if sequential else [keys]
-            for stage in stages:  # later stages see the outputs of the matrices already quantised
-                if not stage:
-                    continue
-                rec = {k: _Recorder(dec.m[k]) for k in stage}
-                dec.m.update(rec)
-                for x in xs:
-                    dec.layer(i, x, cache, cos[:len(x)], sin[:len(x)])
-                for k, r in rec.items():
-                    dec.m[k] = r.mat
-                    if r.n == 0:
+            done = lambda k, hess: _quantise_fused(dec, n, k, hess, specs, sweep, damp, act_order, pool, out)  # noqa: E731
+            if sequential and not cfg.is_moe and n.o in keys and n.down in keys:
+                xs = _dense_layer_staged(dec, i, xs, cache, cos, sin, keys, done)
+            else:
+                stages = [[k for k in keys if _stage(k) == j] for j in range(4)] if sequential else [keys]
+                for stage in stages:  # later stages see the outputs of the matrices already quantised
+                    if not stage:
                         continue
-                    members = [k] if len(r.mat.splits) == 1 else (
-                        [n.q, n.k, n.v] if k == n.q else [n.gate, n.up])
-                    W = r.mat.dense()
-                    U = None if act_order else inverse_hessian_factor(_undead(r.H), damp)
-                    parts, r0 = [], 0
-                    for name, rows in zip(members, r.mat.splits):
-                        gq = gptq_matrix(W[r0:r0 + rows], r.H, specs[name], method, damp, act_order, pool, U=U)
-                        out[name] = gq
-                        parts.append(dequantize(gq))
-                        r0 += rows
-                    dec.m[k] = Matrix.from_f32(np.concatenate(parts), r.mat.splits)
-            xs = [dec.layer(i, x, cache, cos[:len(x)], sin[:len(x)]) for x in xs]
+                    rec = {k: _Recorder(dec.m[k]) for k in stage}
+                    dec.m.update(rec)
+                    for x in xs:
+                        dec.layer(i, x, cache, cos[:len(x)], sin[:len(x)])
+                    for k, r in rec.items():
+                        dec.m[k] = r.mat
+                        done(k, r.hess)
+                xs = [dec.layer(i, x, cache, cos[:len(x)], sin[:len(x)]) for x in xs]
+            for m in dec.layer_mats[i]:
+                m.release()
             if on_layer:
                 on_layer(i + 1, len(dec.layers))
     return out
+
+
+def _dense_layer_staged(dec, i: int, xs: list[np.ndarray], cache, cos, sin, keys: list[str],
+                        done: Callable[[str, Hessian], None]) -> list[np.ndarray]:
+    """One dense layer, stage by stage, in one pass over the windows per stage; returns the layer's outputs
+    with all its matrices quantised. q/k/v see the normed inputs; o_proj the attention context of the
+    quantised q/k/v (kept per window); gate/up the normed residual after the quantised o_proj (kept); down
+    the activations of the quantised gate/up (recomputed once more for the outputs rather than kept: they
+    are the widest)."""
+    from qconvert.decoder.numpy_backend import rms_norm
+
+    cfg, w, n, m = dec.cfg, dec.w, dec.layers[i], dec.m
+    eps = cfg.rms_norm_eps
+    if n.q in keys:
+        hess = Hessian(m[n.q].cols)
+        for x in xs:
+            hess.add(rms_norm(x, w[n.ln1], eps))
+        done(n.q, hess)
+    ctxs: list[np.ndarray] = []
+    rec = m[n.o] = _Recorder(m[n.o], through=False, keep=ctxs)
+    for x in xs:
+        dec.attention(rms_norm(x, w[n.ln1], eps), n, cache, i, cos[:len(x)], sin[:len(x)])
+    m[n.o] = rec.mat
+    done(n.o, rec.hess)
+    hs = [x + m[n.o](c) for x, c in zip(xs, ctxs)]
+    del ctxs
+    if n.gate in keys:
+        hess = Hessian(m[n.gate].cols)
+        for h in hs:
+            hess.add(rms_norm(h, w[n.ln2], eps))
+        done(n.gate, hess)
+    rec = m[n.down] = _Recorder(m[n.down], through=False)
+    for h in hs:
+        dec.mlp(rms_norm(h, w[n.ln2], eps), n.gate, n.up, n.down)
+    m[n.down] = rec.mat
+    done(n.down, rec.hess)
+    return [h + dec.mlp(rms_norm(h, w[n.ln2], eps), n.gate, n.up, n.down) for h in hs]
+
+
+def _int4_sweep(method: str, damp: float, act_order: bool) -> Callable:
+    def run(name, W, H, spec, U, pool):
+        gq = gptq_matrix(W, H, spec, method, damp, act_order, pool, U=U)
+        return gq, dequantize(gq)
+    return run
+
+
+def _quantise_fused(dec, n, k: str, hess: Hessian, specs, sweep, damp: float, act_order: bool, pool, out) -> None:
+    """GPTQ one (fused) decoder matrix from its recorded Hessian; the decoder then uses the quantised weights."""
+    from qconvert.decoder.matvec import Matrix
+
+    mat = dec.m[k]
+    if hess.n == 0:
+        return
+    members = [k] if len(mat.splits) == 1 else ([n.q, n.k, n.v] if k == n.q else [n.gate, n.up])
+    H = hess.H
+    W = mat.dense()
+    U = None if act_order else inverse_hessian_factor(_undead(H), damp)
+    parts, r0 = [], 0
+    for name, rows in zip(members, mat.splits):
+        out[name], dq = sweep(name, W[r0:r0 + rows], H, specs[name], U, pool)
+        parts.append(dq)
+        r0 += rows
+    dec.m[k] = Matrix.from_f32(np.concatenate(parts), mat.splits)
 
 
 def _stage(name: str) -> int:

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from formats.errors import QConvertError
+from formats.imatrix import Imatrix
 from formats.names import canonical_names, canonical_shape
 from formats.source import Source
 from qconvert.quant.groupwise import GroupQuant, QuantSpec, quantize
@@ -61,9 +63,10 @@ def plain_quantizer(method: str) -> Callable[..., GroupQuant]:
     return run
 
 
-def _gptq(src: Source, specs: dict[str, QuantSpec], calib: CalibOptions, quiet: bool,
-          echo: Callable[[str], None]) -> dict:
-    """GPTQ results for every decoder-layer matrix (the head is left to the plain quantiser)."""
+def _gptq(src: Source, specs: dict, calib: CalibOptions, quiet: bool, echo: Callable[[str], None],
+          quantise: Callable | None = None, skip: set[str] | None = None) -> dict:
+    """GPTQ results for every decoder-layer matrix (the head, and ``skip``, are left to the plain quantiser);
+    ``quantise``: gptq_model's sweep (default: the int4 groups)."""
     from formats.progress import bar
     from qconvert.corpus import CALIB_MODULES, stdlib_text, tokens_digest, windows
     from qconvert.quant.gptq import gptq_model
@@ -73,8 +76,50 @@ def _gptq(src: Source, specs: dict[str, QuantSpec], calib: CalibOptions, quiet: 
     ws = windows(encode(src.tokenizer, text), calib.samples, calib.ctx)
     t0 = time.perf_counter()
     with bar(src.config.num_hidden_layers, "gptq layers", not quiet) as pb:
-        pre = gptq_model(src, ws, specs, "search", calib.damp, calib.act_order, skip={head_name(src.config)},
-                         on_layer=lambda i, total: pb.update(1), sequential=calib.sequential)
+        pre = gptq_model(src, ws, specs, "search", calib.damp, calib.act_order,
+                         skip={head_name(src.config)} | (skip or set()), on_layer=lambda i, total: pb.update(1),
+                         sequential=calib.sequential, quantise=quantise)
     echo(f"gptq: {len(ws)} x {len(ws[0])} calibration tokens (ids {tokens_digest(ws)}), "
          f"{len(pre)} matrices in {time.perf_counter() - t0:.1f}s")
     return pre
+
+
+def quantize_gguf_gptq(src: Source, out: Path, gtype: str, imatrix: Imatrix | None = None,
+                       calib: CalibOptions = CalibOptions(), force: bool = False, quiet: bool = False,
+                       echo: Callable[[str], None] = print) -> dict[str, str]:
+    """``quantize --format gguf --type GTYPE --method gptq``: GPTQ onto the GGML blocks of a plain type or a
+    llama-quantize mixture (qconvert/quant/gptq_ggml.py); the embedding and head are encoded plainly. The block
+    fits use ``imatrix`` where it has an entry, else the calibration Hessian's diagonal. Returns the types."""
+    from formats.gguf import FILE_TYPE, tensor_type, write_gguf
+    from formats.names import gguf_layout, hf_to_gguf
+    from qconvert.quant.gptq_ggml import GPTQ_TYPES, gptq_ggml_matrix
+    from qconvert.quant.mixtures import MIXTURES, mixture_types
+
+    cfg = src.config
+    if calib.act_order:
+        raise QConvertError("--act-order is not available for GGUF types (their blocks are fixed in column order)")
+    if gtype in MIXTURES:
+        types, file_type = mixture_types(cfg, gtype, imatrix is not None), MIXTURES[gtype][1]
+    else:
+        types = {g: tensor_type(g, canonical_shape(m[0], cfg), gtype) for g, m in gguf_layout(cfg)}
+        file_type = FILE_TYPE[gtype.upper()]
+    specs = {}
+    for g, members in gguf_layout(cfg):
+        for m in members:
+            if m.startswith("model.layers.") and types[g] in GPTQ_TYPES:
+                specs[m] = types[g]
+    skip = {n for n in matrix_shapes(src) if n not in specs}
+
+    def sweep(name, W, H, qtype, U, pool):
+        g, expert = hf_to_gguf(name)
+        imp = None
+        if imatrix is not None and g in imatrix.entries:
+            n_mat = cfg.num_experts if expert is not None else 1
+            imp = imatrix.weights(g, W.shape[1], n_mat)[expert or 0]
+        return gptq_ggml_matrix(W, H, qtype, imp, calib.damp, U)
+
+    pre = _gptq(src, specs, calib, quiet, echo, quantise=sweep, skip=skip)
+    write_gguf(src, out, force=force, progress=not quiet, types=types, file_type=file_type, imatrix=imatrix,
+               raw_chunks=lambda m, t, pool: [pre[m].reshape(-1)] if m in pre else None)
+    return types
+
