@@ -40,6 +40,7 @@ if _LIB is not None:
         _LIB.qc_quant_w.restype = ctypes.c_int
         _LIB.qc_dequant_iq4.argtypes = [ctypes.c_int, _P, _P, _N]
         _LIB.qc_dequant_iq4.restype = ctypes.c_int
+    if hasattr(_LIB, "qc_grid"):
         _LIB.qc_grid.argtypes = [ctypes.c_int, _P, _N, _P, _P]
         _LIB.qc_grid.restype = ctypes.c_int
         _LIB.qc_pack_codes.argtypes = [ctypes.c_int, _P, _N, _P]

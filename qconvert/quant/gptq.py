@@ -159,31 +159,32 @@ def _c_sweep(W, U, Q, scales, offsets, steps, spec, method, block, pool) -> bool
 
 
 class Hessian:
-    """X^T X of the inputs of one matrix, accumulated in float32 (torch's GEMM when installed: about twice
-    numpy's speed here), and the number of rows seen."""
+    """X^T X of the inputs of one matrix, accumulated in float32 (with torch's GEMM when installed: about twice
+    numpy's speed here; on ``device``), and the number of rows seen."""
 
-    def __init__(self, cols: int):
+    def __init__(self, cols: int, device: str = "cpu"):
         self.n = 0
         try:
             import torch
-            self._t = torch.zeros((cols, cols), dtype=torch.float32)
+            self._t = torch.zeros((cols, cols), dtype=torch.float32, device=device)
         except ImportError:
-            self._t = None
-            self._np = np.zeros((cols, cols), np.float32)
+            self._t, self._np = None, np.zeros((cols, cols), np.float32)
 
-    def add(self, x: np.ndarray) -> None:
-        x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
-        if self._t is not None:
-            import torch
-            xt = torch.from_numpy(x)
-            self._t.addmm_(xt.T, xt)
-        else:
+    def add(self, x) -> None:
+        if self._t is None:
+            x = np.asarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
             self._np += x.T @ x
+        else:
+            import torch
+            if not isinstance(x, torch.Tensor):
+                x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+            x = x.reshape(-1, x.shape[-1]).to(self._t.device, torch.float32)
+            self._t.addmm_(x.T, x)
         self.n += x.shape[0]
 
     @property
     def H(self) -> np.ndarray:
-        return (self._t.numpy() if self._t is not None else self._np).astype(np.float64)
+        return (self._np if self._t is None else self._t.cpu().numpy()).astype(np.float64)
 
 
 class _Recorder:
@@ -212,9 +213,9 @@ def gptq_model(src: Source, windows: list[np.ndarray], specs: dict[str, QuantSpe
     ``specs`` gives each matrix its QuantSpec (fused q/k/v and gate/up share one Hessian and are swept
     member by member in their own specs). ``sequential``: within a layer, q/k/v, then o_proj, then the
     feed-forward input matrices, then down_proj, each stage's Hessian recorded with the earlier stages
-    already quantised; a dense layer does this in one pass over the windows that keeps the attention
-    context and the residual stream between stages (about 1.5 forward passes per layer), an MoE layer runs
-    the layer once per stage. Otherwise one pass records the whole layer. Matrices named in ``skip`` (and
+    already quantised; with torch installed a dense layer does this in one pass over the windows per stage
+    that keeps the attention context and the residual stream between stages (about 1.5 forward passes per
+    layer, torch GEMMs), otherwise (and for an MoE layer) the decoder runs the layer once per stage. Otherwise one pass records the whole layer. Matrices named in ``skip`` (and
     those no calibration token reaches, e.g. an unused expert) are left to the caller's plain quantiser.
     ``quantise(name, W, H, spec, U, pool) -> (result, dequantised W)`` replaces the int4 group sweep (e.g.
     GGML blocks, qconvert/quant/gptq_ggml.py). ``on_layer(i, n_layers)`` reports progress.
@@ -236,8 +237,8 @@ def gptq_model(src: Source, windows: list[np.ndarray], specs: dict[str, QuantSpe
             keys = [k for k in dec.m if k.startswith(prefix) and not k.endswith("mlp.gate.weight")
                     and dec.m[k].rows > 1 and k not in skip]
             done = lambda k, hess: _quantise_fused(dec, n, k, hess, specs, sweep, damp, act_order, pool, out)  # noqa: E731
-            if sequential and not cfg.is_moe and n.o in keys and n.down in keys:
-                xs = _dense_layer_staged(dec, i, xs, cache, cos, sin, keys, done)
+            if sequential and not cfg.is_moe and n.o in keys and n.down in keys and _has_torch():
+                xs = _dense_layer_staged(dec, i, xs, cos, sin, keys, done)
             else:
                 stages = [[k for k in keys if _stage(k) == j] for j in range(4)] if sequential else [keys]
                 for stage in stages:  # later stages see the outputs of the matrices already quantised
@@ -258,41 +259,82 @@ def gptq_model(src: Source, windows: list[np.ndarray], specs: dict[str, QuantSpe
     return out
 
 
-def _dense_layer_staged(dec, i: int, xs: list[np.ndarray], cache, cos, sin, keys: list[str],
-                        done: Callable[[str, Hessian], None]) -> list[np.ndarray]:
-    """One dense layer, stage by stage, in one pass over the windows per stage; returns the layer's outputs
-    with all its matrices quantised. q/k/v see the normed inputs; o_proj the attention context of the
-    quantised q/k/v (kept per window); gate/up the normed residual after the quantised o_proj (kept); down
-    the activations of the quantised gate/up (recomputed once more for the outputs rather than kept: they
-    are the widest)."""
-    from qconvert.decoder.numpy_backend import rms_norm
+def _has_torch() -> bool:
+    try:
+        import torch  # noqa: F401
+        return True
+    except ImportError:
+        return False
 
-    cfg, w, n, m = dec.cfg, dec.w, dec.layers[i], dec.m
-    eps = cfg.rms_norm_eps
+
+def _dense_layer_staged(dec, i: int, xs: list, cos, sin, keys: list[str], done: Callable[[str, Hessian], None],
+                        device: str = "cpu") -> list:
+    """One dense layer, stage by stage, one pass over the windows per stage, in torch float32 (its GEMM is
+    about twice numpy's here; ``device`` cuda on a GPU); returns the layer's outputs with all its matrices
+    quantised. q/k/v see the normed inputs; o_proj the attention context of the quantised q/k/v (kept per
+    window); gate/up the normed residual after the quantised o_proj (kept); down the activations of the
+    quantised gate/up (recomputed for the outputs rather than kept: they are the widest)."""
+    import torch
+    F = torch.nn.functional
+    cfg, n, m = dec.cfg, dec.layers[i], dec.m
+    hd, nh, nkv, eps = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.rms_norm_eps
+
+    def t(a):
+        return a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a, np.float32)).to(device)
+
+    def weight(k):
+        return t(m[k].dense())
+
+    def norm(x, g):
+        return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * g
+
+    def rotate(x, c, s_):  # x [heads, T, hd]
+        half = hd // 2
+        return x * c + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * s_
+
+    ln1, ln2 = t(dec.w[n.ln1]), t(dec.w[n.ln2])
+    bias = torch.cat([t(dec.w[n.q_b]), t(dec.w[n.k_b]), t(dec.w[n.v_b])])
+    cos_t, sin_t = t(cos), t(sin)
+    xs = [t(x) for x in xs]
     if n.q in keys:
-        hess = Hessian(m[n.q].cols)
+        hess = Hessian(m[n.q].cols, device)
         for x in xs:
-            hess.add(rms_norm(x, w[n.ln1], eps))
+            hess.add(norm(x, ln1))
         done(n.q, hess)
-    ctxs: list[np.ndarray] = []
-    rec = m[n.o] = _Recorder(m[n.o], through=False, keep=ctxs)
+    wqkv, ctxs = weight(n.q), []
+    hess = Hessian(m[n.o].cols, device)
     for x in xs:
-        dec.attention(rms_norm(x, w[n.ln1], eps), n, cache, i, cos[:len(x)], sin[:len(x)])
-    m[n.o] = rec.mat
-    done(n.o, rec.hess)
-    hs = [x + m[n.o](c) for x, c in zip(xs, ctxs)]
-    del ctxs
+        T = x.shape[0]
+        qkv = F.linear(norm(x, ln1), wqkv, bias)
+        q = qkv[:, :nh * hd].view(T, nh, hd).transpose(0, 1)
+        k = qkv[:, nh * hd:(nh + nkv) * hd].view(T, nkv, hd).transpose(0, 1)
+        v = qkv[:, (nh + nkv) * hd:].view(T, nkv, hd).transpose(0, 1)
+        c, s_ = cos_t[:T], sin_t[:T]
+        o = F.scaled_dot_product_attention(rotate(q, c, s_)[None], rotate(k, c, s_)[None], v[None], is_causal=True,
+                                           enable_gqa=True)[0]
+        ctxs.append(o.transpose(0, 1).reshape(T, nh * hd))
+        hess.add(ctxs[-1])
+    done(n.o, hess)
+    wo = weight(n.o)
+    hs = [x + F.linear(c, wo) for x, c in zip(xs, ctxs)]
+    del ctxs, xs
     if n.gate in keys:
-        hess = Hessian(m[n.gate].cols)
+        hess = Hessian(m[n.gate].cols, device)
         for h in hs:
-            hess.add(rms_norm(h, w[n.ln2], eps))
+            hess.add(norm(h, ln2))
         done(n.gate, hess)
-    rec = m[n.down] = _Recorder(m[n.down], through=False)
+    wgu = weight(n.gate)
+    ff = wgu.shape[0] // 2
+
+    def act(h):
+        gu = F.linear(norm(h, ln2), wgu)
+        return F.silu(gu[:, :ff]) * gu[:, ff:]
+    hess = Hessian(m[n.down].cols, device)
     for h in hs:
-        dec.mlp(rms_norm(h, w[n.ln2], eps), n.gate, n.up, n.down)
-    m[n.down] = rec.mat
-    done(n.down, rec.hess)
-    return [h + dec.mlp(rms_norm(h, w[n.ln2], eps), n.gate, n.up, n.down) for h in hs]
+        hess.add(act(h))
+    done(n.down, hess)
+    wd = weight(n.down)
+    return [(h + F.linear(act(h), wd)).cpu().numpy() for h in hs]
 
 
 def _int4_sweep(method: str, damp: float, act_order: bool) -> Callable:
