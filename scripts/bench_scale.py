@@ -11,6 +11,7 @@ each command as a subprocess inside its own cgroup-v1 memory group with ``--cap`
   hf-to-gguf-q4km  qconvert hf-to-gguf PROXY q4km.gguf --outtype q4_k_m
   verify-q4km      qconvert verify PROXY q4km.gguf ...
   quantize-int4    qconvert quantize PROXY int4 (default int4 layout)
+  quantize-gptq    qconvert quantize PROXY int4-gptq --method gptq (default calibration: 64 x 512 tokens)
   verify-int4      qconvert verify PROXY int4 ...
 
 The order keeps the disk peak at proxy + f16.gguf + one more full-size file; every output is deleted as soon
@@ -57,7 +58,9 @@ COMMANDS: dict[str, tuple[tuple[str, ...], str | None, float]] = {
     "verify-q4km": (("proxy", "q4km.gguf"), None, 0.0),
     "quantize-int4": (("proxy",), "int4", 0.35),
     "verify-int4": (("proxy", "int4"), None, 0.0),
+    "quantize-gptq": (("proxy",), "int4-gptq", 0.35),
 }
+OPT_IN = {"quantize-gptq"}  # run only when named in --only (hours on a full-depth 7B on 2 cores; use --layers)
 
 
 def parse_size(s: str) -> int:
@@ -204,6 +207,8 @@ def command_line(name: str, work: Path, proxy: Path, tokens: int) -> tuple[list[
         return qc + ["hf-to-gguf", str(proxy), str(out), "--outtype", "q4_k_m", "--force", "--quiet"], None
     if name == "quantize-int4":
         return qc + ["quantize", str(proxy), str(out), "--force", "--quiet"], None
+    if name == "quantize-gptq":
+        return qc + ["quantize", str(proxy), str(out), "--method", "gptq", "--force", "--quiet"], None
     if name == "gguf-to-hf":
         return qc + ["gguf-to-hf", str(work / "f16.gguf"), str(out), "--force", "--quiet"], None
     raise ValueError(name)
@@ -275,7 +280,8 @@ def main() -> int:
         raise SystemExit(f"error: {QC} not found; set up the venv first (scripts/test.sh or scripts/demo.sh)")
     cap = parse_size(args.cap)
     n_layers = args.layers or SHAPES[args.shape]["num_hidden_layers"]
-    selected = list(COMMANDS) if not args.only else [c.strip() for c in args.only.split(",") if c.strip()]
+    selected = ([c for c in COMMANDS if c not in OPT_IN] if not args.only
+                else [c.strip() for c in args.only.split(",") if c.strip()])
     bad = [c for c in selected if c not in COMMANDS]
     if bad:
         raise SystemExit(f"error: unknown command(s) {', '.join(bad)} in --only; choose from {', '.join(COMMANDS)}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ctypes
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from typing import Callable, MutableMapping
 
 import numpy as np
 
@@ -22,24 +22,31 @@ from formats.source import Source
 from qconvert.quant.groupwise import GroupQuant, QuantSpec, codes_from_c, dequantize, group_values, quantize
 
 BLOCK = 128  # columns per lazy-update block
+KEEP_ACTIVATIONS = 1 << 30  # bytes of down_proj inputs kept between its two passes (more are recomputed)
 
 
-def inverse_hessian_factor(H: np.ndarray, damp: float) -> np.ndarray:
+def inverse_hessian_factor(H: np.ndarray, damp: float, consume: bool = False) -> np.ndarray:
     """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1 (so that H^-1 = U^T U), float32.
 
-    With J the order reversal and J H J = L L^T, H^-1 = (J L^-1 J)^T (J L^-1 J) and J L^-1 J is upper
-    triangular: one Cholesky factorisation and one triangular inversion, no explicit inverse of H.
+    With torch: L = chol(H), H^-1 from L (cholesky_inverse), U = its upper Cholesky factor, each step freeing
+    the previous one, so the peak is two [cols, cols] float32 arrays (``consume``: H itself is overwritten,
+    e.g. a Hessian no longer needed). Without torch: with J the order reversal and J H J = L L^T,
+    U = J L^-1 J (numpy, float32).
     """
-    H = np.array(H, dtype=np.float64, copy=True)
-    H[np.diag_indices_from(H)] += damp * float(np.mean(np.diag(H)))
-    R = np.ascontiguousarray(H[::-1, ::-1], dtype=np.float32)
+    H = np.asarray(H, dtype=np.float32) if consume else np.array(H, dtype=np.float32, copy=True)
+    H[np.diag_indices_from(H)] += np.float32(damp * float(np.mean(np.diag(H), dtype=np.float64)))
     try:
         import torch
-        L = torch.linalg.cholesky(torch.from_numpy(R))
-        Li = torch.linalg.solve_triangular(L, torch.eye(len(R), dtype=L.dtype), upper=False).numpy()
     except ImportError:
+        R = np.ascontiguousarray(H[::-1, ::-1])
         Li = np.linalg.inv(np.linalg.cholesky(R)).astype(np.float32)
-    return np.ascontiguousarray(Li[::-1, ::-1])
+        return np.ascontiguousarray(Li[::-1, ::-1])
+    t = torch.from_numpy(H)
+    L = torch.linalg.cholesky(t)
+    del t, H
+    Hinv = torch.cholesky_inverse(L)
+    del L
+    return torch.linalg.cholesky(Hinv, upper=True).numpy()
 
 
 def _grid(sc: np.ndarray, off: np.ndarray | None, bits: int):
@@ -60,13 +67,13 @@ def gptq_matrix(W: np.ndarray, H: np.ndarray, spec: QuantSpec = QuantSpec(), met
 
     The column sweep runs in C when the kernels are built (``use_c``), else in numpy (the readable
     reference the C path is tested against). ``U`` may pass a ready ``inverse_hessian_factor`` (in sweep
-    order) when several matrices share one H."""
+    order) when several matrices share one H; H may then be just its diagonal [cols]."""
     bits, group_size, sym = spec.bits, spec.group_size, spec.sym
     W = np.array(W, dtype=np.float32, copy=True)
     rows, cols = W.shape
-    H = np.array(H, dtype=np.float64, copy=True)
-    dead = np.diag(H) == 0
-    H[dead, dead] = 1.0
+    dead = _diag(H) == 0
+    if U is None or act_order:  # H itself is needed: a copy with never-seen inputs made harmless
+        H = _undead(np.array(H, dtype=np.float32, copy=True))
     W[:, dead] = 0.0
     ng = -(-cols // group_size)
     scales = np.empty((rows, ng), np.uint16)
@@ -184,7 +191,11 @@ class Hessian:
 
     @property
     def H(self) -> np.ndarray:
-        return (self._np if self._t is None else self._t.cpu().numpy()).astype(np.float64)
+        """X^T X as float32 (the accumulator itself on the CPU: no copy)."""
+        return self._np if self._t is None else self._t.cpu().numpy()
+
+    def release(self) -> None:
+        self._t = self._np = None
 
 
 class _Recorder:
@@ -207,18 +218,21 @@ class _Recorder:
 def gptq_model(src: Source, windows: list[np.ndarray], specs: dict[str, QuantSpec], method: str = "search",
                damp: float = 0.01, act_order: bool = False, skip: set[str] = frozenset(),
                on_layer: Callable[[int, int], None] | None = None, sequential: bool = True,
-               quantise: Callable | None = None) -> dict:
+               quantise: Callable | None = None, store: "MutableMapping | None" = None) -> "MutableMapping":
     """GPTQ every decoder-layer matrix of ``src`` on calibration token ``windows``; {tensor name: result}.
 
     ``specs`` gives each matrix its QuantSpec (fused q/k/v and gate/up share one Hessian and are swept
     member by member in their own specs). ``sequential``: within a layer, q/k/v, then o_proj, then the
     feed-forward input matrices, then down_proj, each stage's Hessian recorded with the earlier stages
-    already quantised; with torch installed a dense layer does this in one pass over the windows per stage
-    that keeps the attention context and the residual stream between stages (about 1.5 forward passes per
-    layer, torch GEMMs), otherwise (and for an MoE layer) the decoder runs the layer once per stage. Otherwise one pass records the whole layer. Matrices named in ``skip`` (and
+    already quantised (with torch installed a dense layer does this in one pass over the windows per stage
+    that keeps the attention context and the residual stream between stages: about 1.5 forward passes per
+    layer, torch GEMMs; otherwise, and for an MoE layer, the decoder runs the layer once per stage); without
+    ``sequential`` one pass records the whole layer. Matrices named in ``skip`` (and
     those no calibration token reaches, e.g. an unused expert) are left to the caller's plain quantiser.
     ``quantise(name, W, H, spec, U, pool) -> (result, dequantised W)`` replaces the int4 group sweep (e.g.
-    GGML blocks, qconvert/quant/gptq_ggml.py). ``on_layer(i, n_layers)`` reports progress.
+    GGML blocks, qconvert/quant/gptq_ggml.py). ``store`` receives the results (default: a dict; a
+    qconvert.quant.spill.SpillDict keeps them on disk). Memory: one layer's weights (float32), its Hessians
+    and activations; ``on_layer(i, n_layers)`` reports progress.
     """
     from qconvert.decoder.numpy_backend import KVCache, NumpyDecoder
     from qconvert.decoder.rope import cos_sin
@@ -229,13 +243,14 @@ def gptq_model(src: Source, windows: list[np.ndarray], specs: dict[str, QuantSpe
     cos, sin = cos_sin(dec.inv_freq, dec.rope_scale, np.arange(ctx))
     xs = [dec.m["model.embed_tokens.weight"].rows_f32(w) for w in windows]
     cache = KVCache(cfg, ctx)
-    out: dict = {}
+    out = {} if store is None else store
     sweep = quantise or _int4_sweep(method, damp, act_order)
     with ThreadPoolExecutor(2) as pool:
         for i, n in enumerate(dec.layers):
             prefix = f"model.layers.{i}."
             keys = [k for k in dec.m if k.startswith(prefix) and not k.endswith("mlp.gate.weight")
                     and dec.m[k].rows > 1 and k not in skip]
+            originals = {k: dec.m[k] for k in keys}
             done = lambda k, hess: _quantise_fused(dec, n, k, hess, specs, sweep, damp, act_order, pool, out)  # noqa: E731
             if sequential and not cfg.is_moe and n.o in keys and n.down in keys and _has_torch():
                 xs = _dense_layer_staged(dec, i, xs, cos, sin, keys, done)
@@ -252,6 +267,7 @@ def gptq_model(src: Source, windows: list[np.ndarray], specs: dict[str, QuantSpe
                         dec.m[k] = r.mat
                         done(k, r.hess)
                 xs = [dec.layer(i, x, cache, cos[:len(x)], sin[:len(x)]) for x in xs]
+            dec.m.update(originals)  # the layer's dequantised float32 copies are no longer needed
             for m in dec.layer_mats[i]:
                 m.release()
             if on_layer:
@@ -273,7 +289,7 @@ def _dense_layer_staged(dec, i: int, xs: list, cos, sin, keys: list[str], done: 
     about twice numpy's here; ``device`` cuda on a GPU); returns the layer's outputs with all its matrices
     quantised. q/k/v see the normed inputs; o_proj the attention context of the quantised q/k/v (kept per
     window); gate/up the normed residual after the quantised o_proj (kept); down the activations of the
-    quantised gate/up (recomputed for the outputs rather than kept: they are the widest)."""
+    quantised gate/up (kept up to KEEP_ACTIVATIONS bytes, else recomputed for the outputs: they are the widest)."""
     import torch
     F = torch.nn.functional
     cfg, n, m = dec.cfg, dec.layers[i], dec.m
@@ -329,12 +345,15 @@ def _dense_layer_staged(dec, i: int, xs: list, cos, sin, keys: list[str], done: 
     def act(h):
         gu = F.linear(norm(h, ln2), wgu)
         return F.silu(gu[:, :ff]) * gu[:, ff:]
-    hess = Hessian(m[n.down].cols, device)
+    keep = sum(h.shape[0] for h in hs) * ff * 4 <= KEEP_ACTIVATIONS  # else recomputed for the outputs
+    hess, acts = Hessian(m[n.down].cols, device), []
     for h in hs:
-        hess.add(act(h))
+        a = act(h)
+        hess.add(a)
+        acts.append(a if keep else None)
     done(n.down, hess)
     wd = weight(n.down)
-    return [(h + F.linear(act(h), wd)).cpu().numpy() for h in hs]
+    return [(h + F.linear(act(h) if a is None else a, wd)).cpu().numpy() for h, a in zip(hs, acts)]
 
 
 def _int4_sweep(method: str, damp: float, act_order: bool) -> Callable:
@@ -352,12 +371,17 @@ def _quantise_fused(dec, n, k: str, hess: Hessian, specs, sweep, damp: float, ac
     if hess.n == 0:
         return
     members = [k] if len(mat.splits) == 1 else ([n.q, n.k, n.v] if k == n.q else [n.gate, n.up])
-    H = hess.H
+    H = hess.H  # float32, changed in place below: the recorder is done with it
+    hdiag = np.diag(H).copy()  # zeros mark inputs no token reached
+    _undead(H)
     W = mat.dense()
-    U = None if act_order else inverse_hessian_factor(_undead(H), damp)
+    U = None if act_order else inverse_hessian_factor(H, damp, consume=True)
+    if U is not None:  # the sweeps need only the diagonal now (dead inputs, importance)
+        H = None
+        hess.release()
     parts, r0 = [], 0
     for name, rows in zip(members, mat.splits):
-        out[name], dq = sweep(name, W[r0:r0 + rows], H, specs[name], U, pool)
+        out[name], dq = sweep(name, W[r0:r0 + rows], H if H is not None else hdiag, specs[name], U, pool)
         parts.append(dq)
         r0 += rows
     dec.m[k] = Matrix.from_f32(np.concatenate(parts), mat.splits)
@@ -371,9 +395,15 @@ def _stage(name: str) -> int:
     return 3 if name.endswith("down_proj.weight") else 2
 
 
+def _diag(H: np.ndarray) -> np.ndarray:
+    """The diagonal of a Hessian given whole [cols, cols], or just its diagonal [cols] (enough once the inverse
+    factor U is computed)."""
+    return H if H.ndim == 1 else np.diag(H)
+
+
 def _undead(H: np.ndarray) -> np.ndarray:
-    """H with the diagonal of never-seen inputs set to 1 (as gptq_matrix does before factorising)."""
-    H = np.array(H, dtype=np.float64, copy=True)
+    """H with the diagonal of never-seen inputs set to 1 (in place)."""
     dead = np.diag(H) == 0
     H[dead, dead] = 1.0
     return H
+

@@ -16,7 +16,7 @@ from gguf import GGMLQuantizationType as GQ
 from gguf.constants import GGML_QUANT_SIZES
 
 from formats import kernels
-from qconvert.quant.gptq import inverse_hessian_factor
+from qconvert.quant.gptq import _diag, _undead, inverse_hessian_factor
 
 IQ4_GRID = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.float32)
 _IQ4_MID = (IQ4_GRID[1:] + IQ4_GRID[:-1]) / 2
@@ -41,7 +41,7 @@ def gptq_ggml_matrix(W: np.ndarray, H: np.ndarray, qtype: str, importance: np.nd
     """GPTQ-quantise W [rows, cols] into GGML ``qtype`` blocks given the input Hessian H = X^T X.
 
     ``importance`` [cols]: the encoder's column weights for the block fits (default: diag(H)). ``U`` may pass a
-    ready ``inverse_hessian_factor``. Returns (raw blocks [rows, row bytes] uint8, dequantised W float32).
+    ready ``inverse_hessian_factor`` (H may then be just its diagonal [cols]). Returns (raw blocks [rows, row bytes] uint8, dequantised W float32).
     """
     if qtype not in GPTQ_TYPES:
         raise ValueError(f"GPTQ has no {qtype} grid; types: {', '.join(sorted(GPTQ_TYPES))}")
@@ -50,13 +50,11 @@ def gptq_ggml_matrix(W: np.ndarray, H: np.ndarray, qtype: str, importance: np.nd
     block, size = GGML_QUANT_SIZES[GQ[qtype]]
     if cols % block:
         raise ValueError(f"{qtype}: rows of {cols} values are not whole blocks of {block}")
-    H = np.array(H, dtype=np.float64, copy=True)
-    dead = np.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    qw = np.ascontiguousarray(np.diag(H) if importance is None else importance, dtype=np.float32)
+    hdiag = _diag(H)
+    W[:, hdiag == 0] = 0.0
+    qw = np.ascontiguousarray(hdiag if importance is None else importance, dtype=np.float32)
     if U is None:
-        U = inverse_hessian_factor(H, damp)
+        U = inverse_hessian_factor(_undead(np.array(H, dtype=np.float32, copy=True)), damp, consume=True)
     raw = np.empty((rows, cols // block * size), np.uint8)
     codes = np.empty((rows, cols), np.uint8)
     dq = np.empty((rows, cols), np.float32)

@@ -6,12 +6,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 from formats.errors import QConvertError
 from formats.imatrix import Imatrix
 from formats.names import canonical_names, canonical_shape
 from formats.source import Source
 from qconvert.quant.groupwise import GroupQuant, QuantSpec, quantize
 from qconvert.quant.recipes import head_name, plan
+from qconvert.quant.spill import SpillDict
 
 
 @dataclass
@@ -45,11 +48,12 @@ def quantize_int4(src: Source, out: Path, base: QuantSpec = QuantSpec(), method:
     from formats.int4 import write_int4
 
     specs, upgrades = plan(src.config, matrix_shapes(src), base, head_bits, mix, target_bpw)
-    pre = _gptq(src, specs, calib, quiet, echo) if method == "gptq" else None
     summary = {"bits": base.bits, "group_size": base.group_size, "scheme": "sym" if base.sym else "asym",
                "scale_bits": base.scale_bits, "head_bits": head_bits, "mix": mix, "upgrades": upgrades}
-    st = write_int4(src, out, specs, plain_quantizer(method), method, force=force, progress=not quiet,
-                    precomputed=pre, summary=summary)
+    with SpillDict(near=out) as store:
+        pre = _gptq(src, specs, calib, quiet, echo, store=store) if method == "gptq" else None
+        st = write_int4(src, out, specs, plain_quantizer(method), method, force=force, progress=not quiet,
+                        precomputed=pre, summary=summary)
     st["upgrades"] = upgrades
     return st
 
@@ -64,9 +68,9 @@ def plain_quantizer(method: str) -> Callable[..., GroupQuant]:
 
 
 def _gptq(src: Source, specs: dict, calib: CalibOptions, quiet: bool, echo: Callable[[str], None],
-          quantise: Callable | None = None, skip: set[str] | None = None) -> dict:
-    """GPTQ results for every decoder-layer matrix (the head, and ``skip``, are left to the plain quantiser);
-    ``quantise``: gptq_model's sweep (default: the int4 groups)."""
+          quantise: Callable | None = None, skip: set[str] | None = None, store: SpillDict | None = None) -> dict:
+    """GPTQ results for every decoder-layer matrix (the head, and ``skip``, are left to the plain quantiser),
+    into ``store`` (results on disk) if given; ``quantise``: gptq_model's sweep (default: the int4 groups)."""
     from formats.progress import bar
     from qconvert.corpus import CALIB_MODULES, stdlib_text, tokens_digest, windows
     from qconvert.quant.gptq import gptq_model
@@ -78,7 +82,7 @@ def _gptq(src: Source, specs: dict, calib: CalibOptions, quiet: bool, echo: Call
     with bar(src.config.num_hidden_layers, "gptq layers", not quiet) as pb:
         pre = gptq_model(src, ws, specs, "search", calib.damp, calib.act_order,
                          skip={head_name(src.config)} | (skip or set()), on_layer=lambda i, total: pb.update(1),
-                         sequential=calib.sequential, quantise=quantise)
+                         sequential=calib.sequential, quantise=quantise, store=store)
     echo(f"gptq: {len(ws)} x {len(ws[0])} calibration tokens (ids {tokens_digest(ws)}), "
          f"{len(pre)} matrices in {time.perf_counter() - t0:.1f}s")
     return pre
@@ -118,8 +122,9 @@ def quantize_gguf_gptq(src: Source, out: Path, gtype: str, imatrix: Imatrix | No
             imp = imatrix.weights(g, W.shape[1], n_mat)[expert or 0]
         return gptq_ggml_matrix(W, H, qtype, imp, calib.damp, U)
 
-    pre = _gptq(src, specs, calib, quiet, echo, quantise=sweep, skip=skip)
-    write_gguf(src, out, force=force, progress=not quiet, types=types, file_type=file_type, imatrix=imatrix,
-               raw_chunks=lambda m, t, pool: [pre[m].reshape(-1)] if m in pre else None)
+    with SpillDict(near=out) as store:
+        pre = _gptq(src, specs, calib, quiet, echo, quantise=sweep, skip=skip, store=store)
+        write_gguf(src, out, force=force, progress=not quiet, types=types, file_type=file_type, imatrix=imatrix,
+                   raw_chunks=lambda m, t, pool: [np.asarray(pre[m]).reshape(-1)] if m in pre else None)
     return types
 
