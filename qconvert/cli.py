@@ -10,7 +10,7 @@ import click
 
 from formats.errors import QConvertError
 from formats.gguf import OUTTYPES
-from qconvert.quant.mixtures import MIXTURES
+from qconvert.quant.mixtures import MIXTURES, ROLES, ROLES_FILE_TYPE
 from qconvert.quant.recipes import MIXES, describe_plan
 
 
@@ -83,10 +83,11 @@ def _write_gguf(src, out: Path, outtype: str, force: bool, progress: bool, name:
             return types
         click.echo(f"int4 -> GGUF: no tensor mapped exactly; every matrix dequantised and re-encoded as {outtype} "
                    f"(exact mapping of the codes needs --outtype {', '.join(EXACT_OUTTYPES)})")
-    if outtype in MIXTURES:
+    if outtype in MIXTURES or outtype == ROLES:
         from qconvert.quant.mixtures import mixture_types
         return write_gguf(src, out, force=force, progress=progress, name=name,
-                          types=mixture_types(src.config, outtype, im is not None), file_type=MIXTURES[outtype][1],
+                          types=mixture_types(src.config, outtype, im is not None),
+                          file_type=MIXTURES[outtype][1] if outtype in MIXTURES else ROLES_FILE_TYPE,
                           split_max_size=split[0], split_max_tensors=split[1], files=files, imatrix=im)
     return write_gguf(src, out, outtype, force=force, progress=progress, name=name, split_max_size=split[0],
                       split_max_tensors=split[1], files=files, imatrix=im)
@@ -101,7 +102,7 @@ def _imatrix_option(f):
 @cli.command("hf-to-gguf")
 @click.argument("src")
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--outtype", type=click.Choice(OUTTYPES + tuple(MIXTURES)), default="auto", show_default=True,
+@click.option("--outtype", type=click.Choice(OUTTYPES + tuple(MIXTURES) + (ROLES,)), default="auto", show_default=True,
               help="type of 2-D weights (1-D tensors and norms stay F32), or a llama-quantize mixture (the K-quant "
                    "ones, iq4_nl, iq4_xs, and q4_0_mix .. q5_1_mix: llama-quantize's Q4_0 .. Q5_1 files). "
                    "auto: bf16 for a bf16 source, else f16; for an int4 folder, its codes repacked exactly into "
@@ -210,7 +211,8 @@ def inspect_cmd(model: str, as_json: bool, show_all: bool) -> None:
 @click.option("--report", "report_png", type=click.Path(path_type=Path, dir_okay=False),
               help="int4 format: write the per-layer error as a PNG plot")
 @click.option("--type", "gtype", default="q4_k_m", show_default=True,
-              help="gguf format: q8_0, q4_0, q4_1, q5_0, q5_1 (every matrix) or a llama-quantize mixture ("
+              help="gguf format: q8_0, q4_0, q4_1, q5_0, q5_1 (every matrix), roles (the int4 --mix roles plan's "
+                   "bits on GGML types: 4 -> Q4_1, 5 -> Q5_1, 8 -> Q8_0, ...) or a llama-quantize mixture ("
                    + ", ".join(MIXTURES) + ")")
 @_imatrix_option
 @click.option("--force", is_flag=True, help="replace OUT if it exists")
@@ -231,7 +233,7 @@ def quantize_cmd(src: str, out: Path, fmt: str, bits: int, group_size: str, scal
     from qconvert.quant.run import CalibOptions
     calib_opts = CalibOptions(calib, calib_samples, calib_ctx, act_order, damp, sequential)
     if fmt == "gguf":
-        if gtype not in MIXTURES and gtype not in ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1"):
+        if gtype not in MIXTURES and gtype not in ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", ROLES):
             raise QConvertError(f"--type {gtype} is not a GGUF quantisation qconvert writes; see --help")
         if method not in ("search", "gptq"):
             raise QConvertError(f"--method {method} is not available for --format gguf: the GGML encoders are "

@@ -274,3 +274,26 @@ def test_default_mix_maps_with_rounded_scales(int4_dir, tmp_path, sample_tokens)
     s = kl_stats(ours, llama_logits(out, sample_tokens))
     print(f"default mix -> auto GGUF: {s}")
     assert s["mean_kl"] <= 0.01 and s["top1"] >= 0.9, s
+
+
+def test_gguf_roles_type_follows_the_int4_plan(tiny, tmp_path):
+    """quantize --format gguf --type roles: the int4 --mix roles plan's bits on GGML types (k/v 8-bit -> Q8_0,
+    q/o 5-bit -> Q5_1, feed-forward 4/5-bit -> Q4_1/Q5_1, the tied head 8-bit -> Q8_0), and closer to the model
+    than every matrix in Q4_1. (An untied embedding gets the plan's 3 bits: Q3_K, or Q4_0 on short rows.)"""
+    import json
+
+    from formats.gguf_file import read_header
+    src = tiny("tied")
+    kl = {}
+    for t in ("roles", "q4_1"):
+        out = tmp_path / f"{t}.gguf"
+        qconvert("quantize", str(src), str(out), "--format", "gguf", "--type", t, "--quiet")
+        qconvert("verify", str(src), str(out), "--ctx", "128", "--json", str(tmp_path / f"{t}.json"),
+                 "--max-kld", "5", "--min-top1", "0")
+        kl[t] = json.loads((tmp_path / f"{t}.json").read_text())["mean_kl"]
+    types = {x.name: x.type for x in read_header(tmp_path / "roles.gguf")[1]}
+    assert types["blk.0.attn_k.weight"] == types["blk.0.attn_v.weight"] == "Q8_0"
+    assert types["blk.0.attn_q.weight"] == types["blk.0.attn_output.weight"] == "Q5_1"
+    assert {types[f"blk.{i}.ffn_{p}.weight"] for i in (0, 1) for p in ("gate", "up", "down")} <= {"Q4_1", "Q5_1"}
+    assert types["token_embd.weight"] == "Q8_0"
+    assert kl["roles"] < kl["q4_1"]

@@ -111,9 +111,41 @@ def layer_type(cfg: ModelConfig, mixture: str, role: str | None, i: int, imatrix
     return t
 
 
+ROLES = "roles"
+ROLES_FILE_TYPE = 1024  # llama_ftype "guessed": a mix of our own
+GGML_OF_BITS = {2: "Q2_K", 3: "Q3_K", 4: "Q4_1", 5: "Q5_1", 6: "Q6_K", 7: "Q8_0", 8: "Q8_0"}
+
+
+def roles_types(cfg: ModelConfig, bits: int = 4, target_bpw: float | None = None) -> dict[str, str]:
+    """{GGUF tensor name: GGML type} of the int4 ``--mix roles`` plan (qconvert/quant/recipes.py) on GGUF-native
+    types: each matrix's planned bits as the asymmetric GGML type of that width (4 -> Q4_1, 5 -> Q5_1, 8 ->
+    Q8_0, 3 -> Q3_K, ...), with llama.cpp's row-length fallbacks."""
+    from qconvert.quant.groupwise import QuantSpec
+    from qconvert.quant.recipes import plan
+
+    shapes = {}
+    for _, members in gguf_layout(cfg):
+        for m in members:
+            shape = canonical_shape(m, cfg)
+            if len(shape) == 2 and shape[0] > 1 and not m.endswith("mlp.gate.weight"):
+                shapes[m] = (int(shape[0]), int(shape[1]))
+    specs, _ = plan(cfg, shapes, QuantSpec(bits=bits), 8, "roles", target_bpw)
+    out = {}
+    for gname, members in gguf_layout(cfg):
+        shape = canonical_shape(members[0], cfg)
+        sp = specs.get(members[0])
+        if sp is None or gname.endswith(KEEP_F32_SUFFIXES):
+            out[gname] = "F32"
+            continue
+        out[gname] = fallback(GGML_OF_BITS[max(2, min(8, sp.bits))], shape[-1])
+    return out
+
+
 def mixture_types(cfg: ModelConfig, mixture: str, imatrix: bool = False) -> dict[str, str]:
     """{GGUF tensor name: GGML type} for every tensor of ``cfg`` under ``mixture`` (``imatrix``: quantised with
-    an importance matrix)."""
+    an importance matrix; ``roles``: roles_types)."""
+    if mixture == ROLES:
+        return roles_types(cfg)
     out = {}
     for gname, members in gguf_layout(cfg):
         shape = canonical_shape(members[0], cfg)

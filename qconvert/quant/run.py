@@ -97,13 +97,14 @@ def quantize_gguf_gptq(src: Source, out: Path, gtype: str, imatrix: Imatrix | No
     from formats.gguf import FILE_TYPE, tensor_type, write_gguf
     from formats.names import gguf_layout, hf_to_gguf
     from qconvert.quant.gptq_ggml import GPTQ_TYPES, gptq_ggml_matrix
-    from qconvert.quant.mixtures import MIXTURES, mixture_types
+    from qconvert.quant.mixtures import MIXTURES, ROLES, ROLES_FILE_TYPE, mixture_types
 
     cfg = src.config
     if calib.act_order:
         raise QConvertError("--act-order is not available for GGUF types (their blocks are fixed in column order)")
-    if gtype in MIXTURES:
-        types, file_type = mixture_types(cfg, gtype, imatrix is not None), MIXTURES[gtype][1]
+    if gtype in MIXTURES or gtype == ROLES:
+        types = mixture_types(cfg, gtype, imatrix is not None)
+        file_type = MIXTURES[gtype][1] if gtype in MIXTURES else ROLES_FILE_TYPE
     else:
         types = {g: tensor_type(g, canonical_shape(m[0], cfg), gtype) for g, m in gguf_layout(cfg)}
         file_type = FILE_TYPE[gtype.upper()]
