@@ -35,7 +35,6 @@ from typing import Iterator
 
 import numpy as np
 
-from formats.dtypes import row_nbytes
 from formats.errors import QConvertError
 from formats.names import canonical_shape, gguf_layout
 from formats.source import Source

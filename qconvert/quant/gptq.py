@@ -25,15 +25,15 @@ BLOCK = 128  # columns per lazy-update block
 KEEP_ACTIVATIONS = 1 << 30  # bytes of down_proj inputs kept between its two passes (more are recomputed)
 
 
-def inverse_hessian_factor(H: np.ndarray, damp: float, consume: bool = False) -> np.ndarray:
+def inverse_hessian_factor(H, damp: float) -> np.ndarray:
     """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1 (so that H^-1 = U^T U), float32.
 
-    With torch: L = chol(H), H^-1 from L (cholesky_inverse), U = its upper Cholesky factor, each step freeing
-    the previous one, so the peak is two [cols, cols] float32 arrays (``consume``: H itself is overwritten,
-    e.g. a Hessian no longer needed). Without torch: with J the order reversal and J H J = L L^T,
-    U = J L^-1 J (numpy, float32).
+    ``H``: an array (copied), or a Hessian object whose accumulator is taken over and freed (a large Hessian
+    then never coexists with more than one other [cols, cols] array). With torch: L = chol(H), H^-1 from L
+    (cholesky_inverse), U = its upper Cholesky factor, each step dropping the previous one. Without torch:
+    with J the order reversal and J H J = L L^T, U = J L^-1 J.
     """
-    H = np.asarray(H, dtype=np.float32) if consume else np.array(H, dtype=np.float32, copy=True)
+    H = H.take() if isinstance(H, Hessian) else np.array(H, dtype=np.float32, copy=True)
     H[np.diag_indices_from(H)] += np.float32(damp * float(np.mean(np.diag(H), dtype=np.float64)))
     try:
         import torch
@@ -42,8 +42,9 @@ def inverse_hessian_factor(H: np.ndarray, damp: float, consume: bool = False) ->
         Li = np.linalg.inv(np.linalg.cholesky(R)).astype(np.float32)
         return np.ascontiguousarray(Li[::-1, ::-1])
     t = torch.from_numpy(H)
+    del H
     L = torch.linalg.cholesky(t)
-    del t, H
+    del t
     Hinv = torch.cholesky_inverse(L)
     del L
     return torch.linalg.cholesky(Hinv, upper=True).numpy()
@@ -194,8 +195,11 @@ class Hessian:
         """X^T X as float32 (the accumulator itself on the CPU: no copy)."""
         return self._np if self._t is None else self._t.cpu().numpy()
 
-    def release(self) -> None:
+    def take(self) -> np.ndarray:
+        """The accumulator as float32, handed over: this object keeps no reference to it."""
+        H = self.H
         self._t = self._np = None
+        return H
 
 
 class _Recorder:
@@ -311,7 +315,7 @@ def _dense_layer_staged(dec, i: int, xs: list, cos, sin, keys: list[str], done: 
     ln1, ln2 = t(dec.w[n.ln1]), t(dec.w[n.ln2])
     bias = torch.cat([t(dec.w[n.q_b]), t(dec.w[n.k_b]), t(dec.w[n.v_b])])
     cos_t, sin_t = t(cos), t(sin)
-    xs = [t(x) for x in xs]
+    xs_in, xs = xs, [t(x) for x in xs]
     if n.q in keys:
         hess = Hessian(m[n.q].cols, device)
         for x in xs:
@@ -334,6 +338,7 @@ def _dense_layer_staged(dec, i: int, xs: list, cos, sin, keys: list[str], done: 
     wo = weight(n.o)
     hs = [x + F.linear(c, wo) for x, c in zip(xs, ctxs)]
     del ctxs, xs
+    xs_in.clear()  # the caller's list: the layer inputs are no longer needed
     if n.gate in keys:
         hess = Hessian(m[n.gate].cols, device)
         for h in hs:
@@ -371,20 +376,19 @@ def _quantise_fused(dec, n, k: str, hess: Hessian, specs, sweep, damp: float, ac
     if hess.n == 0:
         return
     members = [k] if len(mat.splits) == 1 else ([n.q, n.k, n.v] if k == n.q else [n.gate, n.up])
-    H = hess.H  # float32, changed in place below: the recorder is done with it
-    hdiag = np.diag(H).copy()  # zeros mark inputs no token reached
-    _undead(H)
     W = mat.dense()
-    U = None if act_order else inverse_hessian_factor(H, damp, consume=True)
-    if U is not None:  # the sweeps need only the diagonal now (dead inputs, importance)
-        H = None
-        hess.release()
-    parts, r0 = [], 0
+    hdiag = np.diag(hess.H).copy()  # zeros mark inputs no token reached
+    U = None
+    if not act_order:  # the sweeps need only the diagonal once U is known (dead inputs, importance)
+        _undead(hess.H)  # in place: the recorder is done with it
+        U = inverse_hessian_factor(hess, damp)
+    Hs = hdiag if U is not None else hess.H
+    r0 = 0
     for name, rows in zip(members, mat.splits):
-        out[name], dq = sweep(name, W[r0:r0 + rows], H if H is not None else hdiag, specs[name], U, pool)
-        parts.append(dq)
+        out[name], dq = sweep(name, W[r0:r0 + rows], Hs, specs[name], U, pool)
+        W[r0:r0 + rows] = dq  # the dequantised rows replace the originals in place
         r0 += rows
-    dec.m[k] = Matrix.from_f32(np.concatenate(parts), mat.splits)
+    dec.m[k] = Matrix.from_f32(W, mat.splits)
 
 
 def _stage(name: str) -> int:

@@ -37,11 +37,15 @@ def _round(w: np.ndarray, d: np.ndarray, m: np.ndarray, t: str) -> tuple[np.ndar
 
 
 def gptq_ggml_matrix(W: np.ndarray, H: np.ndarray, qtype: str, importance: np.ndarray | None = None,
-                     damp: float = 0.01, U: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                     damp: float = 0.01, U: np.ndarray | None = None,
+                     act_order: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """GPTQ-quantise W [rows, cols] into GGML ``qtype`` blocks given the input Hessian H = X^T X.
 
     ``importance`` [cols]: the encoder's column weights for the block fits (default: diag(H)). ``U`` may pass a
-    ready ``inverse_hessian_factor`` (H may then be just its diagonal [cols]). Returns (raw blocks [rows, row bytes] uint8, dequantised W float32).
+    ready ``inverse_hessian_factor`` (H may then be just its diagonal [cols]). ``act_order``: every block's
+    scales are fitted up front on the original weights ("static groups"), then the columns are swept in order
+    of decreasing Hessian diagonal (needs the whole H). Returns (raw blocks [rows, row bytes] uint8,
+    dequantised W float32).
     """
     if qtype not in GPTQ_TYPES:
         raise ValueError(f"GPTQ has no {qtype} grid; types: {', '.join(sorted(GPTQ_TYPES))}")
@@ -53,9 +57,17 @@ def gptq_ggml_matrix(W: np.ndarray, H: np.ndarray, qtype: str, importance: np.nd
     hdiag = _diag(H)
     W[:, hdiag == 0] = 0.0
     qw = np.ascontiguousarray(hdiag if importance is None else importance, dtype=np.float32)
-    if U is None:
-        U = inverse_hessian_factor(_undead(np.array(H, dtype=np.float32, copy=True)), damp, consume=True)
-    raw = np.empty((rows, cols // block * size), np.uint8)
+    perm = np.argsort(-hdiag, kind="stable") if act_order else None
+    if act_order:  # static groups: every block's grid from the original weights
+        raw = kernels.from_f32(W, qtype, imatrix=qw).reshape(rows, -1)
+        d_all, m_all, sub = kernels.block_grid(raw, qtype)
+        d_all, m_all = d_all.reshape(rows, -1), m_all.reshape(rows, -1)
+        H = _undead(np.array(H, dtype=np.float32, copy=True))[perm][:, perm]
+        W, U = W[:, perm], inverse_hessian_factor(H, damp)
+    elif U is None:
+        U = inverse_hessian_factor(_undead(np.array(H, dtype=np.float32, copy=True)), damp)
+    if not act_order:
+        raw = np.empty((rows, cols // block * size), np.uint8)
     codes = np.empty((rows, cols), np.uint8)
     dq = np.empty((rows, cols), np.float32)
     lazy = max(LAZY, block)
@@ -63,15 +75,20 @@ def gptq_ggml_matrix(W: np.ndarray, H: np.ndarray, qtype: str, importance: np.nd
         i2 = min(cols, i1 + lazy)
         E = np.empty((rows, i2 - i1), np.float32)
         for c in range(i1, i2):
-            if c % block == 0:  # a new block: its scales from the error-updated weights
-                blk = kernels.from_f32(np.ascontiguousarray(W[:, c:c + block]), qtype, imatrix=qw[c:c + block])
-                raw[:, c // block * size:(c // block + 1) * size] = blk.reshape(rows, size)
-                d, m, sub = kernels.block_grid(blk, qtype)
-                d, m = d.reshape(rows, -1), m.reshape(rows, -1)
-            j = (c % block) // sub
+            if act_order:
+                col = perm[c]
+                d, m = d_all[:, col // sub], m_all[:, col // sub]
+            else:
+                col = c
+                if c % block == 0:  # a new block: its scales from the error-updated weights
+                    blk = kernels.from_f32(np.ascontiguousarray(W[:, c:c + block]), qtype, imatrix=qw[c:c + block])
+                    raw[:, c // block * size:(c // block + 1) * size] = blk.reshape(rows, size)
+                    d_b, m_b, sub = kernels.block_grid(blk, qtype)
+                    d_b, m_b = d_b.reshape(rows, -1), m_b.reshape(rows, -1)
+                d, m = d_b[:, (c % block) // sub], m_b[:, (c % block) // sub]
             w = W[:, c]
-            codes[:, c], q = _round(w, d[:, j], m[:, j], qtype)
-            dq[:, c] = q
+            codes[:, col], q = _round(w, d, m, qtype)
+            dq[:, col] = q
             err = (w - q) / U[c, c]
             W[:, c + 1:i2] -= np.outer(err, U[c, c + 1:i2])
             E[:, c - i1] = err
