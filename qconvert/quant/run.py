@@ -8,7 +8,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-from formats.errors import QConvertError
 from formats.imatrix import Imatrix
 from formats.names import canonical_names, canonical_shape
 from formats.source import Source
@@ -93,15 +92,14 @@ def quantize_gguf_gptq(src: Source, out: Path, gtype: str, imatrix: Imatrix | No
                        echo: Callable[[str], None] = print) -> dict[str, str]:
     """``quantize --format gguf --type GTYPE --method gptq``: GPTQ onto the GGML blocks of a plain type or a
     llama-quantize mixture (qconvert/quant/gptq_ggml.py); the embedding and head are encoded plainly. The block
-    fits use ``imatrix`` where it has an entry, else the calibration Hessian's diagonal. Returns the types."""
+    fits use ``imatrix`` where it has an entry, else the calibration Hessian's diagonal; ``calib.act_order``
+    fits every block up front and sweeps columns by decreasing Hessian diagonal. Returns the types."""
     from formats.gguf import FILE_TYPE, tensor_type, write_gguf
     from formats.names import gguf_layout, hf_to_gguf
     from qconvert.quant.gptq_ggml import GPTQ_TYPES, gptq_ggml_matrix
     from qconvert.quant.mixtures import MIXTURES, ROLES, ROLES_FILE_TYPE, mixture_types
 
     cfg = src.config
-    if calib.act_order:
-        raise QConvertError("--act-order is not available for GGUF types (their blocks are fixed in column order)")
     if gtype in MIXTURES or gtype == ROLES:
         types = mixture_types(cfg, gtype, imatrix is not None)
         file_type = MIXTURES[gtype][1] if gtype in MIXTURES else ROLES_FILE_TYPE
@@ -121,7 +119,7 @@ def quantize_gguf_gptq(src: Source, out: Path, gtype: str, imatrix: Imatrix | No
         if imatrix is not None and g in imatrix.entries:
             n_mat = cfg.num_experts if expert is not None else 1
             imp = imatrix.weights(g, W.shape[1], n_mat)[expert or 0]
-        return gptq_ggml_matrix(W, H, qtype, imp, calib.damp, U)
+        return gptq_ggml_matrix(W, H, qtype, imp, calib.damp, U, calib.act_order)
 
     with SpillDict(near=out) as store:
         pre = _gptq(src, specs, calib, quiet, echo, quantise=sweep, skip=skip, store=store)
