@@ -115,6 +115,14 @@ class Matrix:
         """Selected rows as float32 (embedding lookup); only those rows are read."""
         return self.parts[0].take(np.asarray(idx, dtype=np.int64))
 
+    def f32(self) -> np.ndarray:
+        """W as float32 [rows, cols]: the stored array itself for a ``from_f32`` matrix (no copy), else
+        ``dense()``."""
+        p = self.parts[0]
+        if len(self.parts) == 1 and p.stype == "F32" and p.data is not None:
+            return p.data.view(np.float32).reshape(self.rows, self.cols)
+        return self.dense()
+
     def dense(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows [start, stop) as float32 (a temporary)."""
         stop = self.rows if stop is None else stop

@@ -302,8 +302,8 @@ def _dense_layer_staged(dec, i: int, xs: list, cos, sin, keys: list[str], done: 
     def t(a):
         return a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a, np.float32)).to(device)
 
-    def weight(k):
-        return t(m[k].dense())
+    def weight(k):  # the quantised layer copy itself (no second float32 copy)
+        return t(m[k].f32())
 
     def norm(x, g):
         return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * g
