@@ -388,8 +388,6 @@ def _write_npz_streamed(path: Path, ids, chunks) -> tuple[int, int]:
 def logits_cmd(model: str, text: Path | None, token_ids: Path | None, ctx: int, out: Path, force: bool,
                backend: str, device: str, dtype: str) -> None:
     """Write the model's logits for the first N tokens of a text (or of given token ids)."""
-    import numpy as np
-
     from formats.detect import open_model
     from formats.output import atomic_file, check_target
 
