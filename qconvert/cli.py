@@ -208,6 +208,13 @@ def inspect_cmd(model: str, as_json: bool, show_all: bool) -> None:
                    "stages already quantised (one forward pass per stage)")
 @click.option("--damp", type=click.FloatRange(0, 1), default=0.01, show_default=True,
               help="gptq: Hessian dampening, a fraction of its mean diagonal")
+@click.option("--propagate", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="gptq: error propagation, 0..1: run the unquantised model alongside and first move each matrix "
+                   "by this fraction of the change that makes it reproduce the unquantised outputs from the "
+                   "quantised model's inputs (dense models; about 1.5x the time)")
+@click.option("--calib-dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
+              help="gptq: number type of the calibration forward passes and recorded inputs (dense layers, torch); "
+                   "auto = bfloat16 where the CPU multiplies it natively (AMX / AVX512-BF16), else float32")
 @click.option("--report", "report_png", type=click.Path(path_type=Path, dir_okay=False),
               help="int4 format: write the per-layer error as a PNG plot")
 @click.option("--type", "gtype", default="q4_k_m", show_default=True,
@@ -220,7 +227,7 @@ def inspect_cmd(model: str, as_json: bool, show_all: bool) -> None:
 def quantize_cmd(src: str, out: Path, fmt: str, bits: int, group_size: str, scale_bits: str, mix: str,
                  target_bpw: float | None, method: str, sym: bool, head_bits: int, calib: Path | None,
                  calib_samples: int, calib_ctx: int, act_order: bool, sequential: bool, damp: float,
-                 report_png: Path | None,
+                 propagate: float, calib_dtype: str, report_png: Path | None,
                  gtype: str, imatrix: Path | None, force: bool, quiet: bool) -> None:
     """Quantise a model (HF folder, Hub id or GGUF) to the int4 layout or to a GGUF type / mixture."""
     from formats.detect import open_model
@@ -231,7 +238,7 @@ def quantize_cmd(src: str, out: Path, fmt: str, bits: int, group_size: str, scal
     if imatrix is not None and fmt != "gguf":
         raise QConvertError("--imatrix applies to --format gguf; the int4 format's data-aware method is --method gptq")
     from qconvert.quant.run import CalibOptions
-    calib_opts = CalibOptions(calib, calib_samples, calib_ctx, act_order, damp, sequential)
+    calib_opts = CalibOptions(calib, calib_samples, calib_ctx, act_order, damp, sequential, propagate, calib_dtype)
     if fmt == "gguf":
         if gtype not in MIXTURES and gtype not in ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", ROLES):
             raise QConvertError(f"--type {gtype} is not a GGUF quantisation qconvert writes; see --help")

@@ -18,11 +18,12 @@ from typing import Callable, MutableMapping
 
 import numpy as np
 
+from formats.errors import QConvertError
 from formats.source import Source
 from qconvert.quant.groupwise import GroupQuant, QuantSpec, codes_from_c, dequantize, group_values, quantize
+from qconvert.quant.hessian import Hessian, dense_layer_staged, fast_bfloat16, has_torch
 
 BLOCK = 128  # columns per lazy-update block
-KEEP_ACTIVATIONS = 1 << 30  # bytes of down_proj inputs kept between its two passes (more are recomputed)
 
 
 def inverse_hessian_factor(H, damp: float) -> np.ndarray:
@@ -166,42 +167,6 @@ def _c_sweep(W, U, Q, scales, offsets, steps, spec, method, block, pool) -> bool
     return True
 
 
-class Hessian:
-    """X^T X of the inputs of one matrix, accumulated in float32 (with torch's GEMM when installed: about twice
-    numpy's speed here; on ``device``), and the number of rows seen."""
-
-    def __init__(self, cols: int, device: str = "cpu"):
-        self.n = 0
-        try:
-            import torch
-            self._t = torch.zeros((cols, cols), dtype=torch.float32, device=device)
-        except ImportError:
-            self._t, self._np = None, np.zeros((cols, cols), np.float32)
-
-    def add(self, x) -> None:
-        if self._t is None:
-            x = np.asarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
-            self._np += x.T @ x
-        else:
-            import torch
-            if not isinstance(x, torch.Tensor):
-                x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-            x = x.reshape(-1, x.shape[-1]).to(self._t.device, torch.float32)
-            self._t.addmm_(x.T, x)
-        self.n += x.shape[0]
-
-    @property
-    def H(self) -> np.ndarray:
-        """X^T X as float32 (the accumulator itself on the CPU: no copy)."""
-        return self._np if self._t is None else self._t.cpu().numpy()
-
-    def take(self) -> np.ndarray:
-        """The accumulator as float32, handed over: this object keeps no reference to it."""
-        H = self.H
-        self._t = self._np = None
-        return H
-
-
 class _Recorder:
     """Wraps a decoder Matrix: accumulates X^T X of every input it multiplies; ``through`` False skips the
     product itself (returns zeros) when only the inputs are wanted."""
@@ -222,7 +187,8 @@ class _Recorder:
 def gptq_model(src: Source, windows: list[np.ndarray], specs: dict[str, QuantSpec], method: str = "search",
                damp: float = 0.01, act_order: bool = False, skip: set[str] = frozenset(),
                on_layer: Callable[[int, int], None] | None = None, sequential: bool = True,
-               quantise: Callable | None = None, store: "MutableMapping | None" = None) -> "MutableMapping":
+               quantise: Callable | None = None, store: "MutableMapping | None" = None,
+               propagate: float = 0.0, dtype: str = "auto") -> "MutableMapping":
     """GPTQ every decoder-layer matrix of ``src`` on calibration token ``windows``; {tensor name: result}.
 
     ``specs`` gives each matrix its QuantSpec (fused q/k/v and gate/up share one Hessian and are swept
@@ -235,8 +201,14 @@ def gptq_model(src: Source, windows: list[np.ndarray], specs: dict[str, QuantSpe
     those no calibration token reaches, e.g. an unused expert) are left to the caller's plain quantiser.
     ``quantise(name, W, H, spec, U, pool) -> (result, dequantised W)`` replaces the int4 group sweep (e.g.
     GGML blocks, qconvert/quant/gptq_ggml.py). ``store`` receives the results (default: a dict; a
-    qconvert.quant.spill.SpillDict keeps them on disk). Memory: one layer's weights (float32), its Hessians
-    and activations; ``on_layer(i, n_layers)`` reports progress.
+    qconvert.quant.spill.SpillDict keeps them on disk). ``propagate`` > 0 (dense models, torch, sequential):
+    the unquantised model runs alongside, and each matrix is first moved by that fraction of the least-squares
+    change that makes its quantised-model inputs reproduce the unquantised model's outputs
+    (Hessian.propagation), so later matrices also correct the error of earlier layers; about 1.5x the time.
+    ``dtype`` (the torch dense-layer pass): float32, bfloat16, or auto = bfloat16 where the CPU multiplies it
+    natively (AMX / AVX512-BF16; ``fast_bfloat16``), else float32.
+    Memory: one layer's weights (float32), its Hessians and activations (twice, with ``propagate``);
+    ``on_layer(i, n_layers)`` reports progress.
     """
     from qconvert.decoder.numpy_backend import KVCache, NumpyDecoder
     from qconvert.decoder.rope import cos_sin
@@ -245,7 +217,12 @@ def gptq_model(src: Source, windows: list[np.ndarray], specs: dict[str, QuantSpe
     cfg = dec.cfg
     ctx = max(len(w) for w in windows)
     cos, sin = cos_sin(dec.inv_freq, dec.rope_scale, np.arange(ctx))
+    staged = sequential and not cfg.is_moe and has_torch()
+    if propagate and not staged:
+        raise QConvertError("--propagate needs torch, a dense (not MoE) model and --sequential")
+    dt = ("bfloat16" if fast_bfloat16() else "float32") if dtype == "auto" else dtype
     xs = [dec.m["model.embed_tokens.weight"].rows_f32(w) for w in windows]
+    xs_ref = [x.copy() for x in xs] if propagate else None
     cache = KVCache(cfg, ctx)
     out = {} if store is None else store
     sweep = quantise or _int4_sweep(method, damp, act_order)
@@ -255,9 +232,12 @@ def gptq_model(src: Source, windows: list[np.ndarray], specs: dict[str, QuantSpe
             keys = [k for k in dec.m if k.startswith(prefix) and not k.endswith("mlp.gate.weight")
                     and dec.m[k].rows > 1 and k not in skip]
             originals = {k: dec.m[k] for k in keys}
-            done = lambda k, hess: _quantise_fused(dec, n, k, hess, specs, sweep, damp, act_order, pool, out)  # noqa: E731
-            if sequential and not cfg.is_moe and n.o in keys and n.down in keys and _has_torch():
-                xs = _dense_layer_staged(dec, i, xs, cos, sin, keys, done)
+            done = lambda k, hess: _quantise_fused(dec, n, k, hess, specs, sweep, damp, act_order, pool, out,  # noqa: E731
+                                                   propagate)
+            if staged and n.o in keys and n.down in keys:
+                xs, xs_ref = dense_layer_staged(dec, i, xs, cos, sin, keys, done, xs_ref, dtype=dt)
+            elif propagate:
+                raise QConvertError(f"--propagate needs every matrix of layer {i} quantised by GPTQ")
             else:
                 stages = [[k for k in keys if _stage(k) == j] for j in range(4)] if sequential else [keys]
                 for stage in stages:  # later stages see the outputs of the matrices already quantised
@@ -279,88 +259,6 @@ def gptq_model(src: Source, windows: list[np.ndarray], specs: dict[str, QuantSpe
     return out
 
 
-def _has_torch() -> bool:
-    try:
-        import torch  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
-def _dense_layer_staged(dec, i: int, xs: list, cos, sin, keys: list[str], done: Callable[[str, Hessian], None],
-                        device: str = "cpu") -> list:
-    """One dense layer, stage by stage, one pass over the windows per stage, in torch float32 (its GEMM is
-    about twice numpy's here; ``device`` cuda on a GPU); returns the layer's outputs with all its matrices
-    quantised. q/k/v see the normed inputs; o_proj the attention context of the quantised q/k/v (kept per
-    window); gate/up the normed residual after the quantised o_proj (kept); down the activations of the
-    quantised gate/up (kept up to KEEP_ACTIVATIONS bytes, else recomputed for the outputs: they are the widest)."""
-    import torch
-    F = torch.nn.functional
-    cfg, n, m = dec.cfg, dec.layers[i], dec.m
-    hd, nh, nkv, eps = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.rms_norm_eps
-
-    def t(a):
-        return a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a, np.float32)).to(device)
-
-    def weight(k):  # the quantised layer copy itself (no second float32 copy)
-        return t(m[k].f32())
-
-    def norm(x, g):
-        return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * g
-
-    def rotate(x, c, s_):  # x [heads, T, hd]
-        half = hd // 2
-        return x * c + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * s_
-
-    ln1, ln2 = t(dec.w[n.ln1]), t(dec.w[n.ln2])
-    bias = torch.cat([t(dec.w[n.q_b]), t(dec.w[n.k_b]), t(dec.w[n.v_b])])
-    cos_t, sin_t = t(cos), t(sin)
-    xs_in, xs = xs, [t(x) for x in xs]
-    if n.q in keys:
-        hess = Hessian(m[n.q].cols, device)
-        for x in xs:
-            hess.add(norm(x, ln1))
-        done(n.q, hess)
-    wqkv, ctxs = weight(n.q), []
-    hess = Hessian(m[n.o].cols, device)
-    for x in xs:
-        T = x.shape[0]
-        qkv = F.linear(norm(x, ln1), wqkv, bias)
-        q = qkv[:, :nh * hd].view(T, nh, hd).transpose(0, 1)
-        k = qkv[:, nh * hd:(nh + nkv) * hd].view(T, nkv, hd).transpose(0, 1)
-        v = qkv[:, (nh + nkv) * hd:].view(T, nkv, hd).transpose(0, 1)
-        c, s_ = cos_t[:T], sin_t[:T]
-        o = F.scaled_dot_product_attention(rotate(q, c, s_)[None], rotate(k, c, s_)[None], v[None], is_causal=True,
-                                           enable_gqa=True)[0]
-        ctxs.append(o.transpose(0, 1).reshape(T, nh * hd))
-        hess.add(ctxs[-1])
-    done(n.o, hess)
-    wo = weight(n.o)
-    hs = [x + F.linear(c, wo) for x, c in zip(xs, ctxs)]
-    del ctxs, xs
-    xs_in.clear()  # the caller's list: the layer inputs are no longer needed
-    if n.gate in keys:
-        hess = Hessian(m[n.gate].cols, device)
-        for h in hs:
-            hess.add(norm(h, ln2))
-        done(n.gate, hess)
-    wgu = weight(n.gate)
-    ff = wgu.shape[0] // 2
-
-    def act(h):
-        gu = F.linear(norm(h, ln2), wgu)
-        return F.silu(gu[:, :ff]) * gu[:, ff:]
-    keep = sum(h.shape[0] for h in hs) * ff * 4 <= KEEP_ACTIVATIONS  # else recomputed for the outputs
-    hess, acts = Hessian(m[n.down].cols, device), []
-    for h in hs:
-        a = act(h)
-        hess.add(a)
-        acts.append(a if keep else None)
-    done(n.down, hess)
-    wd = weight(n.down)
-    return [(h + F.linear(act(h) if a is None else a, wd)).cpu().numpy() for h, a in zip(hs, acts)]
-
-
 def _int4_sweep(method: str, damp: float, act_order: bool) -> Callable:
     def run(name, W, H, spec, U, pool):
         gq = gptq_matrix(W, H, spec, method, damp, act_order, pool, U=U)
@@ -368,8 +266,10 @@ def _int4_sweep(method: str, damp: float, act_order: bool) -> Callable:
     return run
 
 
-def _quantise_fused(dec, n, k: str, hess: Hessian, specs, sweep, damp: float, act_order: bool, pool, out) -> None:
-    """GPTQ one (fused) decoder matrix from its recorded Hessian; the decoder then uses the quantised weights."""
+def _quantise_fused(dec, n, k: str, hess: Hessian, specs, sweep, damp: float, act_order: bool, pool, out,
+                    propagate: float = 0.0) -> None:
+    """GPTQ one (fused) decoder matrix from its recorded Hessian; the decoder then uses the quantised weights.
+    ``propagate``: the fraction of the error-propagation correction (Hessian.propagation) applied first."""
     from qconvert.decoder.matvec import Matrix
 
     mat = dec.m[k]
@@ -383,6 +283,10 @@ def _quantise_fused(dec, n, k: str, hess: Hessian, specs, sweep, damp: float, ac
         _undead(hess.H)  # in place: the recorder is done with it
         U = inverse_hessian_factor(hess, damp)
     Hs = hdiag if U is not None else hess.H
+    if propagate and hess.has_cross:
+        Ui = U if U is not None else inverse_hessian_factor(_undead(np.array(hess.H, copy=True)), damp)
+        W += np.float32(propagate) * hess.propagation(W, Ui)
+        del Ui
     r0 = 0
     for name, rows in zip(members, mat.splits):
         out[name], dq = sweep(name, W[r0:r0 + rows], Hs, specs[name], U, pool)

@@ -19,7 +19,7 @@ from qconvert.quant.spill import SpillDict
 @dataclass
 class CalibOptions:
     """GPTQ's calibration choices (the CLI's --calib, --calib-samples, --calib-ctx, --act-order, --damp,
-    --sequential)."""
+    --sequential, --propagate, --calib-dtype)."""
 
     text: Path | None = None
     samples: int = 64
@@ -27,6 +27,8 @@ class CalibOptions:
     act_order: bool = False
     damp: float = 0.01
     sequential: bool = True
+    propagate: float = 0.0
+    dtype: str = "auto"
 
 
 def matrix_shapes(src: Source) -> dict[str, tuple[int, int]]:
@@ -81,7 +83,8 @@ def _gptq(src: Source, specs: dict, calib: CalibOptions, quiet: bool, echo: Call
     with bar(src.config.num_hidden_layers, "gptq layers", not quiet) as pb:
         pre = gptq_model(src, ws, specs, "search", calib.damp, calib.act_order,
                          skip={head_name(src.config)} | (skip or set()), on_layer=lambda i, total: pb.update(1),
-                         sequential=calib.sequential, quantise=quantise, store=store)
+                         sequential=calib.sequential, quantise=quantise, store=store, propagate=calib.propagate,
+                         dtype=calib.dtype)
     echo(f"gptq: {len(ws)} x {len(ws[0])} calibration tokens (ids {tokens_digest(ws)}), "
          f"{len(pre)} matrices in {time.perf_counter() - t0:.1f}s")
     return pre
