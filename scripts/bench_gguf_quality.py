@@ -1,5 +1,6 @@
 """GGUF quality at equal size, judged by llama.cpp: llama-quantize (without / with llama-imatrix's importance
-matrix) against qconvert (its own imatrix; GPTQ onto the GGML blocks), per file type.
+matrix) against qconvert (its own imatrix; GPTQ onto the GGML blocks, at the default settings and, as
+``ours-gptq-ep``, with ``--damp 0.1 --propagate 0.5``), per file type.
 
 Every file is evaluated in llama.cpp: ``llama-perplexity --kl-divergence`` against the F16 GGUF's logits on the
 same evaluation tokens (16 x 512 of CPython stdlib source, disjoint from the calibration text), giving mean KL,
@@ -28,6 +29,8 @@ from qconvert.peers import llama_tool  # noqa: E402
 from qconvert.quant.mixtures import MIXTURES  # noqa: E402
 
 QC = str(Path(sys.executable).parent / "qconvert")
+# GPTQ variants: extra quantize flags. ours-gptq-ep: stronger dampening plus half the error-propagation change
+GPTQ_VARIANTS = {"ours-gptq": [], "ours-gptq-ep": ["--damp", "0.1", "--propagate", "0.5"]}
 # our mixture name -> llama-quantize's type name
 LLAMA_NAME = {"q4_0": "Q4_0", "q4_1": "Q4_1", "q5_0": "Q5_0", "q5_1": "Q5_1", "q3_k_m": "Q3_K_M", "q4_k_m": "Q4_K_M",
               "q4_k_s": "Q4_K_S", "q5_k_m": "Q5_K_M", "q6_k": "Q6_K", "q2_k": "Q2_K", "iq4_xs": "IQ4_XS",
@@ -80,7 +83,8 @@ def main() -> None:
     ap.add_argument("--hf", type=Path, help="HF folder of the model for GPTQ (default: the F16 GGUF)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/qconvert-bench-gguf"))
     ap.add_argument("--types", nargs="+", default=["q4_0", "q4_1", "q5_0", "q3_k_m", "iq4_xs"])
-    ap.add_argument("--variants", nargs="+", default=["llama", "llama-imatrix", "ours-imatrix", "ours-gptq"])
+    ap.add_argument("--variants", nargs="+", default=["llama", "llama-imatrix", "ours-imatrix", "ours-gptq"],
+                    choices=["llama", "llama-imatrix", "ours-imatrix", *GPTQ_VARIANTS])
     ap.add_argument("--chunks", type=int, default=16, help="evaluation chunks")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--calib-chunks", type=int, default=16, help="imatrix calibration chunks of --ctx tokens")
@@ -121,6 +125,7 @@ def main() -> None:
                 else:
                     cmd = [QC, "quantize", str(args.hf or args.f16), str(out), "--format", "gguf", "--type",
                            ours_mixture(t), "--method", "gptq", "--imatrix", str(im_ours), "--force", "--quiet"]
+                    cmd += GPTQ_VARIANTS[var]
                 dt = timed(cmd, w / f"{t}-{var}.log")
             else:
                 dt = float("nan")

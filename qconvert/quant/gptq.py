@@ -168,17 +168,14 @@ def _c_sweep(W, U, Q, scales, offsets, steps, spec, method, block, pool) -> bool
 
 
 class _Recorder:
-    """Wraps a decoder Matrix: accumulates X^T X of every input it multiplies; ``through`` False skips the
-    product itself (returns zeros) when only the inputs are wanted."""
+    """Wraps a decoder Matrix: accumulates X^T X of every input it multiplies."""
 
-    def __init__(self, mat, through: bool = True, keep: list | None = None):
-        self.mat, self.hess, self.through, self.keep = mat, Hessian(mat.cols), through, keep
+    def __init__(self, mat):
+        self.mat, self.hess = mat, Hessian(mat.cols)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         self.hess.add(x)
-        if self.keep is not None:
-            self.keep.append(np.ascontiguousarray(x, dtype=np.float32))
-        return self.mat(x) if self.through else np.zeros((x.shape[0], self.mat.rows), np.float32)
+        return self.mat(x)
 
     def split(self, y: np.ndarray) -> list[np.ndarray]:
         return self.mat.split(y)
