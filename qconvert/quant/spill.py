@@ -16,6 +16,17 @@ from typing import Any
 import numpy as np
 
 
+def sweep_spills(folder: Path) -> None:
+    """Remove ``.qconvert-spill-PID-*`` folders in ``folder`` whose process is gone (a run killed, e.g. by the
+    out-of-memory killer, before it could clean up: a 7B model's spill is 6.5 GB)."""
+    from formats.output import _alive
+
+    for c in Path(folder).glob(".qconvert-spill-*-*"):
+        pid = c.name[len(".qconvert-spill-"):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)) and c.is_dir() and not c.is_symlink():
+            shutil.rmtree(c, ignore_errors=True)
+
+
 class SpillDict:
     """Mapping name -> numpy array or dataclass of numpy arrays (e.g. GroupQuant), stored as .npy files."""
 
@@ -27,6 +38,7 @@ class SpillDict:
 
     def _save(self, key: str, a: np.ndarray) -> str:
         if self.dir is None:
+            sweep_spills(self._where or Path(tempfile.gettempdir()))
             self.dir = Path(tempfile.mkdtemp(prefix=f".qconvert-spill-{os.getpid()}-", dir=self._where))
         self._n += 1
         path = self.dir / f"{self._n}.npy"
