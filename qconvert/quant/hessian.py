@@ -141,6 +141,12 @@ def dense_layer_staged(dec, i: int, xs: list, cos, sin, keys: list[str], done: C
         half = hd // 2
         return x * c + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * s_
 
+    def quantised(k, before):  # the weight after ``done``; in bfloat16 the float32 quantised copy is dropped
+        w = weight(k)
+        if dt is not torch.float32:
+            m[k] = before  # the pass uses the bfloat16 copy; the caller restores the layer's matrices at its end
+        return w
+
     def record(k, pairs):  # pairs: (input rows, the unquantised model's rows or None)
         hess = Hessian(m[k].cols, device, cross=ref)
         for x, x_ref in pairs:
@@ -164,26 +170,26 @@ def dense_layer_staged(dec, i: int, xs: list, cos, sin, keys: list[str], done: C
                                            enable_gqa=True)[0]
         return o.transpose(0, 1).reshape(T, nh * hd).to(dt)
 
-    wqkv_ref = weight(n.q) if ref else None
+    wqkv_ref, before = weight(n.q) if ref else None, m[n.q]
     if n.q in keys:
         record(n.q, ((norm(x, ln1), None if r is None else norm(r, ln1)) for x, r in zip(xs, xr)))
-    wqkv = weight(n.q)
+    wqkv = quantised(n.q, before)
     ctxs = [attend(x, wqkv) for x in xs]
     ctx_ref = [attend(r, wqkv_ref) for r in xr] if ref else xr
     del wqkv_ref, wqkv
-    wo_ref = weight(n.o) if ref else None
+    wo_ref, before = weight(n.o) if ref else None, m[n.o]
     record(n.o, zip(ctxs, ctx_ref))
-    wo = weight(n.o)
+    wo = quantised(n.o, before)
     hs = [x + F.linear(c, wo) for x, c in zip(xs, ctxs)]
     hr = [x + F.linear(c, wo_ref) for x, c in zip(xr, ctx_ref)] if ref else xr
     del ctxs, ctx_ref, xs, wo_ref, wo
     xs_in.clear()  # the caller's list: the layer inputs are no longer needed
     if xs_ref is not None:
         xs_ref.clear()
-    wgu_ref = weight(n.gate) if ref else None
+    wgu_ref, before = weight(n.gate) if ref else None, m[n.gate]
     if n.gate in keys:
         record(n.gate, ((norm(h, ln2), None if r is None else norm(r, ln2)) for h, r in zip(hs, hr)))
-    wgu = weight(n.gate)
+    wgu = quantised(n.gate, before)
     ff = wgu.shape[0] // 2
 
     def act(h, w):
@@ -197,9 +203,9 @@ def dense_layer_staged(dec, i: int, xs: list, cos, sin, keys: list[str], done: C
             a = act(h, wgu)
             acts.append(a if keep else None)
             yield a, None if r is None else act(r, wgu_ref)
-    wd_ref = weight(n.down) if ref else None
+    wd_ref, before = weight(n.down) if ref else None, m[n.down]
     record(n.down, down_inputs())
-    wd = weight(n.down)
+    wd = quantised(n.down, before)
     out = [(h + F.linear(act(h, wgu) if a is None else a, wd)).float().cpu().numpy() for h, a in zip(hs, acts)]
     out_ref = [(r + F.linear(act(r, wgu_ref), wd_ref)).float().cpu().numpy() for r in hr] if ref else None
     return out, out_ref
