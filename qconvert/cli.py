@@ -211,7 +211,7 @@ def inspect_cmd(model: str, as_json: bool, show_all: bool) -> None:
 @click.option("--propagate", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="gptq: error propagation, 0..1: run the unquantised model alongside and first move each matrix "
                    "by this fraction of the change that makes it reproduce the unquantised outputs from the "
-                   "quantised model's inputs (dense models; about 1.5x the time)")
+                   "quantised model's inputs (dense models; a second forward stream)")
 @click.option("--calib-dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
               help="gptq: number type of the calibration forward passes and recorded inputs (dense layers, torch); "
                    "auto = bfloat16 where the CPU multiplies it natively (AMX / AVX512-BF16), else float32")

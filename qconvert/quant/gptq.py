@@ -201,7 +201,8 @@ def gptq_model(src: Source, windows: list[np.ndarray], specs: dict[str, QuantSpe
     qconvert.quant.spill.SpillDict keeps them on disk). ``propagate`` > 0 (dense models, torch, sequential):
     the unquantised model runs alongside, and each matrix is first moved by that fraction of the least-squares
     change that makes its quantised-model inputs reproduce the unquantised model's outputs
-    (Hessian.propagation), so later matrices also correct the error of earlier layers; about 1.5x the time.
+    (Hessian.propagation), so later matrices also correct the error of earlier layers (a second forward
+    stream and a second product per Hessian).
     ``dtype`` (the torch dense-layer pass): float32, bfloat16, or auto = bfloat16 where the CPU multiplies it
     natively (AMX / AVX512-BF16; ``fast_bfloat16``), else float32.
     Memory: one layer's weights (float32), its Hessians and activations (twice, with ``propagate``);
