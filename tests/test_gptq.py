@@ -233,3 +233,13 @@ def test_wide_hessian_upper_triangle_equals_full_product():
     got = h.H
     assert h.n == 300 and np.array_equal(got, got.T)
     assert np.abs(got - ref).max() < 1e-4 * np.abs(ref).max()
+
+
+def test_propagate_on_moe_is_one_error_line(tiny, tmp_path):
+    """--propagate needs the dense staged pass: on an MoE model it is refused with one line, no output left."""
+    out = tmp_path / "moe-int4"
+    r = qconvert("quantize", str(tiny("moe")), str(out), "--method", "gptq", "--calib-samples", "2", "--calib-ctx",
+                 "32", "--propagate", "0.5", "--quiet", check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "--propagate" in r.stderr
+    assert not out.exists()
