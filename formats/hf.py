@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from formats import jsonio
+from formats import hf_quant, jsonio
 from formats.config import ModelConfig
 from formats.dtypes import TORCH_NAMES
 from formats.errors import QConvertError
@@ -99,12 +99,22 @@ def open_hf(path_or_id: str) -> Source:
     if (d / "generation_config.json").is_file():
         src.generation_config = _read_json(d / "generation_config.json")
     known = set(canonical_names(cfg))
+    quant = None
+    if hf_quant.is_quantised_config(raw_cfg):
+        qc = raw_cfg["quantization_config"]
+        quant = hf_quant.layout_and_schemes(qc, str(d / "config.json"))
+        src.quantization = hf_quant.describe(qc)
+    found: dict[str, dict[str, tuple[SafetensorsFile, str]]] = {}
     for fn in files:
         if not (d / fn).is_file():
             raise QConvertError(f"{d / fn}: listed in the index but missing; the download is incomplete")
         f = SafetensorsFile(d / fn)
         src.closers.append(f.close)
         for name in f.names():
+            part = hf_quant.split_part(name, quant[0]) if quant else None
+            if part and part[0] + ".weight" in known:
+                found.setdefault(part[0], {})[part[1]] = (f, name)
+                continue
             if name == "lm_head.weight" and cfg.tie_word_embeddings:
                 continue  # tied: the embedding is the head
             if name in src.tensors:
@@ -119,8 +129,26 @@ def open_hf(path_or_id: str) -> Source:
             if t.shape != want:
                 raise QConvertError(f"{d / fn}: tensor {name} has shape {list(t.shape)}, config implies {list(want)}")
             src.tensors[name] = t
+    for module, parts in found.items():
+        _add_quantised(src, module, parts, quant, cfg, str(d))
     src.check_complete()
     return src
+
+
+def _add_quantised(src: Source, module: str, parts: dict, quant: tuple, cfg: ModelConfig, where: str) -> None:
+    """Add one quantised Linear (formats/hf_quant.py) as its canonical float tensor and stored codes."""
+    name = module + ".weight"
+    if name in src.tensors:
+        raise QConvertError(f"{where}: {module} is stored both as a float weight and as quantised parts")
+    layout, schemes = quant
+    scheme = schemes(module)
+    if scheme is None:
+        raise QConvertError(f"{where}: {module} has quantised parts but quantization_config leaves it unquantised; "
+                            "is config.json from this checkpoint?")
+    rows, cols = canonical_shape(name, cfg)
+    qm = hf_quant.quant_linear(module, rows, cols, scheme, layout, parts, where)
+    src.tensors[name] = hf_quant.lazy_tensor(qm)
+    src.stored[name] = qm
 
 
 def write_hf(src: Source, out: Path, dtype: str = "bf16", max_shard_bytes: int = DEFAULT_SHARD_BYTES,

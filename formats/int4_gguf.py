@@ -155,9 +155,50 @@ def repack(qweight: np.ndarray, scales: np.ndarray, offsets: np.ndarray | None, 
     return out.reshape(rows, -1)
 
 
+class CodeMatrix:
+    """A quantised matrix whose integer codes may be repacked into GGML blocks. Subclasses give ``sym``,
+    ``read(start, stop)`` (packed codes, f16 scales, f16 offsets or None, as formats/int4.py stores them) and
+    may say ``rounded`` (scales / offsets rounded to f16 on the way) or a ``map_reason`` (never mappable)."""
+
+    ROUNDING = "scales / offsets rounded to f16"  # what ``rounded`` means, for the summary line
+
+    def __init__(self, name: str, rows: int, cols: int, bits: int, group_size: int):
+        self.name, self.rows, self.cols, self.bits, self.group_size = name, rows, cols, bits, group_size
+
+    @property
+    def sym(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def rounded(self) -> bool:
+        """True when the f16 block scales / offsets round the stored values."""
+        return False
+
+    def map_reason(self) -> str | None:
+        """Why the codes cannot be repacked whatever the type (None: they can)."""
+        return None
+
+    def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        raise NotImplementedError
+
+    def stream(self, ggml_type: str, pool: ThreadPoolExecutor | None = None,
+               chunk_values: int = 1 << 22) -> Iterator[np.ndarray]:
+        """Yield the matrix as GGML ``ggml_type`` bytes, row chunk by row chunk (two chunks ahead on ``pool``)."""
+        step = max(1, chunk_values // self.cols)
+        ranges = [(r, min(r + step, self.rows)) for r in range(0, self.rows, step)]
+
+        def work(r: tuple[int, int]) -> np.ndarray:
+            q, s, o = self.read(*r)
+            return repack(q, s, o, self.bits, self.group_size, self.cols, ggml_type).reshape(-1)
+
+        return pipelined(work, ranges, pool)
+
+
 @dataclass
-class StoredMatrix:
+class StoredMatrix(CodeMatrix):
     """One quantised matrix of an int4 folder as stored: lazy qweight / scales / offsets and its parameters."""
+
+    ROUNDING = "their 8-bit scale codes rounded to f16"
 
     name: str
     rows: int
@@ -174,6 +215,11 @@ class StoredMatrix:
     def sym(self) -> bool:
         """True for symmetric codes (no offsets)."""
         return self.offsets is None
+
+    @property
+    def rounded(self) -> bool:
+        """8-bit scale codes are rounded to f16 block scales."""
+        return self.steps is not None
 
     def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(qweight uint8, scales f16 as uint16, offsets f16 as uint16 | None) of rows [start, stop); 8-bit
@@ -195,18 +241,6 @@ class StoredMatrix:
         s = sf.astype(np.float16).view(np.uint16)
         o = None if mf is None else mf.astype(np.float16).view(np.uint16)
         return q, s, o
-
-    def stream(self, ggml_type: str, pool: ThreadPoolExecutor | None = None,
-               chunk_values: int = 1 << 22) -> Iterator[np.ndarray]:
-        """Yield the matrix as GGML ``ggml_type`` bytes, row chunk by row chunk (two chunks ahead on ``pool``)."""
-        step = max(1, chunk_values // self.cols)
-        ranges = [(r, min(r + step, self.rows)) for r in range(0, self.rows, step)]
-
-        def work(r: tuple[int, int]) -> np.ndarray:
-            q, s, o = self.read(*r)
-            return repack(q, s, o, self.bits, self.group_size, self.cols, ggml_type).reshape(-1)
-
-        return pipelined(work, ranges, pool)
 
 
 def stored_matrices(src: Source) -> dict[str, StoredMatrix]:
@@ -262,8 +296,10 @@ class Int4GGUFPlan:
     file_type: int
     exact: dict[str, str]
     requantised: dict[str, tuple[str, str]]
-    matrices: dict[str, StoredMatrix] = field(repr=False)
+    matrices: dict[str, CodeMatrix] = field(repr=False)
     rounded: set[str] = field(default_factory=set)  # GGUF names mapped with scales rounded to f16
+    label: str = "int4"  # what the codes came from (the source's quantisation)
+    rounding: str = CodeMatrix.ROUNDING
 
     def raw_chunks(self, name: str, ggml_type: str, pool: ThreadPoolExecutor | None) -> Iterator[np.ndarray] | None:
         """Pre-encoded bytes of canonical tensor ``name`` (a ``write_gguf`` hook), or None to convert as usual."""
@@ -280,9 +316,9 @@ class Int4GGUFPlan:
         """One line: how many tensors were mapped exactly, and which were requantised and why."""
         mapped = Counter(t for g, t in self.types.items() if t in MAPPABLE and g not in self.requantised)
         n = self.n_exact + len(self.requantised)
-        line = (f"int4 -> GGUF: {self.n_exact} of {n} quantised tensors mapped exactly"
+        line = (f"{self.label} -> GGUF: {self.n_exact} of {n} quantised tensors mapped exactly"
                 + (f" ({', '.join(f'{k} x{v}' for k, v in sorted(mapped.items()))})" if mapped else "")
-                + (f", {len(self.rounded)} of them with their 8-bit scale codes rounded to f16 (codes kept)"
+                + (f", {len(self.rounded)} of them with {self.rounding} (codes kept)"
                    if self.rounded else ""))
         if not self.requantised:
             return line + "; none requantised"
@@ -297,7 +333,7 @@ class Int4GGUFPlan:
 
 
 def plan_int4_gguf(src: Source, outtype: str) -> Int4GGUFPlan:
-    """Choose GGML types for an int4 Source: ``auto`` -> per matrix Q4_0 (sym) / Q4_1 (asym) up to 4 bits,
+    """Choose GGML types for an int4 Source (or a quantised HF checkpoint, ``src.stored``): ``auto`` -> per matrix Q4_0 (sym) / Q4_1 (asym) up to 4 bits,
     Q8_0 above (so an 8-bit head is Q8_0); ``q4_0`` / ``q4_1`` / ``q8_0`` -> that type for every matrix.
 
     Matrices whose codes map exactly are repacked; the others are requantised from their dequantised values
@@ -309,7 +345,7 @@ def plan_int4_gguf(src: Source, outtype: str) -> Int4GGUFPlan:
     if outtype not in EXACT_OUTTYPES:
         raise QConvertError(f"--outtype {outtype} does not map int4 codes; choose one of {', '.join(EXACT_OUTTYPES)}")
     cfg = src.config
-    mats = stored_matrices(src)
+    mats = src.stored or stored_matrices(src)
     types, exact, req, rounded = {}, {}, {}, set()
     for gname, members in gguf_layout(cfg):
         shape = canonical_shape(members[0], cfg)
@@ -325,6 +361,8 @@ def plan_int4_gguf(src: Source, outtype: str) -> Int4GGUFPlan:
         if why is None and m0.sym and t in ("Q4_1", "Q5_1"):
             if any(offset_overflows(m.read(0, m.rows)[1], m.bits) for m in ms):
                 why = f"-{1 << (m0.bits - 1)} x scale overflows f16"
+        if why is None:
+            why = next((r for m in ms if (r := m.map_reason())), None)
         if base == "F16":
             why = f"row length {m0.cols} is not a multiple of {QK}"
         types[gname] = t
@@ -332,10 +370,12 @@ def plan_int4_gguf(src: Source, outtype: str) -> Int4GGUFPlan:
             why = "its fused members differ in bits, scheme or group size"  # e.g. q/k/v of a mixed plan
         if why is None:
             exact.update({m.name: t for m in ms})
-            if any(m.steps is not None for m in ms):
+            if any(m.rounded for m in ms):
                 rounded.add(gname)
         else:
             req[gname] = (t, f"{m0.bits}-bit {'sym' if m0.sym else 'asym'}: {why}")
     counts = Counter(t for t in types.values() if t != "F32")
     main = counts.most_common(1)[0][0] if counts else "F32"
-    return Int4GGUFPlan(types, FILE_TYPE.get(main, FILE_TYPE["F16"]), exact, req, mats, rounded)
+    return Int4GGUFPlan(types, FILE_TYPE.get(main, FILE_TYPE["F16"]), exact, req, mats, rounded,
+                        label=src.quantization or "int4",
+                        rounding=next(iter(mats.values())).ROUNDING if mats else CodeMatrix.ROUNDING)

@@ -23,6 +23,8 @@ class Source:
     generation_config: dict[str, Any] = field(default_factory=dict)
     parts: int = 1  # files of a split GGUF
     closers: list[Callable[[], None]] = field(default_factory=list)
+    quantization: str | None = None  # a quantised HF checkpoint's scheme (GPTQ / AWQ / compressed-tensors)
+    stored: dict[str, Any] = field(default_factory=dict)  # canonical name -> integer codes as stored (CodeMatrix)
 
     def check_complete(self) -> None:
         """Raise QConvertError if a tensor the config implies is missing."""

@@ -61,8 +61,9 @@ def _write_gguf(src, out: Path, outtype: str, force: bool, progress: bool, name:
     """Write a GGUF with a plain output type or a llama-quantize mixture (``imatrix``: an importance-matrix
     file for the encoders, as llama-quantize --imatrix).
 
-    From an int4 folder, ``auto`` / ``q4_0`` / ``q4_1`` / ``q8_0`` repack the stored codes into GGML blocks
-    where that is exact and requantise the rest (formats/int4_gguf.py); one line reports which.
+    From an int4 folder or a GPTQ / AWQ / compressed-tensors checkpoint, ``auto`` / ``q4_0`` / ``q4_1`` /
+    ``q8_0`` repack the stored codes into GGML blocks where that is exact and requantise the rest
+    (formats/int4_gguf.py); one line reports which.
     """
     from formats.gguf import write_gguf
     from formats.imatrix import read_imatrix
@@ -72,7 +73,7 @@ def _write_gguf(src, out: Path, outtype: str, force: bool, progress: bool, name:
         click.echo(f"imatrix: {len(im.entries)} entries from {imatrix} ({im.chunk_count} chunks"
                    + (f" of {im.datasets[0]}" if im.datasets else "") + ")")
 
-    if src.kind == "int4":
+    if src.kind == "int4" or src.stored:
         from formats.int4_gguf import EXACT_OUTTYPES, plan_int4_gguf
         if outtype in EXACT_OUTTYPES:
             plan = plan_int4_gguf(src, outtype)
@@ -81,7 +82,7 @@ def _write_gguf(src, out: Path, outtype: str, force: bool, progress: bool, name:
                                split_max_tensors=split[1], files=files, imatrix=im)
             click.echo(plan.summary())
             return types
-        click.echo(f"int4 -> GGUF: no tensor mapped exactly; every matrix dequantised and re-encoded as {outtype} "
+        click.echo(f"{src.quantization or 'int4'} -> GGUF: no tensor mapped exactly; every matrix dequantised and re-encoded as {outtype} "
                    f"(exact mapping of the codes needs --outtype {', '.join(EXACT_OUTTYPES)})")
     if outtype in MIXTURES or outtype == ROLES:
         from qconvert.quant.mixtures import mixture_types

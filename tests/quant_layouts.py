@@ -1,0 +1,138 @@
+"""Test-side writers of GPTQ and AutoAWQ GEMM checkpoints, written from the layouts' descriptions in torch,
+independently of formats/hf_quant.py (which reads them) and of qconvert's exporters.
+
+``gptq_checkpoint`` / ``awq_checkpoint`` quantise a float HF folder round-to-nearest and save the packed
+checkpoint; they return the integer codes, zeros and scales they packed, so tests can compute the expected
+weights ``s * (q - z)`` without going through any packing code.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def _copy_meta(src: Path, out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    for p in src.iterdir():
+        if p.suffix == ".json" and p.name not in ("config.json", "model.safetensors.index.json"):
+            shutil.copy(p, out / p.name)
+    return json.loads((src / "config.json").read_text())
+
+
+def _groups(w: torch.Tensor, group: int, perm: torch.Tensor | None) -> torch.Tensor:
+    """Group index of each input column: consecutive runs of ``group`` columns in ``perm`` order."""
+    cols = w.shape[1]
+    order = perm if perm is not None else torch.arange(cols)
+    g = torch.empty(cols, dtype=torch.int32)
+    g[order] = (torch.arange(cols) // group).to(torch.int32)
+    return g
+
+
+def rtn(w: torch.Tensor, bits: int, group: int, sym: bool, g_idx: torch.Tensor):
+    """Round-to-nearest codes q [out, in], zeros z [out, G] and f16 scales s [out, G] for groups ``g_idx``."""
+    maxq = (1 << bits) - 1
+    n_groups = int(g_idx.max()) + 1
+    out = w.shape[0]
+    s = torch.empty(out, n_groups, dtype=torch.float16)
+    z = torch.empty(out, n_groups, dtype=torch.int32)
+    for g in range(n_groups):
+        cols = (g_idx == g).nonzero().flatten()
+        x = w[:, cols].float()
+        lo, hi = x.min(dim=1).values.clamp(max=0), x.max(dim=1).values.clamp(min=0)
+        if sym:
+            m = torch.maximum(lo.abs(), hi)
+            lo, hi = -m, m
+        sc = ((hi - lo) / maxq).clamp(min=1e-6).half()
+        s[:, g] = sc
+        z[:, g] = (maxq + 1) // 2 if sym else torch.round(-lo / sc.float()).clamp(0, maxq).int()
+    q = torch.round(w.float() / s.float()[:, g_idx.long()]) + z[:, g_idx.long()]
+    return q.clamp(0, maxq).to(torch.int32), z, s
+
+
+def _pack_in(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """GPTQ qweight [in * bits / 32, out]: input rows packed, value k of a word at bits k*bits (2/4/8 bits)."""
+    per = 32 // bits
+    t = q.t().contiguous().to(torch.int64)  # [in, out]
+    words = torch.zeros(t.shape[0] // per, t.shape[1], dtype=torch.int64)
+    for k in range(per):
+        words |= t[k::per] << (bits * k)
+    return (words - ((words >> 31) << 32)).to(torch.int32)
+
+
+def _pack_out(v: torch.Tensor, bits: int, order: tuple[int, ...] | None = None) -> torch.Tensor:
+    """[rows, out] -> [rows, out * bits / 32]: output columns packed, word nibble k = column order[k]."""
+    per = 32 // bits
+    order = order or tuple(range(per))
+    v = v.to(torch.int64)
+    words = torch.zeros(v.shape[0], v.shape[1] // per, dtype=torch.int64)
+    for k in range(per):
+        words |= v[:, order[k]::per] << (bits * k)
+    return (words - ((words >> 31) << 32)).to(torch.int32)
+
+
+def gptq_checkpoint(src: Path, out: Path, bits: int = 4, group: int = 128, sym: bool = True, v2: bool = False,
+                    act_order: bool = False, seed: int = 0) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Write a GPTQ checkpoint of float folder ``src``; returns module -> (q, z, s, g_idx)."""
+    cfg = _copy_meta(src, out)
+    sd = load_file(str(src / "model.safetensors"))
+    gen = torch.Generator().manual_seed(seed)
+    new, made = {}, {}
+    for name, w in sd.items():
+        module = name[:-len(".weight")]
+        if not (name.endswith(".weight") and module.rsplit(".", 1)[-1] in LINEARS):
+            new[name] = w.half() if w.is_floating_point() else w
+            continue
+        perm = torch.randperm(w.shape[1], generator=gen) if act_order else None
+        g_idx = _groups(w, group, perm)
+        q, z, s = rtn(w, bits, group, sym, g_idx)
+        stored_z = z - 1 if not v2 else z
+        new[module + ".qweight"] = _pack_in(q, bits)
+        new[module + ".qzeros"] = _pack_out((stored_z & ((1 << bits) - 1)).t().contiguous(), bits)
+        new[module + ".scales"] = s.t().contiguous()
+        new[module + ".g_idx"] = g_idx
+        made[module] = (q, z, s, g_idx)
+    save_file(new, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg["torch_dtype"] = "float16"
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": bits, "group_size": group, "desc_act": act_order,
+                                  "sym": sym, "static_groups": False, "true_sequential": True,
+                                  "checkpoint_format": "gptq_v2" if v2 else "gptq"}
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return made
+
+
+def awq_checkpoint(src: Path, out: Path, group: int = 128) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Write an AutoAWQ GEMM checkpoint (4-bit, zero point) of float folder ``src``; module -> (q, z, s, g_idx)."""
+    cfg = _copy_meta(src, out)
+    sd = load_file(str(src / "model.safetensors"))
+    new, made = {}, {}
+    for name, w in sd.items():
+        module = name[:-len(".weight")]
+        if not (name.endswith(".weight") and module.rsplit(".", 1)[-1] in LINEARS):
+            new[name] = w.half() if w.is_floating_point() else w
+            continue
+        g_idx = _groups(w, group, None)
+        q, z, s = rtn(w, 4, group, False, g_idx)
+        new[module + ".qweight"] = _pack_out(q.t().contiguous(), 4, AWQ_ORDER)   # [in, out / 8]
+        new[module + ".qzeros"] = _pack_out(z.t().contiguous(), 4, AWQ_ORDER)    # [G, out / 8]
+        new[module + ".scales"] = s.t().contiguous()                             # [G, out]
+        made[module] = (q, z, s, g_idx)
+    save_file(new, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg["torch_dtype"] = "float16"
+    cfg["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True,
+                                  "version": "gemm", "modules_to_not_convert": None}
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return made
+
+
+def expected(made: dict[str, tuple[torch.Tensor, ...]], module: str) -> torch.Tensor:
+    """The float32 weights a checkpoint means: s[g] * (q - z[g]) per column's group."""
+    q, z, s, g = made[module]
+    g = g.long()
+    return (q - z[:, g]).float() * s.float()[:, g]
