@@ -108,9 +108,9 @@ def _imatrix_option(f):
                    "ones, iq4_nl, iq4_xs, and q4_0_mix .. q5_1_mix: llama-quantize's Q4_0 .. Q5_1 files). "
                    "auto: bf16 for a bf16 source, else f16; for an int4 folder, its codes repacked exactly into "
                    "Q4_0 (sym) / Q4_1 (asym) blocks up to 4 bits, Q5_0 / Q5_1 for 5 bits, Q8_0 for 6-8-bit sym codes "
-                   "(the 8-bit head), requantising only what cannot map (reported). q4_0 / q4_1 / q5_0 / q5_1 / "
-                   "q8_0 from an int4 folder also map exactly "
-                   "where the codes fit that type")
+                   "(the 8-bit head), requantising only what cannot map (reported); likewise for a GPTQ / AWQ / "
+                   "compressed-tensors checkpoint (symmetric groups -> Q4_0, asymmetric -> Q4_1). q4_0 / q4_1 / "
+                   "q5_0 / q5_1 / q8_0 from those also map exactly where the codes fit that type")
 @click.option("--name", default=None, help="general.name to store (default: the model's own name)")
 @click.option("--split-max-size", default=None, help="write llama.cpp split files (OUT-00001-of-0000N.gguf) of at "
               "most this much tensor data each, e.g. 2G or 200M (1000-based, as llama-gguf-split)")

@@ -16,6 +16,7 @@ def describe(src: Source) -> dict[str, Any]:
     cfg_d = cfg.to_hf_dict()
     return {
         "path": src.path, "format": src.kind, "arch": cfg.arch, "config": cfg_d, "parts": src.parts,
+        "quantization": src.quantization,
         "tokenizer": {"tokens": len(tok.tokens), "real_tokens": tok.n_real, "merges": len(tok.merges),
                       "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id, "add_bos": tok.add_bos,
                       "chat_template": bool(tok.chat_template)},
@@ -32,6 +33,7 @@ def render(d: dict[str, Any], max_rows: int | None = None) -> str:
     rs = c.get("rope_scaling")
     lines = [
         f"{d['path']}  ({d['format']}, {d['arch']}"
+        + (f", {d['quantization']}" if d.get("quantization") else "")
         + (f", split into {d['parts']} files)" if d.get("parts", 1) > 1 else ")"),
         f"  layers {c['num_hidden_layers']}  hidden {c['hidden_size']}  ffn {c['intermediate_size']}  "
         f"heads {c['num_attention_heads']}/{c['num_key_value_heads']}  vocab {c['vocab_size']}  "

@@ -136,3 +136,48 @@ def expected(made: dict[str, tuple[torch.Tensor, ...]], module: str) -> torch.Te
     q, z, s, g = made[module]
     g = g.long()
     return (q - z[:, g]).float() * s.float()[:, g]
+
+
+def ct_checkpoint(src: Path, out: Path, sym: bool = True, bits: int = 4, group: int = 128) -> Path:
+    """Write a compressed-tensors pack-quantized checkpoint of float folder ``src`` with the compressed-tensors
+    package itself: its QuantizationArgs, its calculate_qparams (min / max) and its ModelCompressor."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
+                                                 apply_quantization_config)
+    from compressed_tensors.quantization.utils import calculate_qparams
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.bfloat16)
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=sym, strategy="group", group_size=group)
+    apply_quantization_config(model, QuantizationConfig(
+        config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)}, ignore=["lm_head"]))
+    for _, m in model.named_modules():
+        if hasattr(m, "weight_scale"):
+            g = m.weight.data.reshape(m.weight.shape[0], -1, group).float()
+            s, z = calculate_qparams(g.amin(-1), g.amax(-1), args)
+            m.weight_scale.data.copy_(s.to(m.weight_scale.dtype))
+            if hasattr(m, "weight_zero_point"):
+                m.weight_zero_point.data.copy_(z.to(m.weight_zero_point.dtype))
+    comp = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
+    comp.compress_model(model)
+    tied = model.config.tie_word_embeddings
+    sd = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight" or not tied}
+    cfg = _copy_meta(src, out)
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg["torch_dtype"] = "bfloat16"
+    cfg["quantization_config"] = {**comp.quantization_config.model_dump(exclude_none=True, mode="json"),
+                                  "quant_method": "compressed-tensors"}
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out
+
+
+def dense_checkpoint(src: Path, out: Path, made: dict[str, tuple[torch.Tensor, ...]]) -> Path:
+    """A float32 HF folder holding ``src`` with every quantised Linear replaced by its exact dequantisation
+    (the reference transformers runs)."""
+    cfg = _copy_meta(src, out)
+    sd = {k: v.half().float() for k, v in load_file(str(src / "model.safetensors")).items()}  # as the packed file holds them
+    for module in made:
+        sd[module + ".weight"] = expected(made, module)
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out
