@@ -18,7 +18,8 @@ from formats.errors import QConvertError
 from formats.mapped import MappedFile, pread_exact
 from formats.tensor import LazyTensor
 
-ST_TYPES = {"F32": 4, "F16": 2, "BF16": 2, "U8": 1, "I8": 1}  # U8 / I8: int4 codes and scale codes (formats/int4.py)
+ST_TYPES = {"F32": 4, "F16": 2, "BF16": 2, "U8": 1, "I8": 1, "I32": 4, "I64": 8}  # U8 / I8: int4 codes and scale codes
+# (formats/int4.py); I32 / I64: packed GPTQ / AWQ / compressed-tensors integers (formats/hf_quant*.py)
 
 
 MAX_HEADER = 100_000_000  # the safetensors library's own limit
@@ -138,7 +139,7 @@ class SafetensorsFile:
         dt = meta["dtype"]
         if dt not in ST_TYPES:
             raise QConvertError(f"{self.path}: tensor {name} has dtype {dt}; only F32/F16/BF16 checkpoints are supported")
-        if dt in ("U8", "I8") and canonical is None:
+        if dt in ("U8", "I8", "I32", "I64") and canonical is None:
             raise QConvertError(f"{self.path}: tensor {name} is {dt}; only F32/F16/BF16 checkpoints are supported")
         shape = tuple(int(x) for x in meta["shape"]) or (1,)
         begin = self.data_start + meta["data_offsets"][0]

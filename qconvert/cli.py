@@ -282,6 +282,31 @@ def quantize_cmd(src: str, out: Path, fmt: str, bits: int, group_size: str, scal
         click.echo(f"wrote {report_png}")
 
 
+@cli.command("export")
+@click.argument("src")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--to", "to", type=click.Choice(["gptq", "awq", "compressed-tensors"]), required=True,
+              help="gptq: GPTQ v1 (GPTQModel `dynamic` for per-module bits; 2/3/4/8 bits); awq: AutoAWQ GEMM (4-bit, "
+                   "one group size); compressed-tensors: pack-quantized, one config group per scheme (2-8 bits)")
+@click.option("--force", is_flag=True, help="replace OUT if it exists")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def export_cmd(src: str, out: Path, to: str, force: bool, quiet: bool) -> None:
+    """Write an int4 folder as a quantised HF checkpoint that vLLM, SGLang and transformers load, keeping its
+    codes (symmetric groups exactly; asymmetric ones get integer zero points, the change reported)."""
+    from formats.detect import open_model
+    from formats.hf_quant_write import write_export
+    from formats.output import check_target
+
+    check_target(out, force)
+    t0 = time.perf_counter()
+    with open_model(src) as s:
+        line = write_export(s, out, to, force, not quiet)
+    size = sum(p.stat().st_size for p in out.iterdir())
+    click.echo(line)
+    click.echo(f"wrote {out} ({size / 2**20:.1f} MiB) in {time.perf_counter() - t0:.1f}s; check it with "
+               f"`qconvert verify {src} {out}`")
+
+
 @cli.command("imatrix")
 @click.argument("model")
 @click.option("--calib", type=click.Path(path_type=Path, dir_okay=False, exists=True),

@@ -153,3 +153,94 @@ def test_bad_quantised_checkpoints_are_one_line_errors(quantised, tmp_path):
         res = qconvert("inspect", str(d), check=False)
         assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr
         assert msg in res.stderr and len(res.stderr.strip().splitlines()) == 1, (name, res.stderr)
+
+
+# ---- export: int4 folder -> GPTQ / AWQ / compressed-tensors ----
+
+@pytest.fixture(scope="module")
+def int4_folders(tiny, tmp_path_factory):
+    """(symmetric g128 uniform 4-bit, default roles mix) int4 folders of the h256 tiny model."""
+    root = tmp_path_factory.mktemp("exp")
+    sym = root / "sym128"
+    qconvert("quantize", str(tiny("h256")), str(sym), "--sym", "--group-size", "128", "--mix", "uniform", "--quiet")
+    default = root / "default"
+    qconvert("quantize", str(tiny("h256")), str(default), "--quiet")
+    return sym, default
+
+
+def _ulp_bound(qm):
+    """Per-weight bound of an export's change: |q - z| <= 2^(b-1) times one f16 spacing of the scale."""
+    s = qm.scales(0, qm.rows)
+    g = np.minimum(np.arange(qm.cols) // qm.group_size, qm.n_groups - 1)
+    return (1 << (qm.bits - 1)) * np.spacing(s.astype(np.float16)).astype(np.float32)[:, g]
+
+
+@pytest.mark.parametrize("to", ["gptq", "awq", "compressed-tensors"])
+def test_export_keeps_the_codes(int4_folders, tmp_path, to):
+    """Symmetric int4 -> each format: our reader of the export gives the int4 values up to the f16 rounding of
+    the 8-bit scale codes; llama.cpp's converter (GPTQ, compressed-tensors) reads the same values bit for bit,
+    and AWQ's values equal the GPTQ export's (same codes, other packing)."""
+    sym, _ = int4_folders
+    out = tmp_path / to
+    res = qconvert("export", str(sym), str(out), "--to", to, "--quiet")
+    assert f"{to}: 14 matrices;" in res.stdout and "re-rounded" not in res.stdout, res.stdout
+    with open_model(str(sym)) as a, open_model(str(out)) as b:
+        assert b.quantization.startswith({"gptq": "gptq (gptq) 4-bit g128 sym", "awq": "awq gemm 4-bit g128",
+                                          "compressed-tensors": "compressed-tensors pack-quantized 4-bit g128 sym"}[to])
+        assert len(b.stored) == 14
+        for n, qm in b.stored.items():
+            d = np.abs(a.tensors[n].numpy() - b.tensors[n].numpy())
+            assert np.all(d <= _ulp_bound(qm)), n
+        if to == "awq":
+            g = tmp_path / "gptq"
+            qconvert("export", str(sym), str(g), "--to", "gptq", "--quiet")
+            with open_model(str(g)) as c:
+                for n in b.stored:
+                    assert np.array_equal(b.tensors[n].numpy(), c.tensors[n].numpy()), n
+            return
+        theirs = {t.name: t for t in GGUFReader(str(llama_convert(out, tmp_path / "l.gguf", "f32"))).tensors}
+        for n in b.stored:
+            t = theirs[hf_to_gguf(n)[0]]
+            assert np.array_equal(np.asarray(t.data).reshape(b.tensors[n].shape), b.tensors[n].numpy()), n
+
+
+def test_export_default_mix_to_compressed_tensors(int4_folders, tmp_path):
+    """The default roles mix (4/5/8-bit asymmetric groups): compressed-tensors holds it (one config group per
+    scheme). The compressed-tensors package, matching modules to groups and decompressing each as it does when
+    loading, gives our values. (transformers 5.24's dequantize=True path decompresses every dense module with the
+    first group's scheme, so it misreads any mixed-precision checkpoint; it is not used here.) GPTQ refuses the
+    5-bit matrices and AWQ everything not 4-bit, in one line each, before writing anything."""
+    import json
+
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _, default = int4_folders
+    out = tmp_path / "ct"
+    res = qconvert("export", str(default), str(out), "--to", "compressed-tensors", "--quiet")
+    assert "14 asymmetric with float offsets re-rounded to integer zero points" in res.stdout, res.stdout
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert len(qc["config_groups"]) >= 2, qc
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(out)))
+    apply_quantization_config(model, QuantizationConfig.model_validate(qc))
+    stored = load_file(str(out / "model.safetensors"))
+    seen = 0
+    with open_model(str(out)) as src:
+        for name, module in model.named_modules():
+            scheme = getattr(module, "quantization_scheme", None)
+            if scheme is None:
+                continue
+            state = {k: stored[f"{name}.{k}"] for k in PackedQuantizationCompressor.compression_param_names(scheme)
+                     if f"{name}.{k}" in stored}
+            theirs = PackedQuantizationCompressor.decompress(state, scheme)["weight"]
+            ours = torch.from_numpy(src.tensors[name + ".weight"].numpy()).half()
+            assert torch.equal(ours, theirs), name
+            seen += 1
+    assert seen == 14
+    for to, msg in (("gptq", "gptq holds 2/3/4/8-bit codes, but 10 matrices are 5-bit"),
+                    ("awq", "awq holds 4-bit codes, but 14 matrices are 5/8-bit")):
+        res = qconvert("export", str(default), str(tmp_path / to), "--to", to, check=False)
+        assert res.returncode != 0 and msg in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert not (tmp_path / to).exists()
