@@ -122,6 +122,7 @@ class PackedMatrix:
         self._type = ggml_type
         self.data, self.qweight, self.scales, self.offsets, self.steps = data, qweight, scales, offsets, steps
         self.bits, self.group, self.version = int(bits), int(group), int(version)
+        self.col_perm: np.ndarray | None = None  # stored column j is column col_perm[j] (act-order checkpoints)
 
     # ---- constructors ----
     @classmethod
@@ -208,9 +209,24 @@ class PackedMatrix:
         return dequant_rows(codes, self.scales[r0:r1], None if self.offsets is None else self.offsets[r0:r1],
                             self.bits, self.group, None if self.steps is None else self.steps[r0:r1])
 
+    def permuted(self, col_perm: np.ndarray) -> "PackedMatrix":
+        """This matrix with its stored columns declared to be columns ``col_perm`` of W (codes whose groups are
+        runs of columns only in some order, as GPTQ act-order's): products permute x, dequant un-permutes."""
+        self.col_perm = np.asarray(col_perm, dtype=np.int64)
+        return self
+
     def dequant(self, r0: int = 0, r1: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
         """Rows [r0, r1) as float32 [r1 - r0, cols] (into ``out`` when given: C-contiguous float32); the
         exact values of formats.kernels.to_f32 / formats.int4.dequant_rows."""
+        if self.col_perm is None:
+            return self._dequant_stored(r0, r1, out)
+        w = self._dequant_stored(r0, r1)
+        if out is None:
+            out = np.empty_like(w)
+        out[:, self.col_perm] = w
+        return out
+
+    def _dequant_stored(self, r0: int = 0, r1: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
         r1 = self.rows if r1 is None else r1
         if not 0 <= r0 <= r1 <= self.rows:
             raise IndexError(f"rows [{r0}, {r1}) out of range for {self.rows} rows")
@@ -229,11 +245,14 @@ class PackedMatrix:
     def _subset(self, idx: np.ndarray) -> "PackedMatrix":
         """The rows ``idx`` as their own (small, copied) PackedMatrix."""
         if not self.is_int:
-            return PackedMatrix(len(idx), self.cols, self.stype, self._type, data=self.data[idx])
-        pick = (lambda a: None if a is None else a[idx])
-        return PackedMatrix(len(idx), self.cols, self.stype, None, qweight=self.qweight[idx],
-                            scales=pick(self.scales), offsets=pick(self.offsets), steps=pick(self.steps),
-                            bits=self.bits, group=self.group, version=self.version)
+            sub = PackedMatrix(len(idx), self.cols, self.stype, self._type, data=self.data[idx])
+        else:
+            pick = (lambda a: None if a is None else a[idx])
+            sub = PackedMatrix(len(idx), self.cols, self.stype, None, qweight=self.qweight[idx],
+                               scales=pick(self.scales), offsets=pick(self.offsets), steps=pick(self.steps),
+                               bits=self.bits, group=self.group, version=self.version)
+        sub.col_perm = self.col_perm
+        return sub
 
     def take(self, idx: np.ndarray) -> np.ndarray:
         """Rows ``idx`` (1-D integers) as float32 [len(idx), cols] (an embedding lookup: only they are read)."""
@@ -268,6 +287,8 @@ class PackedMatrix:
         T = x.shape[0]
         if x.shape[1] != self.cols:
             raise ValueError(f"x has {x.shape[1]} columns; the matrix has {self.cols}")
+        if self.col_perm is not None:
+            x = np.ascontiguousarray(x[:, self.col_perm])
         if out is None:
             out = np.empty(self.rows if vec else (T, self.rows), np.float32)
         o2 = out[None, :] if out.ndim == 1 else out
@@ -277,7 +298,7 @@ class PackedMatrix:
         if T == 0 or self.rows == 0:
             return out
         if _LIB is None:
-            o2[...] = x @ self._deq_numpy(0, self.rows).T
+            o2[...] = x @ self._deq_numpy(0, self.rows).T  # stored order, as x is
         elif T <= DECODE_ROWS:
             ldy = o2.strides[0] // 4 if T > 1 else self.rows
             split = THREADS > 1 and self.rows * self.cols >= MIN_SPLIT
@@ -287,6 +308,6 @@ class PackedMatrix:
             for r0 in range(0, self.rows, step):
                 r1 = min(self.rows, r0 + step)
                 w = _buffer((r1 - r0) * self.cols).reshape(r1 - r0, self.cols)
-                self.dequant(r0, r1, out=w)
+                self._dequant_stored(r0, r1, out=w)
                 np.matmul(x, w.T, out=o2[:, r0:r1])
         return out

@@ -296,20 +296,30 @@ class QuantLinear(CodeMatrix):
 
     def packed(self) -> Any:
         """The decoders' native form: b-bit symmetric codes when every zero is 2^(b-1), else 8-bit symmetric
-        codes q - z + 128 (exact: s * (q - z)); f16 scales when they are exact in f16, float32 otherwise."""
+        codes q - z + 128 (exact: s * (q - z)); f16 scales when they are exact in f16, float32 otherwise.
+        Act-order columns are stored sorted by group (then each group is a run) and the product permutes x."""
         from formats.codecs import PackedMatrix
 
         s = self.scales(0, self.rows)
         s16, exact = self._f16(s)
         z = self.zeros()
-        if exact and self.column_groups() is None:
+        g, perm = self.column_groups(), None
+        if g is not None:  # act-order: sorted by group, the columns form runs of group_size (GPTQ's own order)
+            perm = np.argsort(g, kind="stable")
+            sizes = np.bincount(g, minlength=self.n_groups)
+            if not (sizes[:-1] == self.group_size).all() or sizes[-1] > self.group_size:
+                exact = False
+        if exact:
             q = self.codes(0, self.rows)
+            q = q if perm is None else np.ascontiguousarray(q[:, perm])
             if self.sym:
-                return PackedMatrix.int_codes(pack(q, self.bits), s16, None, None, self.bits, self.group_size, self.cols)
+                pm = PackedMatrix.int_codes(pack(q, self.bits), s16, None, None, self.bits, self.group_size, self.cols)
+                return pm if perm is None else pm.permuted(perm)
             zc = np.repeat(z, self.group_size, axis=1)[:, :self.cols]
             c8 = q.astype(np.int16) - zc + 128
             if c8.min(initial=0) >= 0 and c8.max(initial=0) <= 255:
-                return PackedMatrix.int_codes(c8.astype(np.uint8), s16, None, None, 8, self.group_size, self.cols)
+                pm = PackedMatrix.int_codes(c8.astype(np.uint8), s16, None, None, 8, self.group_size, self.cols)
+                return pm if perm is None else pm.permuted(perm)
         w = self.dequant(0, self.rows)
         return PackedMatrix.ggml("F32", w.view(np.uint8).reshape(self.rows, -1), self.cols)
 

@@ -46,7 +46,7 @@ def test_reads_the_exact_weights_and_decodes_natively(quantised, kind):
             np.testing.assert_allclose(t.packed().matmul(x), x @ want.T, rtol=2e-5, atol=2e-5 * np.abs(x @ want.T).max())
         label = src.tensors["model.layers.0.mlp.up_proj.weight"].packed().stype
     assert label == {"gptq": "int4 g128 sym", "gptq-v2-asym": "int8 g128 sym", "awq": "int8 g128 sym",
-                     "gptq-act": "F32"}[kind], label
+                     "gptq-act": "int4 g128 sym"}[kind], label
 
 
 @pytest.mark.parametrize("kind", ["gptq", "gptq-v2-asym", "gptq-act"])
@@ -62,12 +62,13 @@ def test_llama_cpp_converter_dequantises_gptq_to_our_values(quantised, kind, tmp
             assert np.array_equal(np.asarray(t.data).reshape(src.tensors[n].shape), src.tensors[n].numpy()), n
 
 
-def test_decoder_on_gptq_matches_transformers_on_its_dequantisation(quantised, tiny, tmp_path, sample_tokens):
-    """Our decoder on the packed codes (8-bit symmetric form of asymmetric codes) vs transformers on the
-    float32 weights the checkpoint means."""
+@pytest.mark.parametrize("kind", ["gptq-v2-asym", "gptq-act"])
+def test_decoder_on_gptq_matches_transformers_on_its_dequantisation(quantised, tiny, tmp_path, sample_tokens, kind):
+    """Our decoder on the packed codes (8-bit symmetric form of asymmetric codes; act-order columns sorted by
+    group, x permuted to match) vs transformers on the float32 weights the checkpoint means."""
     from qconvert.decoder import make_decoder
 
-    path, made = quantised("gptq-v2-asym")
+    path, made = quantised(kind)
     ref = hf_logits(dense_checkpoint(tiny("h256"), tmp_path / "dense", made), sample_tokens)
     with open_model(str(path)) as src:
         ours = make_decoder(src, "numpy").logits(sample_tokens)
