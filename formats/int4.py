@@ -40,6 +40,7 @@ class QuantSpec:
     group_size: int = 32
     sym: bool = False
     scale_bits: int = 8  # 16: f16 scales / offsets; 8: 8-bit codes on per-row f16 steps
+    zero_int: bool = False  # asymmetric groups on an integer-zero grid: offset = -z * scale exactly (export-exact)
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
@@ -48,6 +49,9 @@ class QuantSpec:
             raise QConvertError(f"--scale-bits {self.scale_bits} is not supported; choose 8 or 16")
         if self.group_size < 1:
             raise QConvertError(f"--group-size {self.group_size} must be positive")
+        if self.zero_int and not self.sym and self.scale_bits != 16:
+            raise QConvertError("--zero-point int stores f16 scales and offsets (offset = -zero x scale, exact); "
+                                "add --scale-bits 16")
 
     def bits_per_weight(self, rows: int, cols: int) -> float:
         """Stored bits per weight of a [rows, cols] matrix in this spec (codes, scales, offsets, steps)."""
@@ -60,7 +64,7 @@ class QuantSpec:
     def label(self) -> str:
         """Short description, e.g. ``int4 g32 asym s8``."""
         return f"int{self.bits} g{self.group_size} {'sym' if self.sym else 'asym'}" + (
-            " s8" if self.scale_bits == 8 else "")
+            " s8" if self.scale_bits == 8 else "") + (" zint" if self.zero_int and not self.sym else "")
 
 
 @dataclass

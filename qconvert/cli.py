@@ -196,6 +196,10 @@ def inspect_cmd(model: str, as_json: bool, show_all: bool) -> None:
               help="rtn: min/max; search: error-minimising scale/offset search; gptq: data-aware (calibration text). "
                    "gguf format: search (the GGML encoders, as llama-quantize) or gptq onto the type's own blocks")
 @click.option("--sym", is_flag=True, help="symmetric groups (no offsets)")
+@click.option("--zero-point", "zero_point", type=click.Choice(["float", "int"]), default="float", show_default=True,
+              help="asymmetric groups: float = any f16 / 8-bit offset; int = an integer zero point (scale with "
+                   "11 - bits significant bits, offset -zero x scale exact; needs --scale-bits 16), the grid GPTQ / "
+                   "AWQ / compressed-tensors store, so `qconvert export` keeps every value")
 @click.option("--head-bits", type=click.IntRange(2, 8), default=8, show_default=True,
               help="int4 format: bits of the output head (lm_head, or the tied embedding)")
 @click.option("--calib", type=click.Path(path_type=Path, dir_okay=False, exists=True),
@@ -226,7 +230,7 @@ def inspect_cmd(model: str, as_json: bool, show_all: bool) -> None:
 @click.option("--force", is_flag=True, help="replace OUT if it exists")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def quantize_cmd(src: str, out: Path, fmt: str, bits: int, group_size: str, scale_bits: str, mix: str,
-                 target_bpw: float | None, method: str, sym: bool, head_bits: int, calib: Path | None,
+                 target_bpw: float | None, method: str, sym: bool, zero_point: str, head_bits: int, calib: Path | None,
                  calib_samples: int, calib_ctx: int, act_order: bool, sequential: bool, damp: float,
                  propagate: float, calib_dtype: str, report_png: Path | None,
                  gtype: str, imatrix: Path | None, force: bool, quiet: bool) -> None:
@@ -261,7 +265,7 @@ def quantize_cmd(src: str, out: Path, fmt: str, bits: int, group_size: str, scal
     from qconvert.quant.groupwise import QuantSpec
     from qconvert.quant.report import layer_table, plot_errors
     from qconvert.quant.run import quantize_int4
-    base = QuantSpec(bits, int(group_size), sym, int(scale_bits))
+    base = QuantSpec(bits, int(group_size), sym, int(scale_bits), zero_int=zero_point == "int")
     with open_model(src) as s:
         st = quantize_int4(s, out, base, method, mix, head_bits, target_bpw, calib_opts, force, quiet, click.echo)
     errs = st["errors"]

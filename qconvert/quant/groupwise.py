@@ -96,3 +96,47 @@ def dequantize(g: GroupQuant) -> np.ndarray:
     if g.sym:
         return (g.q.astype(np.float32) - np.float32(1 << (g.bits - 1))) * s[:, idx]
     return g.q.astype(np.float32) * s[:, idx] + m[:, idx]
+
+
+SHRINK = np.linspace(1.0, 0.7, 13, dtype=np.float32)  # search: range shrink factors tried per group
+
+
+def int_zero_scale(s: np.ndarray, bits: int) -> np.ndarray:
+    """``s`` rounded up to ``11 - bits`` significant bits, so that ``z * s`` is an exact f16 for every zero
+    ``z < 2^bits`` (and ``s`` itself is exact in f16)."""
+    f, e = np.frexp(s.astype(np.float32))
+    m = float(1 << (11 - bits))
+    return np.ldexp(np.ceil(f * m) / m, e).astype(np.float32)
+
+
+def quantize_int_zero(w: np.ndarray, bits: int = 4, group_size: int = 128, method: str = "search") -> GroupQuant:
+    """Asymmetric groups on the integer-zero grid that GPTQ / AWQ / compressed-tensors store: ``w ~ s * (q - z)``
+    with integer ``z``. Stored as the int4 layout's f16 scale and offset ``-z * s``, both exact (the scale has
+    ``11 - bits`` significant bits), so an export keeps every value. ``search`` tries range shrink factors
+    per group (``SHRINK``) and keeps the least squared error; ``rtn`` uses the full min / max range."""
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    rows, cols = w.shape
+    ng = -(-cols // group_size)
+    maxq = (1 << bits) - 1
+    pad = ng * group_size - cols
+    x = np.concatenate([w, np.repeat(w[:, -1:], pad, axis=1)], axis=1) if pad else w
+    x = x.reshape(rows * ng, group_size)
+    lo, hi = np.minimum(x.min(axis=1), 0), np.maximum(x.max(axis=1), 0)
+    best_err = np.full(rows * ng, np.inf, np.float32)
+    best_s = np.zeros(rows * ng, np.float32)
+    best_z = np.zeros(rows * ng, np.float32)
+    for r in (SHRINK if method == "search" else SHRINK[:1]):
+        s = int_zero_scale(np.maximum((hi - lo) * r / maxq, np.float32(2 ** -14)), bits)
+        z = np.clip(np.rint(-lo * r / s), 0, maxq)
+        q = np.clip(np.rint(x / s[:, None]) + z[:, None], 0, maxq)
+        err = np.square((q - z[:, None]) * s[:, None] - x).sum(axis=1)
+        better = err < best_err
+        best_err[better], best_s[better], best_z[better] = err[better], s[better], z[better]
+    q = np.clip(np.rint(x / best_s[:, None]) + best_z[:, None], 0, maxq).astype(np.uint8)
+    q = q.reshape(rows, ng * group_size)[:, :cols]
+    s16 = best_s.astype(np.float16).reshape(rows, ng)
+    m16 = (-best_z * best_s).astype(np.float16).reshape(rows, ng)
+    deq = q.astype(np.float32) * np.repeat(s16.astype(np.float32), group_size, axis=1)[:, :cols] + \
+        np.repeat(m16.astype(np.float32), group_size, axis=1)[:, :cols]
+    return GroupQuant(np.ascontiguousarray(q), s16.view(np.uint16), m16.view(np.uint16), bits, group_size,
+                      float(np.square(deq - w, dtype=np.float64).sum()))
