@@ -53,8 +53,9 @@ class ExportStats:
     def summary(self, to: str, n: int) -> str:
         """One line: how many matrices kept their values, which changed and by how much."""
         rel = np.sqrt(self.sq_err / self.sq_ref) if self.sq_ref else 0.0
-        parts = [f"{to}: {n} matrices; {self.exact} exact",
-                 f"{self.scales_rounded} with 8-bit scale codes rounded to f16 scales (<= 1/2 f16 ulp each)"]
+        parts = [f"{to}: {n} matrices; {self.exact} exact"]
+        if self.scales_rounded:
+            parts.append(f"{self.scales_rounded} with 8-bit scale codes rounded to f16 scales (<= 1/2 f16 ulp each)")
         if self.zeros_rerounded:
             parts.append(f"{self.zeros_rerounded} asymmetric with float offsets re-rounded to integer zero points "
                          f"(relative RMS change of those weights {rel:.2%}; `qconvert verify` gives the KL)")
@@ -215,9 +216,11 @@ def quantization_config(to: str, mats: dict[str, StoredMatrix]) -> dict[str, Any
 
 
 def write_export(src: Source, out: Path, to: str, force: bool = False, progress: bool = True,
-                 max_shard_bytes: int = 4 << 30) -> str:
+                 max_shard_bytes: int = 4 << 30, floats: Source | None = None) -> str:
     """Write int4 Source ``src`` as a ``to`` checkpoint (gptq | awq | compressed-tensors) in folder ``out``;
-    returns the summary line. Nothing is written when a matrix cannot be held (QConvertError first)."""
+    returns the summary line. Nothing is written when a matrix cannot be held (QConvertError first).
+    ``floats``: where the tensors written as F16 come from (default ``src``; the model ``src`` was quantised
+    from keeps the embedding and head as they were)."""
     mats = check_exportable(src, to)
     lay = LAYOUTS[to]
     cfg = src.config
@@ -240,7 +243,8 @@ def write_export(src: Source, out: Path, to: str, force: bool = False, progress:
     fnames = ["model.safetensors"] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     stats = ExportStats()
-    stats.dequantised = [n for n in HEADS if src.tensors.get(n) is not None and src.tensors[n].quant]
+    fsrc = floats or src
+    stats.dequantised = [n for n in HEADS if fsrc.tensors.get(n) is not None and fsrc.tensors[n].quant]
     total = sum(sizes[dt] * int(np.prod(shp)) for _, dt, shp, _ in plan)
     with atomic_dir(Path(out), force) as tmp, bar(total, f"exporting {to}", progress) as pb:
         for fname, shard in zip(fnames, shards):
@@ -256,7 +260,7 @@ def write_export(src: Source, out: Path, to: str, force: bool = False, progress:
                             w.write(arr)
                             pb.update(arr.nbytes)
                     else:
-                        for chunk in stream_converted(src.tensors[n], "F16"):
+                        for chunk in stream_converted(fsrc.tensors[n], "F16"):
                             w.write(chunk)
                             pb.update(chunk.nbytes)
         if len(shards) > 1:

@@ -292,19 +292,45 @@ def quantize_cmd(src: str, out: Path, fmt: str, bits: int, group_size: str, scal
 @click.option("--to", "to", type=click.Choice(["gptq", "awq", "compressed-tensors"]), required=True,
               help="gptq: GPTQ v1 (GPTQModel `dynamic` for per-module bits; 2/3/4/8 bits); awq: AutoAWQ GEMM (4-bit, "
                    "one group size); compressed-tensors: pack-quantized, one config group per scheme (2-8 bits)")
+@click.option("--bits", type=click.IntRange(2, 8), default=4, show_default=True,
+              help="SRC not an int4 folder: quantise it first, with these bits ...")
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="128", show_default=True,
+              help="... this group size ...")
+@click.option("--sym", is_flag=True, help="... symmetric groups (default: integer zero points, --zero-point int) ...")
+@click.option("--mix", type=click.Choice(MIXES), default="uniform", show_default=True, help="... this mix ...")
+@click.option("--method", type=click.Choice(["rtn", "search", "gptq"]), default="search", show_default=True,
+              help="... and this method (gptq: with --sym; default calibration text)")
 @click.option("--force", is_flag=True, help="replace OUT if it exists")
 @click.option("--quiet", is_flag=True, help="no progress bar")
-def export_cmd(src: str, out: Path, to: str, force: bool, quiet: bool) -> None:
-    """Write an int4 folder as a quantised HF checkpoint that vLLM, SGLang and transformers load, keeping its
-    codes (symmetric groups exactly; asymmetric ones get integer zero points, the change reported)."""
+def export_cmd(src: str, out: Path, to: str, bits: int, group_size: str, sym: bool, mix: str, method: str,
+               force: bool, quiet: bool) -> None:
+    """Write a quantised HF checkpoint that vLLM, SGLang and transformers load. SRC: an int4 folder (its codes are
+    kept: symmetric and --zero-point int groups exactly, float offsets re-rounded to integer zeros, the change
+    reported), or any model, quantised first on the format's own grid (f16 scales, integer zeros) so nothing
+    is rounded on the way."""
+    import shutil
+
     from formats.detect import open_model
     from formats.hf_quant_write import write_export
     from formats.output import check_target
+    from qconvert.quant.groupwise import QuantSpec
+    from qconvert.quant.run import quantize_int4
 
     check_target(out, force)
     t0 = time.perf_counter()
-    with open_model(src) as s:
-        line = write_export(s, out, to, force, not quiet)
+    tmp = out.parent / f".{out.name}.int4-tmp"
+    try:
+        with open_model(src) as s:
+            if s.kind == "int4":
+                line = write_export(s, out, to, force, not quiet)
+            else:
+                spec = QuantSpec(bits, int(group_size), sym, 16, zero_int=not sym)
+                quantize_int4(s, tmp, spec, method, mix, 8, None, force=True, quiet=quiet, echo=click.echo)
+                click.echo(f"quantised {src}: {spec.label()} ({method}, mix {mix})")
+                with open_model(str(tmp)) as q:
+                    line = write_export(q, out, to, force, not quiet, floats=s)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     size = sum(p.stat().st_size for p in out.iterdir())
     click.echo(line)
     click.echo(f"wrote {out} ({size / 2**20:.1f} MiB) in {time.perf_counter() - t0:.1f}s; check it with "

@@ -280,3 +280,17 @@ def test_integer_zero_points_export_exactly(tiny, tmp_path):
             assert np.array_equal(dequantize(ours[g].data, ours[g].tensor_type).reshape(t.shape), t.numpy()), n
     res = qconvert("quantize", str(tiny("h256")), str(tmp_path / "x"), "--zero-point", "int", check=False)
     assert res.returncode != 0 and "add --scale-bits 16" in res.stderr, res.stderr
+
+
+def test_export_from_a_float_model_quantises_on_the_formats_grid(tiny, tmp_path):
+    """export SRC with a float SRC: quantised with integer zeros and f16 scales first, so the export is exact;
+    the embedding / head are the source's own (F16), and no temporary folder is left behind."""
+    out = tmp_path / "awq"
+    res = qconvert("export", str(tiny("h256")), str(out), "--to", "awq", "--method", "rtn", "--quiet")
+    assert "int4 g128 asym zint (rtn, mix uniform)" in res.stdout and "awq: 14 matrices; 14 exact" in res.stdout, res.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["awq"]
+    with open_model(str(tiny("h256"))) as a, open_model(str(out)) as b:
+        for n in ("lm_head.weight", "model.embed_tokens.weight"):
+            assert np.array_equal(b.tensors[n].numpy(), a.tensors[n].numpy().astype(np.float16).astype(np.float32))
+    res = qconvert("export", str(tiny("h256")), str(tmp_path / "g"), "--to", "gptq", "--method", "gptq", check=False)
+    assert res.returncode != 0 and "--zero-point int is available with --method rtn / search" in res.stderr
