@@ -294,3 +294,37 @@ def test_export_from_a_float_model_quantises_on_the_formats_grid(tiny, tmp_path)
             assert np.array_equal(b.tensors[n].numpy(), a.tensors[n].numpy().astype(np.float16).astype(np.float32))
     res = qconvert("export", str(tiny("h256")), str(tmp_path / "g"), "--to", "gptq", "--method", "gptq", check=False)
     assert res.returncode != 0 and "--zero-point int is available with --method rtn / search" in res.stderr
+
+
+def test_damaged_quantised_tensors_are_one_line_errors(quantised, tmp_path):
+    """A g_idx naming groups that do not exist, a missing part and a wrong dtype: one line each, at open time
+    (g_idx) or when the matrix is first read, never a traceback."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src, _ = quantised("gptq-act")
+    module = "model.layers.1.mlp.up_proj"
+    cases = {
+        "gidx": (lambda sd: sd.__setitem__(f"{module}.g_idx", sd[f"{module}.g_idx"] * 0 + 99), "g_idx has groups outside"),
+        "missing": (lambda sd: sd.pop(f"{module}.scales"), f"{module}.scales is missing"),
+        "dtype": (lambda sd: sd.__setitem__(f"{module}.qweight", sd[f"{module}.qweight"].float()),
+                  f"{module}.qweight is F32"),
+    }
+    for name, (edit, msg) in cases.items():
+        d = tmp_path / name
+        shutil.copytree(src, d)
+        sd = load_file(str(d / "model.safetensors"))
+        edit(sd)
+        save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+        res = qconvert("logits", str(d), "--token-ids", str(_ids(tmp_path)), "--out", str(tmp_path / f"{name}.npz"),
+                       check=False)
+        assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr
+        assert msg in res.stderr and len(res.stderr.strip().splitlines()) == 1, (name, res.stderr)
+
+
+def _ids(tmp_path):
+    import json
+    p = tmp_path / "ids.json"
+    p.write_text(json.dumps(list(range(100, 116))))
+    return p
