@@ -295,6 +295,16 @@ class QuantLinear(CodeMatrix):
         return None
 
     def packed(self) -> Any:
+        """The decoders' native form (``_native``), built from the mapped file, whose pages are then dropped
+        from the process again (the built arrays are what the decoder keeps)."""
+        from formats.mapped import release
+
+        try:
+            return self._native()
+        finally:
+            release(*(a for a, _ in self.parts.values()))
+
+    def _native(self) -> Any:
         """The decoders' native form: b-bit symmetric codes when every zero is 2^(b-1), else 8-bit symmetric
         codes q - z + 128 (exact: s * (q - z)); f16 scales when they are exact in f16, float32 otherwise.
         Act-order columns are stored sorted by group (then each group is a run) and the product permutes x."""
