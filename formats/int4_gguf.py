@@ -299,6 +299,7 @@ class Int4GGUFPlan:
     matrices: dict[str, CodeMatrix] = field(repr=False)
     rounded: set[str] = field(default_factory=set)  # GGUF names mapped with scales rounded to f16
     label: str = "int4"  # what the codes came from (the source's quantisation)
+    mapped: set[str] = field(default_factory=set)  # GGUF names written by repacking codes
     rounding: str = CodeMatrix.ROUNDING
 
     def raw_chunks(self, name: str, ggml_type: str, pool: ThreadPoolExecutor | None) -> Iterator[np.ndarray] | None:
@@ -310,11 +311,11 @@ class Int4GGUFPlan:
     @property
     def n_exact(self) -> int:
         """GGUF tensors written by exact mapping (every member mapped)."""
-        return sum(1 for g, t in self.types.items() if t in MAPPABLE and g not in self.requantised)
+        return len(self.mapped)
 
     def summary(self) -> str:
         """One line: how many tensors were mapped exactly, and which were requantised and why."""
-        mapped = Counter(t for g, t in self.types.items() if t in MAPPABLE and g not in self.requantised)
+        mapped = Counter(self.types[g] for g in self.mapped)
         n = self.n_exact + len(self.requantised)
         line = (f"{self.label} -> GGUF: {self.n_exact} of {n} quantised tensors mapped exactly"
                 + (f" ({', '.join(f'{k} x{v}' for k, v in sorted(mapped.items()))})" if mapped else "")
@@ -332,21 +333,25 @@ class Int4GGUFPlan:
         return f"{line}; requantised {len(self.requantised)}: " + "; ".join(parts)
 
 
-def plan_int4_gguf(src: Source, outtype: str) -> Int4GGUFPlan:
+def plan_int4_gguf(src: Source, outtype: str, mixture: dict[str, str] | None = None,
+                   file_type: int | None = None) -> Int4GGUFPlan:
     """Choose GGML types for an int4 Source (or a quantised HF checkpoint, ``src.stored``): ``auto`` -> per matrix Q4_0 (sym) / Q4_1 (asym) up to 4 bits,
     Q8_0 above (so an 8-bit head is Q8_0); ``q4_0`` / ``q4_1`` / ``q8_0`` -> that type for every matrix.
 
     Matrices whose codes map exactly are repacked; the others are requantised from their dequantised values
     (F16 when the row length is not a multiple of 32, as for any source). 1-D tensors, norms and routers
-    stay F32.
+    stay F32. ``mixture`` (GGUF name -> type, e.g. a llama-quantize mixture's) fixes every tensor's type
+    instead: the codes are repacked where they fit that type, the rest encoded as the mixture says.
     """
     from formats.gguf import FILE_TYPE, tensor_type
 
+    if mixture is not None:
+        return _plan_mixture(src, mixture, file_type)
     if outtype not in EXACT_OUTTYPES:
         raise QConvertError(f"--outtype {outtype} does not map int4 codes; choose one of {', '.join(EXACT_OUTTYPES)}")
     cfg = src.config
     mats = src.stored or stored_matrices(src)
-    types, exact, req, rounded = {}, {}, {}, set()
+    types, exact, req, rounded, mapped = {}, {}, {}, set(), set()
     for gname, members in gguf_layout(cfg):
         shape = canonical_shape(members[0], cfg)
         base = tensor_type(gname, shape, "q8_0")  # F32 (1-D, norms, routers), F16 (row not in blocks) or Q8_0
@@ -370,6 +375,7 @@ def plan_int4_gguf(src: Source, outtype: str) -> Int4GGUFPlan:
             why = "its fused members differ in bits, scheme or group size"  # e.g. q/k/v of a mixed plan
         if why is None:
             exact.update({m.name: t for m in ms})
+            mapped.add(gname)
             if any(m.rounded for m in ms):
                 rounded.add(gname)
         else:
@@ -377,5 +383,38 @@ def plan_int4_gguf(src: Source, outtype: str) -> Int4GGUFPlan:
     counts = Counter(t for t in types.values() if t != "F32")
     main = counts.most_common(1)[0][0] if counts else "F32"
     return Int4GGUFPlan(types, FILE_TYPE.get(main, FILE_TYPE["F16"]), exact, req, mats, rounded,
-                        label=src.quantization or "int4",
+                        label=src.quantization or "int4", mapped=mapped,
+                        rounding=next(iter(mats.values())).ROUNDING if mats else CodeMatrix.ROUNDING)
+
+
+def _plan_mixture(src: Source, mixture: dict[str, str], file_type: int | None) -> Int4GGUFPlan:
+    """``plan_int4_gguf`` with every type given: repack the matrices whose codes fit their type."""
+    from formats.gguf import FILE_TYPE
+
+    cfg = src.config
+    mats = src.stored or stored_matrices(src)
+    exact, req, rounded, mapped = {}, {}, set(), set()
+    for gname, members in gguf_layout(cfg):
+        t = mixture[gname]
+        ms = [mats.get(m) for m in members]
+        if t in ("F32", "F16", "BF16") or any(m is None for m in ms):
+            continue
+        m0 = ms[0]
+        why = exact_reason(m0.bits, m0.sym, m0.group_size, m0.cols, t)
+        if why is None and m0.sym and t in ("Q4_1", "Q5_1"):
+            if any(offset_overflows(m.read(0, m.rows)[1], m.bits) for m in ms):
+                why = f"-{1 << (m0.bits - 1)} x scale overflows f16"
+        if why is None:
+            why = next((r for m in ms if (r := m.map_reason())), None)
+        if why is None and len({(m.bits, m.sym, m.group_size) for m in ms}) > 1:
+            why = "its fused members differ in bits, scheme or group size"
+        if why is None:
+            exact.update({m.name: t for m in ms})
+            mapped.add(gname)
+            if any(m.rounded for m in ms):
+                rounded.add(gname)
+        else:
+            req[gname] = (t, f"{m0.bits}-bit {'sym' if m0.sym else 'asym'}: {why}")
+    return Int4GGUFPlan(dict(mixture), file_type if file_type is not None else FILE_TYPE["F16"], exact, req, mats,
+                        rounded, label=src.quantization or "int4", mapped=mapped,
                         rounding=next(iter(mats.values())).ROUNDING if mats else CodeMatrix.ROUNDING)

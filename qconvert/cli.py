@@ -75,8 +75,13 @@ def _write_gguf(src, out: Path, outtype: str, force: bool, progress: bool, name:
 
     if src.kind == "int4" or src.stored:
         from formats.int4_gguf import EXACT_OUTTYPES, plan_int4_gguf
-        if outtype in EXACT_OUTTYPES:
-            plan = plan_int4_gguf(src, outtype)
+        if outtype in EXACT_OUTTYPES or outtype in MIXTURES:
+            if outtype in MIXTURES:
+                from qconvert.quant.mixtures import mixture_types
+                plan = plan_int4_gguf(src, outtype, mixture_types(src.config, outtype, im is not None),
+                                      MIXTURES[outtype][1])
+            else:
+                plan = plan_int4_gguf(src, outtype)
             types = write_gguf(src, out, force=force, progress=progress, name=name, types=plan.types,
                                file_type=plan.file_type, raw_chunks=plan.raw_chunks, split_max_size=split[0],
                                split_max_tensors=split[1], files=files, imatrix=im)

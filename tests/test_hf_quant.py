@@ -109,6 +109,11 @@ def test_hf_to_gguf_maps_codes_exactly_and_llama_cpp_agrees(quantised, kind, ggm
     qconvert("hf-to-gguf", str(path), str(tmp_path / "f32.gguf"), "--outtype", "f32", "--quiet")
     control = kl_stats(ours, llama_logits(tmp_path / "f32.gguf", sample_tokens))
     assert control["mean_kl"] < 1e-6, control
+    if ggml == "Q4_0":  # llama-quantize's Q4_0 file layout: the codes still map, embedding / head encoded as it does
+        res = qconvert("hf-to-gguf", str(path), str(tmp_path / "mix.gguf"), "--outtype", "q4_0_mix", "--quiet")
+        assert "14 of 14 quantised tensors mapped exactly (Q4_0 x14); none requantised" in res.stdout, res.stdout
+        types = {t.name: t.tensor_type.name for t in GGUFReader(str(tmp_path / "mix.gguf")).tensors}
+        assert types["token_embd.weight"] == "Q4_0" and types["output.weight"] == "Q6_K", types
 
 
 @pytest.mark.parametrize("sym", [True, False])
