@@ -57,8 +57,8 @@ class ExportStats:
         if self.scales_rounded:
             parts.append(f"{self.scales_rounded} with 8-bit scale codes rounded to f16 scales (<= 1/2 f16 ulp each)")
         if self.zeros_rerounded:
-            parts.append(f"{self.zeros_rerounded} asymmetric with float offsets re-rounded to integer zero points "
-                         f"(relative RMS change of those weights {rel:.2%}; `qconvert verify` gives the KL)")
+            parts.append(f"{self.zeros_rerounded} asymmetric with offsets re-rounded to integer zero points the format "
+                         f"stores (relative RMS change of those weights {rel:.2%}; `qconvert verify` gives the KL)")
         if self.dequantised:
             parts.append(f"{', '.join(self.dequantised)} written as F16 (the loaders quantise Linear layers only)")
         return "; ".join(parts)

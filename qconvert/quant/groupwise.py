@@ -111,8 +111,9 @@ def int_zero_scale(s: np.ndarray, bits: int) -> np.ndarray:
 
 def quantize_int_zero(w: np.ndarray, bits: int = 4, group_size: int = 128, method: str = "search") -> GroupQuant:
     """Asymmetric groups on the integer-zero grid that GPTQ / AWQ / compressed-tensors store: ``w ~ s * (q - z)``
-    with integer ``z``. Stored as the int4 layout's f16 scale and offset ``-z * s``, both exact (the scale has
-    ``11 - bits`` significant bits), so an export keeps every value. ``search`` tries range shrink factors
+    with integer ``z`` in ``1 .. 2^bits - 1`` (every format can store it: GPTQ v1 keeps ``z - 1`` in ``bits``
+    bits). Stored as the int4 layout's f16 scale and offset ``-z * s``, both exact (the scale has ``11 - bits``
+    significant bits), so an export keeps every value. ``search`` tries range shrink factors
     per group (``SHRINK``) and keeps the least squared error; ``rtn`` uses the full min / max range."""
     w = np.ascontiguousarray(w, dtype=np.float32)
     rows, cols = w.shape
@@ -127,7 +128,7 @@ def quantize_int_zero(w: np.ndarray, bits: int = 4, group_size: int = 128, metho
     best_z = np.zeros(rows * ng, np.float32)
     for r in (SHRINK if method == "search" else SHRINK[:1]):
         s = int_zero_scale(np.maximum((hi - lo) * r / maxq, np.float32(2 ** -14)), bits)
-        z = np.clip(np.rint(-lo * r / s), 0, maxq)
+        z = np.clip(np.rint(-lo * r / s), 1, maxq)  # z >= 1: GPTQ v1 checkpoints store z - 1
         q = np.clip(np.rint(x / s[:, None]) + z[:, None], 0, maxq)
         err = np.square((q - z[:, None]) * s[:, None] - x).sum(axis=1)
         better = err < best_err
