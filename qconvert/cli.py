@@ -115,7 +115,8 @@ def _imatrix_option(f):
                    "Q4_0 (sym) / Q4_1 (asym) blocks up to 4 bits, Q5_0 / Q5_1 for 5 bits, Q8_0 for 6-8-bit sym codes "
                    "(the 8-bit head), requantising only what cannot map (reported); likewise for a GPTQ / AWQ / "
                    "compressed-tensors checkpoint (symmetric groups -> Q4_0, asymmetric -> Q4_1). q4_0 / q4_1 / "
-                   "q5_0 / q5_1 / q8_0 from those also map exactly where the codes fit that type")
+                   "q5_0 / q5_1 / q8_0 and the mixtures (e.g. q4_0_mix) from those also map exactly where the codes "
+                   "fit the tensor's type")
 @click.option("--name", default=None, help="general.name to store (default: the model's own name)")
 @click.option("--split-max-size", default=None, help="write llama.cpp split files (OUT-00001-of-0000N.gguf) of at "
               "most this much tensor data each, e.g. 2G or 200M (1000-based, as llama-gguf-split)")
