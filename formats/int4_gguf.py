@@ -362,24 +362,9 @@ def plan_int4_gguf(src: Source, outtype: str, mixture: dict[str, str] | None = N
         m0 = ms[0]
         want = auto_type(m0.bits, m0.sym) if outtype == "auto" else outtype.upper()
         t = "F16" if base == "F16" else want
-        why = exact_reason(m0.bits, m0.sym, m0.group_size, m0.cols, t)
-        if why is None and m0.sym and t in ("Q4_1", "Q5_1"):
-            if any(offset_overflows(m.read(0, m.rows)[1], m.bits) for m in ms):
-                why = f"-{1 << (m0.bits - 1)} x scale overflows f16"
-        if why is None:
-            why = next((r for m in ms if (r := m.map_reason())), None)
-        if base == "F16":
-            why = f"row length {m0.cols} is not a multiple of {QK}"
+        why = f"row length {m0.cols} is not a multiple of {QK}" if base == "F16" else _why_not(ms, t)
         types[gname] = t
-        if why is None and len({(m.bits, m.sym, m.group_size) for m in ms}) > 1:
-            why = "its fused members differ in bits, scheme or group size"  # e.g. q/k/v of a mixed plan
-        if why is None:
-            exact.update({m.name: t for m in ms})
-            mapped.add(gname)
-            if any(m.rounded for m in ms):
-                rounded.add(gname)
-        else:
-            req[gname] = (t, f"{m0.bits}-bit {'sym' if m0.sym else 'asym'}: {why}")
+        _place(gname, ms, t, why, exact, mapped, rounded, req)
     counts = Counter(t for t in types.values() if t != "F32")
     main = counts.most_common(1)[0][0] if counts else "F32"
     return Int4GGUFPlan(types, FILE_TYPE.get(main, FILE_TYPE["F16"]), exact, req, mats, rounded,
@@ -399,22 +384,34 @@ def _plan_mixture(src: Source, mixture: dict[str, str], file_type: int | None) -
         ms = [mats.get(m) for m in members]
         if t in ("F32", "F16", "BF16") or any(m is None for m in ms):
             continue
-        m0 = ms[0]
-        why = exact_reason(m0.bits, m0.sym, m0.group_size, m0.cols, t)
-        if why is None and m0.sym and t in ("Q4_1", "Q5_1"):
-            if any(offset_overflows(m.read(0, m.rows)[1], m.bits) for m in ms):
-                why = f"-{1 << (m0.bits - 1)} x scale overflows f16"
-        if why is None:
-            why = next((r for m in ms if (r := m.map_reason())), None)
-        if why is None and len({(m.bits, m.sym, m.group_size) for m in ms}) > 1:
-            why = "its fused members differ in bits, scheme or group size"
-        if why is None:
-            exact.update({m.name: t for m in ms})
-            mapped.add(gname)
-            if any(m.rounded for m in ms):
-                rounded.add(gname)
-        else:
-            req[gname] = (t, f"{m0.bits}-bit {'sym' if m0.sym else 'asym'}: {why}")
+        _place(gname, ms, t, _why_not(ms, t), exact, mapped, rounded, req)
     return Int4GGUFPlan(dict(mixture), file_type if file_type is not None else FILE_TYPE["F16"], exact, req, mats,
                         rounded, label=src.quantization or "int4", mapped=mapped,
                         rounding=next(iter(mats.values())).ROUNDING if mats else CodeMatrix.ROUNDING)
+
+
+def _why_not(ms: list[CodeMatrix], t: str) -> str | None:
+    """Why the matrices ``ms`` of one GGUF tensor cannot be repacked into ``t`` blocks (None: they can)."""
+    m0 = ms[0]
+    why = exact_reason(m0.bits, m0.sym, m0.group_size, m0.cols, t)
+    if why is None and m0.sym and t in ("Q4_1", "Q5_1"):
+        if any(offset_overflows(m.read(0, m.rows)[1], m.bits) for m in ms):
+            why = f"-{1 << (m0.bits - 1)} x scale overflows f16"
+    if why is None:
+        why = next((r for m in ms if (r := m.map_reason())), None)
+    if why is None and len({(m.bits, m.sym, m.group_size) for m in ms}) > 1:
+        why = "its fused members differ in bits, scheme or group size"  # e.g. q/k/v of a mixed plan
+    return why
+
+
+def _place(gname: str, ms: list[CodeMatrix], t: str, why: str | None, exact: dict[str, str], mapped: set[str],
+           rounded: set[str], req: dict[str, tuple[str, str]]) -> None:
+    """Record one GGUF tensor as repacked (``why`` None) or requantised (with the reason)."""
+    if why is None:
+        exact.update({m.name: t for m in ms})
+        mapped.add(gname)
+        if any(m.rounded for m in ms):
+            rounded.add(gname)
+    else:
+        m0 = ms[0]
+        req[gname] = (t, f"{m0.bits}-bit {'sym' if m0.sym else 'asym'}: {why}")

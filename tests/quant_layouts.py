@@ -77,28 +77,35 @@ def _pack_out(v: torch.Tensor, bits: int, order: tuple[int, ...] | None = None) 
     return (words - ((words >> 31) << 32)).to(torch.int32)
 
 
-def gptq_checkpoint(src: Path, out: Path, bits: int = 4, group: int = 128, sym: bool = True, v2: bool = False,
-                    act_order: bool = False, seed: int = 0) -> dict[str, tuple[torch.Tensor, ...]]:
-    """Write a GPTQ checkpoint of float folder ``src``; returns module -> (q, z, s, g_idx)."""
+def _rewrite(src: Path, out: Path, parts) -> tuple[dict, dict[str, tuple[torch.Tensor, ...]]]:
+    """Save ``src`` into ``out`` with every Linear weight replaced by ``parts(w)``'s tensors (suffix -> tensor);
+    other tensors as F16. Returns (config.json content to complete, module -> the integers packed)."""
     cfg = _copy_meta(src, out)
-    sd = load_file(str(src / "model.safetensors"))
-    gen = torch.Generator().manual_seed(seed)
     new, made = {}, {}
-    for name, w in sd.items():
+    for name, w in load_file(str(src / "model.safetensors")).items():
         module = name[:-len(".weight")]
         if not (name.endswith(".weight") and module.rsplit(".", 1)[-1] in LINEARS):
             new[name] = w.half() if w.is_floating_point() else w
             continue
+        stored, made[module] = parts(w)
+        new.update({f"{module}.{k}": v for k, v in stored.items()})
+    save_file(new, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return cfg, made
+
+
+def gptq_checkpoint(src: Path, out: Path, bits: int = 4, group: int = 128, sym: bool = True, v2: bool = False,
+                    act_order: bool = False, seed: int = 0) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Write a GPTQ checkpoint of float folder ``src``; returns module -> (q, z, s, g_idx)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def parts(w: torch.Tensor):
         perm = torch.randperm(w.shape[1], generator=gen) if act_order else None
         g_idx = _groups(w, group, perm)
         q, z, s = rtn(w, bits, group, sym, g_idx)
         stored_z = z - 1 if not v2 else z
-        new[module + ".qweight"] = _pack_in(q, bits)
-        new[module + ".qzeros"] = _pack_out((stored_z & ((1 << bits) - 1)).t().contiguous(), bits)
-        new[module + ".scales"] = s.t().contiguous()
-        new[module + ".g_idx"] = g_idx
-        made[module] = (q, z, s, g_idx)
-    save_file(new, str(out / "model.safetensors"), metadata={"format": "pt"})
+        return {"qweight": _pack_in(q, bits), "qzeros": _pack_out((stored_z & ((1 << bits) - 1)).t().contiguous(), bits),
+                "scales": s.t().contiguous(), "g_idx": g_idx}, (q, z, s, g_idx)
+    cfg, made = _rewrite(src, out, parts)
     cfg["torch_dtype"] = "float16"
     cfg["quantization_config"] = {"quant_method": "gptq", "bits": bits, "group_size": group, "desc_act": act_order,
                                   "sym": sym, "static_groups": False, "true_sequential": True,
@@ -109,21 +116,13 @@ def gptq_checkpoint(src: Path, out: Path, bits: int = 4, group: int = 128, sym: 
 
 def awq_checkpoint(src: Path, out: Path, group: int = 128) -> dict[str, tuple[torch.Tensor, ...]]:
     """Write an AutoAWQ GEMM checkpoint (4-bit, zero point) of float folder ``src``; module -> (q, z, s, g_idx)."""
-    cfg = _copy_meta(src, out)
-    sd = load_file(str(src / "model.safetensors"))
-    new, made = {}, {}
-    for name, w in sd.items():
-        module = name[:-len(".weight")]
-        if not (name.endswith(".weight") and module.rsplit(".", 1)[-1] in LINEARS):
-            new[name] = w.half() if w.is_floating_point() else w
-            continue
+    def parts(w: torch.Tensor):
         g_idx = _groups(w, group, None)
         q, z, s = rtn(w, 4, group, False, g_idx)
-        new[module + ".qweight"] = _pack_out(q.t().contiguous(), 4, AWQ_ORDER)   # [in, out / 8]
-        new[module + ".qzeros"] = _pack_out(z.t().contiguous(), 4, AWQ_ORDER)    # [G, out / 8]
-        new[module + ".scales"] = s.t().contiguous()                             # [G, out]
-        made[module] = (q, z, s, g_idx)
-    save_file(new, str(out / "model.safetensors"), metadata={"format": "pt"})
+        return {"qweight": _pack_out(q.t().contiguous(), 4, AWQ_ORDER),   # [in, out / 8]
+                "qzeros": _pack_out(z.t().contiguous(), 4, AWQ_ORDER),    # [G, out / 8]
+                "scales": s.t().contiguous()}, (q, z, s, g_idx)           # [G, out]
+    cfg, made = _rewrite(src, out, parts)
     cfg["torch_dtype"] = "float16"
     cfg["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True,
                                   "version": "gemm", "modules_to_not_convert": None}
