@@ -22,7 +22,7 @@ int qc_dot_isa(void);  /* _dot.c: 0 portable, 1 AVX2, 2 AVX-512 */
 int qc_dot_ggml(int type, const uint8_t *W, int64_t row_bytes, const float *x, int64_t T, int64_t cols,
                 float *y, int64_t ldy, int64_t r0, int64_t r1);  /* _dot.c */
 int qc_dot_int(const uint8_t *codes, int64_t code_row_bytes, const void *scales, const void *offsets,
-               const uint16_t *steps, int bits, int group, int one_per_byte, const float *x, int64_t T,
+               const uint16_t *steps, int bits, int group, int flags, const float *x, int64_t T,
                int64_t cols, float *y, int64_t ldy, int64_t r0, int64_t r1);  /* _dot_int.c */
 static inline uint64_t rd64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
 

@@ -8,6 +8,9 @@
  * the last group may be shorter), row-major: f16 (raw uint16) when steps is NULL, else 8-bit codes (scales
  * uint8 when asymmetric, int8 when symmetric; offsets int8) with steps [rows, 2] f16 (scale step, offset step):
  * scale = float(step) * float(code). offsets NULL = symmetric: w = s * (q - 2^(bits-1)); else w = s * q + m.
+ * `flags`: 1 = version-1 codes, one per byte (bits != 4); 2 = integer zero points: offsets are the zeros z,
+ * `bits` wide, bit-packed per row as the codes are ([rows, ceil(G * bits / 8)] bytes; layout version 3
+ * `W.zeros`, either scale form), and m = z * -s (exact: s has at most 19 significant bits).
  * Values are exactly formats/int4.py dequant_rows's (same float32 operations in the same order).
  * Like _dot.c, this file is read once plainly and once per vector width (QC_DOT_PASS). */
 #include <stdint.h>
@@ -20,6 +23,8 @@ typedef struct {
     const void *scales, *offsets; const uint16_t *steps;
     int bits, group, mode;  /* mode: 0 one code per byte, 1 two 4-bit codes per byte, 2 bit-packed */
     int perm;               /* the product kernels read a reordered x (see int_dot) */
+    int zint;               /* offsets are bit-packed integer zeros: m = z * -s (flags & 2) */
+    int64_t zrb;            /* ... their bytes per row */
     float *S, *O;           /* product kernels: the row's per-32-column scales / offsets (see int_rows) */
     uint8_t pidx[64];       /* bit-packed codes: bytes of code i (i < 16) into dword lane i ... */
     int32_t psh[16];        /* ... and its shift there */
@@ -27,12 +32,14 @@ typedef struct {
 } imat;
 
 static imat make_imat(const uint8_t *codes, int64_t code_row_bytes, const void *scales, const void *offsets,
-                      const uint16_t *steps, int bits, int group, int one_per_byte, int64_t cols) {
+                      const uint16_t *steps, int bits, int group, int flags, int64_t cols) {
+    const int one_per_byte = flags & 1;
     imat m;
     memset(&m, 0, sizeof m);
     m.codes = codes, m.rb = code_row_bytes, m.cols = cols, m.G = (cols + group - 1) / group;
     m.packed_rb = (cols * bits + 7) / 8, m.scales = scales, m.offsets = offsets, m.steps = steps;
-    m.bits = bits, m.group = group, m.half = (float)(1 << (bits - 1));
+    m.bits = bits, m.group = group, m.half = (float)(1 << (bits - 1)), m.zint = (flags & 2) != 0 && offsets;
+    m.zrb = (m.G * bits + 7) / 8;
     m.mode = (bits == 8 || one_per_byte) ? 0 : bits == 4 ? 1 : 2;
     for (int i = 0; i < 16; i++) {  /* lane i sits in 128-bit lane i / 4, which holds a copy of the bytes */
         const int lo = (i * bits) >> 3;
@@ -47,16 +54,24 @@ static QC_INL void row_steps(const imat *m, int64_t r, float *ds, float *dm) {
     *ds = m->steps ? h2f(m->steps[2 * r]) : 0.0f;
     *dm = m->steps ? h2f(m->steps[2 * r + 1]) : 0.0f;
 }
+/* the integer zero of group g of row r (zint) */
+static QC_INL float zero_at(const imat *m, int64_t r, int64_t g) {
+    const uint8_t *zr = (const uint8_t *)m->offsets + r * m->zrb;
+    const int64_t bit = g * m->bits, o0 = bit >> 3;
+    uint32_t v = zr[o0];
+    if (o0 + 1 < m->zrb) v |= (uint32_t)zr[o0 + 1] << 8;
+    return (float)((v >> (bit & 7)) & ((1u << m->bits) - 1));
+}
 /* scale s and offset o of group g of row r: w = s * q + o (asymmetric); symmetric: o = -2^(bits-1) * s
  * (exact), w = (q - 2^(bits-1)) * s, which one FMA q * s + o rounds to the same value */
 static QC_INL void group_sm(const imat *m, int64_t r, int64_t g, float ds, float dm, float *s, float *o) {
     const int64_t i = r * m->G + g;
     if (m->steps == NULL) {
         *s = h2f(((const uint16_t *)m->scales)[i]);
-        *o = m->offsets ? h2f(((const uint16_t *)m->offsets)[i]) : -m->half * *s;
+        *o = m->zint ? zero_at(m, r, g) * -*s : m->offsets ? h2f(((const uint16_t *)m->offsets)[i]) : -m->half * *s;
     } else if (m->offsets) {
         *s = (float)((const uint8_t *)m->scales)[i] * ds;
-        *o = (float)((const int8_t *)m->offsets)[i] * dm;
+        *o = m->zint ? zero_at(m, r, g) * -*s : (float)((const int8_t *)m->offsets)[i] * dm;
     } else {
         *s = (float)((const int8_t *)m->scales)[i] * ds;
         *o = -m->half * *s;
@@ -136,10 +151,10 @@ static int bad_args(int bits, int group) { return bits < 2 || bits > 8 || group 
 /* y[t * ldy + (r - r0)] = sum_c W[r, c] * x[t * cols + c] for r in [r0, r1), t < T, W the int-code matrix
  * described at the top of this file. Returns 0, or -1 for bits outside 2..8 or a group < 1. */
 int qc_dot_int(const uint8_t *codes, int64_t code_row_bytes, const void *scales, const void *offsets,
-               const uint16_t *steps, int bits, int group, int one_per_byte, const float *x, int64_t T,
+               const uint16_t *steps, int bits, int group, int flags, const float *x, int64_t T,
                int64_t cols, float *y, int64_t ldy, int64_t r0, int64_t r1) {
     if (bad_args(bits, group)) return -1;
-    const imat m = make_imat(codes, code_row_bytes, scales, offsets, steps, bits, group, one_per_byte, cols);
+    const imat m = make_imat(codes, code_row_bytes, scales, offsets, steps, bits, group, flags, cols);
 #ifdef QC_X86
     const int isa = qc_dot_isa();
     if (isa) { (isa == 2 ? int_dot_w16 : int_dot_w8)(&m, x, T, y, ldy, r0, r1); return 0; }
@@ -161,10 +176,10 @@ int qc_dot_int(const uint8_t *codes, int64_t code_row_bytes, const void *scales,
 /* out[(r - r0) * cols + c] = W[r, c] for r in [r0, r1): bit-identical to formats/int4.py dequant_rows.
  * Same matrix arguments as qc_dot_int; returns 0, or -1 for bad bits / group. */
 int qc_dequant_int(const uint8_t *codes, int64_t code_row_bytes, const void *scales, const void *offsets,
-                   const uint16_t *steps, int bits, int group, int one_per_byte, int64_t cols, int64_t r0,
+                   const uint16_t *steps, int bits, int group, int flags, int64_t cols, int64_t r0,
                    int64_t r1, float *out) {
     if (bad_args(bits, group)) return -1;
-    const imat m = make_imat(codes, code_row_bytes, scales, offsets, steps, bits, group, one_per_byte, cols);
+    const imat m = make_imat(codes, code_row_bytes, scales, offsets, steps, bits, group, flags, cols);
 #ifdef QC_X86
     const int isa = qc_dot_isa();
     if (isa) { (isa == 2 ? int_deq_w16 : int_deq_w8)(&m, r0, r1, out); return 0; }
@@ -252,7 +267,7 @@ QC_TGT __attribute__((noinline)) static void QC_F(fill_halves)(const imat *m, in
     const float nh2 = -m->half;
     int k = 0;
     const int j = m->group / 32;  /* halves per group */
-    if ((j & (j - 1)) == 0 && j <= VN && c % m->group == 0) {  /* VN halves (VN / j groups) at a time */
+    if ((j & (j - 1)) == 0 && j <= VN && c % m->group == 0 && !m->zint) {  /* VN halves (VN / j groups) at a time */
         int32_t id[VN];
         const int sh = __builtin_ctz((unsigned)j);
         for (int i = 0; i < VN; i++) id[i] = i >> sh;
@@ -262,12 +277,12 @@ QC_TGT __attribute__((noinline)) static void QC_F(fill_halves)(const imat *m, in
             const int64_t left = m->G - g;
             const void *sp, *op;
             uint16_t ts[VN], to[VN];
+            const size_t es = m->steps ? 1 : 2;
             if (left >= VN) {
-                sp = (const uint8_t *)m->scales + (base + g) * (m->steps ? 1 : 2);
-                op = m->offsets ? (const uint8_t *)m->offsets + (base + g) * (m->steps ? 1 : 2) : NULL;
+                sp = (const uint8_t *)m->scales + (base + g) * es;
+                op = m->offsets ? (const uint8_t *)m->offsets + (base + g) * es : NULL;
             } else {  /* copy what is left of the row: never read past the arrays (memcpy: this function
                        * is not inlined and runs before the kernel's accumulators are live) */
-                const size_t es = m->steps ? 1 : 2;
                 memset(ts, 0, sizeof ts); memset(to, 0, sizeof to);
                 memcpy(ts, (const uint8_t *)m->scales + (base + g) * es, (size_t)left * es);
                 if (m->offsets) memcpy(to, (const uint8_t *)m->offsets + (base + g) * es, (size_t)left * es);
@@ -293,7 +308,15 @@ QC_TGT __attribute__((noinline)) static void QC_F(fill_halves)(const imat *m, in
         if (c + 32 * k >= gend) { g++; gend += m->group; }                                          \
         S[k] = (SC); O[k] = (OF);                                                                   \
     }
-    if (m->steps == NULL) {
+    if (m->zint) {  /* once per row: the scalar path is enough */
+        if (m->steps == NULL) {
+            const uint16_t *sc = (const uint16_t *)m->scales + base;
+            QC_HALVES(_cvtsh_ss(sc[g]), zero_at(m, r, g) * -S[k])
+        } else {
+            const uint8_t *sc = (const uint8_t *)m->scales + base;
+            QC_HALVES((float)sc[g] * ds, zero_at(m, r, g) * -S[k])
+        }
+    } else if (m->steps == NULL) {
         const uint16_t *sc = (const uint16_t *)m->scales + base, *of = (const uint16_t *)m->offsets + base;
         if (m->offsets) QC_HALVES(_cvtsh_ss(sc[g]), _cvtsh_ss(of[g]))
         else QC_HALVES(_cvtsh_ss(sc[g]), nh2 * S[k])

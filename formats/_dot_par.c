@@ -13,7 +13,7 @@
 #define QC_SPINS 4000  /* the worker's polls before it sleeps (about 0.1 ms) */
 
 typedef struct {  /* the arguments of a qc_dot_ggml / qc_dot_int call */
-    int is_int, type, bits, group, one_per_byte;
+    int is_int, type, bits, group, flags;
     const uint8_t *W; int64_t rb;
     const void *scales, *offsets; const uint16_t *steps;
     const float *x; int64_t T, cols; float *y; int64_t ldy, r0;
@@ -22,7 +22,7 @@ typedef struct {  /* the arguments of a qc_dot_ggml / qc_dot_int call */
 static void run_rows(const qc_call *c, int64_t a, int64_t b) {  /* rows [a, b) of the call */
     float *y = c->y + (a - c->r0);
     if (c->is_int)
-        qc_dot_int(c->W, c->rb, c->scales, c->offsets, c->steps, c->bits, c->group, c->one_per_byte, c->x, c->T,
+        qc_dot_int(c->W, c->rb, c->scales, c->offsets, c->steps, c->bits, c->group, c->flags, c->x, c->T,
                    c->cols, y, c->ldy, a, b);
     else
         qc_dot_ggml(c->type, c->W, c->rb, c->x, c->T, c->cols, y, c->ldy, a, b);
@@ -111,11 +111,11 @@ int qc_matmul_ggml(int type, const uint8_t *W, int64_t row_bytes, const float *x
 
 /* qc_dot_int over rows [r0, r1) on `threads` (1 or 2) threads */
 int qc_matmul_int(const uint8_t *codes, int64_t code_row_bytes, const void *scales, const void *offsets,
-                  const uint16_t *steps, int bits, int group, int one_per_byte, const float *x, int64_t T,
+                  const uint16_t *steps, int bits, int group, int flags, const float *x, int64_t T,
                   int64_t cols, float *y, int64_t ldy, int64_t r0, int64_t r1, int threads) {
-    if (qc_dot_int(codes, code_row_bytes, scales, offsets, steps, bits, group, one_per_byte, x, 0, cols, y, ldy,
+    if (qc_dot_int(codes, code_row_bytes, scales, offsets, steps, bits, group, flags, x, 0, cols, y, ldy,
                    r0, r0)) return -1;
-    const qc_call c = {1, 0, bits, group, one_per_byte, codes, code_row_bytes, scales, offsets, steps, x, T, cols,
+    const qc_call c = {1, 0, bits, group, flags, codes, code_row_bytes, scales, offsets, steps, x, T, cols,
                        y, ldy, r0};
     par2(&c, r1, threads);
     return 0;

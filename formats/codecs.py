@@ -146,11 +146,15 @@ class PackedMatrix:
 
     @classmethod
     def int_codes(cls, qweight: np.ndarray, scales: np.ndarray, offsets: np.ndarray | None,
-                  steps: np.ndarray | None, bits: int, group: int, cols: int, version: int = 2) -> "PackedMatrix":
+                  steps: np.ndarray | None, bits: int, group: int, cols: int, version: int = 2,
+                  zeros: bool = False) -> "PackedMatrix":
         """formats/int4.py codes: ``qweight`` uint8 [rows, ceil(cols * bits / 8)] (version 1, bits != 4:
         [rows, cols], one code per byte); ``scales`` / ``offsets`` [rows, ceil(cols / group)] as stored (f16 as
         uint16 when ``steps`` is None; else uint8 scales when asymmetric, int8 when symmetric, int8 offsets);
-        ``steps`` [rows, 2] f16 as uint16 or None; ``offsets`` None = symmetric."""
+        ``steps`` [rows, 2] f16 as uint16 or None; ``offsets`` None = symmetric. ``zeros``: ``offsets`` are
+        integer zero points z (layout version 3, ``W.zeros``), ``bits`` wide and bit-packed per row as the codes
+        ([rows, ceil(groups * bits / 8)] uint8), the offset being ``z * -scale``; uint8 offsets are how every
+        reader here tells zeros from offsets."""
         if not 2 <= bits <= 8 or group < 1:
             raise ValueError(f"int codes of {bits} bits in groups of {group} are not supported")
         q = _rows_view(np.asarray(qweight).view(np.uint8))
@@ -161,11 +165,13 @@ class PackedMatrix:
         sc_dt = (np.uint8 if offsets is not None else np.int8) if s8 else np.uint16
         sc = _aligned(np.asarray(scales).view(sc_dt).reshape(q.shape[0], ng))
         of = None if offsets is None else _aligned(
-            np.asarray(offsets).view(np.int8 if s8 else np.uint16).reshape(q.shape[0], ng))
+            np.asarray(offsets).view(np.uint8 if zeros else np.int8 if s8 else np.uint16).reshape(
+                q.shape[0], -(-ng * bits // 8) if zeros else ng))
         st = None if steps is None else _aligned(np.asarray(steps).view(np.uint16).reshape(q.shape[0], 2))
         if q.shape[1] < need:
             raise ValueError(f"qweight rows have {q.shape[1]} bytes; {cols} codes of {bits} bits need {need}")
-        label = f"int{bits} g{group} {'asym' if of is not None else 'sym'}" + (" s8" if s8 else "")
+        label = f"int{bits} g{group} {'asym' if of is not None else 'sym'}" + (" s8" if s8 else "") + \
+            (" zint" if zeros and of is not None else "")
         return cls(q.shape[0], cols, label, None, qweight=q, scales=sc, offsets=of, steps=st, bits=bits,
                    group=group, version=version)
 
@@ -182,6 +188,12 @@ class PackedMatrix:
         return tuple(a for a in (self.qweight, self.scales, self.offsets, self.steps) if a is not None)
 
     @property
+    def _flags(self) -> int:
+        """The C kernels' ``flags``: 1 = version-1 codes one per byte, 2 = uint8 integer zeros as offsets."""
+        return int(self.version == 1 and self.bits != 4) | (2 if self.offsets is not None and
+                                                            self.offsets.dtype == np.uint8 else 0)
+
+    @property
     def nbytes(self) -> int:
         """Stored bytes of the matrix (codes, scales, offsets and steps for int codes)."""
         return int(sum(a.nbytes for a in self.arrays()))
@@ -195,7 +207,7 @@ class PackedMatrix:
         if self.is_int:
             rc = _LIB.qc_dequant_int(_ptr(self.qweight), self.qweight.strides[0], _ptr(self.scales),
                                      _ptr(self.offsets), _ptr(self.steps), self.bits, self.group,
-                                     int(self.version == 1 and self.bits != 4), self.cols, r0, r1, _ptr(out))
+                                     self._flags, self.cols, r0, r1, _ptr(out))
         else:
             rc = _LIB.qc_dequant_ggml(int(GQ[self._type]), _ptr(self.data), self.data.strides[0], self.cols,
                                       r0, r1, _ptr(out))
@@ -206,8 +218,11 @@ class PackedMatrix:
         if not self.is_int:
             return kernels.to_f32(self.data[r0:r1], self._type, use_c=False).reshape(r1 - r0, self.cols)
         codes = (unpack_v1 if self.version == 1 else unpack)(self.qweight[r0:r1], self.bits, self.cols)
-        return dequant_rows(codes, self.scales[r0:r1], None if self.offsets is None else self.offsets[r0:r1],
-                            self.bits, self.group, None if self.steps is None else self.steps[r0:r1])
+        of = None if self.offsets is None else self.offsets[r0:r1]
+        if self._flags & 2:
+            of = unpack(of, self.bits, self.scales.shape[1])
+        return dequant_rows(codes, self.scales[r0:r1], of, self.bits, self.group,
+                            None if self.steps is None else self.steps[r0:r1])
 
     def permuted(self, col_perm: np.ndarray) -> "PackedMatrix":
         """This matrix with its stored columns declared to be columns ``col_perm`` of W (codes whose groups are
@@ -268,7 +283,7 @@ class PackedMatrix:
         if self.is_int:
             rc = _LIB.qc_matmul_int(_ptr(self.qweight), self.qweight.strides[0], _ptr(self.scales),
                                     _ptr(self.offsets), _ptr(self.steps), self.bits, self.group,
-                                    int(self.version == 1 and self.bits != 4), _ptr(x), T, self.cols, yp, ldy, r0, r1,
+                                    self._flags, _ptr(x), T, self.cols, yp, ldy, r0, r1,
                                     threads)
         else:
             rc = _LIB.qc_matmul_ggml(int(GQ[self._type]), _ptr(self.data), self.data.strides[0], _ptr(x), T,

@@ -118,7 +118,10 @@ def layout_and_schemes(q: dict[str, Any], where: str) -> tuple[Layout, Callable[
             raise QConvertError(f"{where}: AWQ without zero points is not supported; only zero_point: true")
         s = Scheme(_int(q.get("bits", q.get("w_bit")), "bits", where, 4, 4),
                    _int(q.get("group_size", q.get("q_group_size")), "group_size", where, 1, 1 << 16), False)
-        return LAYOUTS["awq"], lambda module: s
+        skip = q.get("modules_to_not_convert") or []
+        if not isinstance(skip, list) or not all(isinstance(k, str) for k in skip):
+            raise QConvertError(f"{where}: quantization_config.modules_to_not_convert must be a list of names")
+        return LAYOUTS["awq"], lambda module: None if any(k in module for k in skip) else s  # AutoAWQ: substrings
     fmt = q.get("format")
     groups = q.get("config_groups")
     if not isinstance(groups, dict) or not groups:

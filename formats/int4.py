@@ -29,7 +29,8 @@ from formats.source import Source
 from formats.tensor import LazyTensor, row_chunks, stream_converted
 from formats.tokenizer import TokenizerData
 
-FORMAT, VERSION, FILENAME = "qconvert-int4", "2", "model.int4.safetensors"  # reads versions 1 and 2
+FORMAT, VERSION, FILENAME = "qconvert-int4", "3", "model.int4.safetensors"  # reads versions 1 to 3
+ZEROS_VERSION, PLAIN_VERSION = "3", "2"  # written: 3 when a matrix stores integer zeros (W.zeros), else 2
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class QuantSpec:
     group_size: int = 32
     sym: bool = False
     scale_bits: int = 8  # 16: f16 scales / offsets; 8: 8-bit codes on per-row f16 steps
-    zero_int: bool = False  # asymmetric groups on an integer-zero grid: offset = -z * scale exactly (export-exact)
+    zero_int: bool = True  # asymmetric groups on an integer-zero grid, w = s * (q - z) (export-exact); False: any offset
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
@@ -49,17 +50,16 @@ class QuantSpec:
             raise QConvertError(f"--scale-bits {self.scale_bits} is not supported; choose 8 or 16")
         if self.group_size < 1:
             raise QConvertError(f"--group-size {self.group_size} must be positive")
-        if self.zero_int and not self.sym and self.scale_bits != 16:
-            raise QConvertError("--zero-point int stores f16 scales and offsets (offset = -zero x scale, exact); "
-                                "add --scale-bits 16")
 
     def bits_per_weight(self, rows: int, cols: int) -> float:
         """Stored bits per weight of a [rows, cols] matrix in this spec (codes, scales, offsets, steps)."""
         ng = -(-cols // self.group_size)
         code = 8 * -(-cols * self.bits // 8)  # codes are bit-packed (formats/int4.py: pack)
-        per_group = self.scale_bits * (1 if self.sym else 2)
+        zint = self.zero_int and not self.sym
+        per_group = self.scale_bits + (0 if self.sym or zint else self.scale_bits)
+        zeros = 8 * -(-ng * self.bits // 8) if zint else 0  # bit-packed integer zeros
         steps = 32 if self.scale_bits == 8 else 0
-        return (code + ng * per_group + steps) / cols
+        return (code + ng * per_group + zeros + steps) / cols
 
     def label(self) -> str:
         """Short description, e.g. ``int4 g32 asym s8``."""
@@ -167,13 +167,19 @@ def group_values(scales: np.ndarray, offsets: np.ndarray | None, steps: np.ndarr
 
     ``steps`` None: scales / offsets are f16 (raw uint16). Otherwise they are 8-bit codes (scales uint8, or
     int8 when symmetric; offsets int8) and ``steps`` [rows, 2] (f16, raw uint16) holds each row's scale step
-    and offset step: scale = step * code (a float32 product)."""
+    and offset step: scale = step * code (a float32 product). ``offsets`` of dtype uint8 are integer zero
+    points ``z`` (layout version 3, either scale form): the offset is ``z * -scale``, exact in float32."""
     if steps is None:
         s = scales.view(np.float16).astype(np.float32)
-        return s, None if offsets is None else offsets.view(np.float16).astype(np.float32)
-    st = steps.view(np.float16).astype(np.float32)
-    s = scales.astype(np.float32) * st[:, :1]
-    return s, None if offsets is None else offsets.astype(np.float32) * st[:, 1:2]
+    else:
+        s = scales.astype(np.float32) * steps.view(np.float16).astype(np.float32)[:, :1]
+    if offsets is None:
+        return s, None
+    if offsets.dtype == np.uint8:
+        return s, offsets.astype(np.float32) * -s
+    if steps is None:
+        return s, offsets.view(np.float16).astype(np.float32)
+    return s, offsets.astype(np.float32) * steps.view(np.float16).astype(np.float32)[:, 1:2]
 
 
 def dequant_rows(codes: np.ndarray, scales: np.ndarray, offsets: np.ndarray | None, bits: int, group: int,
@@ -194,9 +200,10 @@ def dequant_rows(codes: np.ndarray, scales: np.ndarray, offsets: np.ndarray | No
 
 
 def tensor_choices(version: str, quantization: dict[str, Any], per_tensor: dict[str, Any], name: str
-                   ) -> tuple[int, int, bool, int]:
-    """(bits, group_size, symmetric, scale_bits) of matrix ``name`` from the header's ``quantization`` and
-    ``tensors`` entries; version-1 files have only per-tensor bits (the rest is global, scales f16)."""
+                   ) -> tuple[int, int, bool, int, bool]:
+    """(bits, group_size, symmetric, scale_bits, integer zeros) of matrix ``name`` from the header's
+    ``quantization`` and ``tensors`` entries; version-1 files have only per-tensor bits (the rest is global,
+    scales f16); integer zeros (``"zero_point": "int"``, asymmetric, ``W.zeros``) are version 3's."""
     info = per_tensor.get(name, {})
     src = quantization if version == "1" else info
     bits, group, scheme = info.get("bits", quantization.get("bits", 4)), src["group_size"], src["scheme"]
@@ -205,7 +212,22 @@ def tensor_choices(version: str, quantization: dict[str, Any], per_tensor: dict[
             scheme not in ("sym", "asym"):
         raise ValueError(f"bits {bits!r}, group_size {group!r}, scale_bits {scale_bits!r} must be integers and "
                          f"scheme {scheme!r} 'sym' or 'asym'")
-    return bits, group, scheme == "sym", scale_bits
+    zp = info.get("zero_point", "float") if version not in ("1", "2") else "float"
+    if zp not in ("float", "int") or (zp == "int" and scheme == "sym"):
+        raise ValueError(f"zero_point {zp!r} must be 'float' or 'int' (asymmetric matrices only)")
+    return bits, group, scheme == "sym", scale_bits, zp == "int"
+
+
+def offsets_part(s8: bool, zint: bool) -> tuple[str, str, type]:
+    """(part suffix, safetensors dtype, numpy dtype) of an asymmetric matrix's offsets: integer zeros
+    ``zeros`` U8 (bit-packed, see ``offsets_shape``), 8-bit offset codes ``offsets`` I8, or f16 ``offsets``."""
+    return ("zeros", "U8", np.uint8) if zint else ("offsets", "I8", np.int8) if s8 else ("offsets", "F16", np.uint16)
+
+
+def offsets_shape(rows: int, groups: int, bits: int, zint: bool) -> tuple[int, int]:
+    """Stored shape of the offsets part: [rows, groups], or for integer zeros their ``bits``-wide codes packed
+    per row as ``pack`` packs codes: [rows, row_bytes(groups, bits)]."""
+    return (rows, row_bytes(groups, bits)) if zint else (rows, groups)
 
 
 Quantiser = Callable[[np.ndarray, QuantSpec, ThreadPoolExecutor], GroupQuant]
@@ -240,14 +262,19 @@ def write_int4(src: Source, out: Path, specs: dict[str, QuantSpec], quantizer: Q
         plan.append((f"{n}.qweight", "U8", (rows, row_bytes(cols, sp.bits))))
         s8 = sp.scale_bits == 8
         plan.append((f"{n}.scales", ("I8" if sp.sym else "U8") if s8 else "F16", (rows, ng)))
+        zint = sp.zero_int and not sp.sym
         if not sp.sym:
-            plan.append((f"{n}.offsets", "I8" if s8 else "F16", (rows, ng)))
+            sfx, dt, _ = offsets_part(s8, zint)
+            plan.append((f"{n}.{sfx}", dt, offsets_shape(rows, ng, sp.bits, zint)))
         if s8:
             plan.append((f"{n}.steps", "F16", (rows, 2)))
         qinfo[n] = {"shape": [rows, cols], "bits": sp.bits, "group_size": sp.group_size,
                     "scheme": "sym" if sp.sym else "asym", "scale_bits": sp.scale_bits}
+        if zint:
+            qinfo[n]["zero_point"] = "int"
     meta = {**(summary or {}), "method": method}
-    header_meta = {"format": FORMAT, "version": VERSION, "quantization": json.dumps(meta),
+    version = ZEROS_VERSION if any(i.get("zero_point") == "int" for i in qinfo.values()) else PLAIN_VERSION
+    header_meta = {"format": FORMAT, "version": version, "quantization": json.dumps(meta),
                    "tensors": json.dumps(qinfo)}
     stats = {"quantised_params": 0, "quantised_bytes": 0, "errors": {}}
     total = sum(int(np.prod(canonical_shape(n, cfg))) for n in names)
@@ -281,7 +308,11 @@ def write_int4(src: Source, out: Path, specs: dict[str, QuantSpec], quantizer: Q
                     pb.update(x.nbytes)
                 w.write(np.concatenate([g.scales for g in parts]))
                 if not sp.sym:
-                    w.write(np.concatenate([g.offsets for g in parts]))
+                    offs = np.concatenate([g.offsets for g in parts])
+                    if (offs.dtype == np.uint8) != (sp.zero_int and not sp.sym):
+                        raise QConvertError(f"{n}: the quantiser's offsets do not match its spec ({sp.label()}); "
+                                            "this is a bug in the quantiser")
+                    w.write(pack(offs, sp.bits) if offs.dtype == np.uint8 else offs)
                 if sp.scale_bits == 8:
                     w.write(np.concatenate([g.steps for g in parts]))
                 rel = float(np.sqrt(err / max(ref, 1e-30)))
@@ -293,7 +324,7 @@ def write_int4(src: Source, out: Path, specs: dict[str, QuantSpec], quantizer: Q
         stats["quantised_bytes"] = sum(int(np.prod(s)) * (2 if dt == "F16" else 1) for name, dt, s in plan
                                        if dt != "F32" and name.rsplit(".", 1)[0] != head)
         c = cfg.to_hf_dict()
-        c["quantization_config"] = {"quant_method": FORMAT, "version": VERSION, **meta}
+        c["quantization_config"] = {"quant_method": FORMAT, "version": version, **meta}
         _json(tmp / "config.json", c)
         if src.generation_config:
             _json(tmp / "generation_config.json", src.generation_config)
@@ -338,7 +369,7 @@ def _open_checked(d: Path, f: SafetensorsFile, cfg: ModelConfig, raw_cfg: dict[s
     meta = f.header.get("__metadata__") or {}
     if meta.get("format") != FORMAT:
         raise QConvertError(f"{where}: not a {FORMAT} file; write it with `qconvert quantize --format int4`")
-    if meta.get("version") not in ("1", VERSION):
+    if meta.get("version") not in ("1", PLAIN_VERSION, VERSION):
         raise QConvertError(f"{where}: int4 layout version {str(meta.get('version'))[:20]} is not supported (this "
                             f"qconvert reads versions 1 to {VERSION}); upgrade qconvert")
     if "quantization" not in meta:
@@ -359,7 +390,7 @@ def _open_checked(d: Path, f: SafetensorsFile, cfg: ModelConfig, raw_cfg: dict[s
             src.tensors[n] = f.tensor(n)
             continue
         try:
-            b, g, sy, scale_bits = tensor_choices(version, q, per, n)
+            b, g, sy, scale_bits, zint = tensor_choices(version, q, per, n)
             if not (2 <= b <= 8 and 1 <= g <= 1 << 16 and scale_bits in (8, 16)):
                 raise ValueError(f"bits {b}, group size {g}, scale bits {scale_bits} out of range")
         except (KeyError, ValueError, TypeError, AttributeError, OverflowError) as e:
@@ -372,14 +403,15 @@ def _open_checked(d: Path, f: SafetensorsFile, cfg: ModelConfig, raw_cfg: dict[s
         rb = row_bytes(cols, b) if version != "1" or b == 4 else cols
         qw = _part(f, f"{n}.qweight", n, ("U8",), (rows, rb))
         sc = _part(f, f"{n}.scales", n, (("I8" if sy else "U8") if s8 else "F16",), (rows, ng))
-        of = _part(f, f"{n}.offsets", n, ("I8" if s8 else "F16",), (rows, ng)) if not sy else None
+        osfx, odt, _ = offsets_part(s8, zint)
+        of = _part(f, f"{n}.{osfx}", n, (odt,), offsets_shape(rows, ng, b, zint)) if not sy else None
         st = _part(f, f"{n}.steps", n, ("F16",), (rows, 2)) if s8 else None
-        expected.update(f"{n}.{k}" for k, t in (("qweight", qw), ("scales", sc), ("offsets", of), ("steps", st)) if t)
-        reader = _reader(qw, sc, of, st, b, g, cols, unpack_v1 if version == "1" else unpack)
+        expected.update(f"{n}.{k}" for k, t in (("qweight", qw), ("scales", sc), (osfx, of), ("steps", st)) if t)
+        reader = _reader(qw, sc, of, st, b, g, cols, unpack_v1 if version == "1" else unpack, zint)
         stored = sum(x.nbytes for x in (qw, sc, of, st) if x is not None)
-        label = f"int{b} g{g} {'sym' if sy else 'asym'}" + (" s8" if s8 else "")
+        label = f"int{b} g{g} {'sym' if sy else 'asym'}" + (" s8" if s8 else "") + (" zint" if zint else "")
         src.tensors[n] = LazyTensor(n, shape, "F32", reader, quant=label, stored_nbytes=stored,
-                                    packer=_packer(qw, sc, of, st, b, g, cols, int(version)))
+                                    packer=_packer(qw, sc, of, st, b, g, cols, int(version), zint))
     extra = sorted(set(f.header) - expected - {"__metadata__"})
     if extra:
         raise QConvertError(f"{where}: unexpected tensor {extra[0]!r} for this config; is config.json from the same "
@@ -399,31 +431,33 @@ def _part(f: SafetensorsFile, name: str, canonical: str, dtypes: tuple[str, ...]
 
 
 def _packer(qw: LazyTensor, sc: LazyTensor, of: LazyTensor | None, st: LazyTensor | None, bits: int, group: int,
-            cols: int, version: int) -> Callable[[], Any]:
+            cols: int, version: int, zint: bool = False) -> Callable[[], Any]:
     """The matrix's stored parts as a PackedMatrix over the mapped file (the decoders' native form)."""
     def make() -> Any:
         from formats.codecs import PackedMatrix
 
         s8 = st is not None
         scales = sc.packed_view().view(np.uint16 if not s8 else (np.int8 if of is None else np.uint8))
-        offsets = None if of is None else of.packed_view().view(np.int8 if s8 else np.uint16)
+        offsets = None if of is None else of.packed_view().view(offsets_part(s8, zint)[2])
         steps = None if st is None else st.packed_view().view(np.uint16)
-        return PackedMatrix.int_codes(qw.packed_view(), scales, offsets, steps, bits, group, cols, version)
+        return PackedMatrix.int_codes(qw.packed_view(), scales, offsets, steps, bits, group, cols, version, zint)
     return make
 
 
 def _reader(qw: LazyTensor, sc: LazyTensor, of: LazyTensor | None, st: LazyTensor | None, bits: int, group: int,
-            cols: int, unpacker: Callable[[np.ndarray, int, int], np.ndarray]):
+            cols: int, unpacker: Callable[[np.ndarray, int, int], np.ndarray], zint: bool = False):
     def raw(t: LazyTensor, start: int, stop: int, dt) -> np.ndarray:
         return t.raw_rows(start, stop).view(dt).reshape(stop - start, -1)
 
     def read(start: int, stop: int) -> np.ndarray:
         codes = unpacker(raw(qw, start, stop, np.uint8), bits, cols)
+        o = None if of is None else raw(of, start, stop, offsets_part(st is not None, zint)[2])
+        if zint and o is not None:
+            o = unpack(o, bits, -(-cols // group))
         if st is None:
-            s, o, steps = raw(sc, start, stop, np.uint16), None if of is None else raw(of, start, stop, np.uint16), None
+            s, steps = raw(sc, start, stop, np.uint16), None
         else:
             s = raw(sc, start, stop, np.int8 if of is None else np.uint8)
-            o = None if of is None else raw(of, start, stop, np.int8)
             steps = raw(st, start, stop, np.uint16)
         return dequant_rows(codes, s, o, bits, group, steps).astype(np.float32).reshape(-1).view(np.uint8)
     return read

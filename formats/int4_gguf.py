@@ -198,7 +198,7 @@ class CodeMatrix:
 class StoredMatrix(CodeMatrix):
     """One quantised matrix of an int4 folder as stored: lazy qweight / scales / offsets and its parameters."""
 
-    ROUNDING = "their 8-bit scale codes rounded to f16"
+    ROUNDING = "their 8-bit scale codes or integer-zero offsets rounded to f16"
 
     name: str
     rows: int
@@ -210,6 +210,7 @@ class StoredMatrix(CodeMatrix):
     offsets: LazyTensor | None
     steps: LazyTensor | None = None  # per-row f16 steps of 8-bit scale codes (layout version 2)
     v1: bool = False  # a version-1 file: codes of widths other than 4 are stored one per byte
+    zint: bool = False  # ``offsets`` are uint8 integer zeros (version 3 ``W.zeros``): offset = z * -scale
 
     @property
     def sym(self) -> bool:
@@ -218,7 +219,8 @@ class StoredMatrix(CodeMatrix):
 
     @property
     def rounded(self) -> bool:
-        """8-bit scale codes are rounded to f16 block scales."""
+        """8-bit scale codes (and their integer-zero offsets z * -scale) are rounded to f16 block values; f16
+        scales are kept, and so are integer-zero offsets with them (their scales have 11 - bits significant bits)."""
         return self.steps is not None
 
     def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -229,18 +231,27 @@ class StoredMatrix(CodeMatrix):
         if self.v1 and self.bits != 4:
             from formats.int4 import pack
             q = pack(q[:, :self.cols], self.bits)
-        if self.steps is None:
+        if self.steps is None and not self.zint:
             s = self.scales.raw_rows(start, stop).view(np.uint16).reshape(n, -1)
             o = self.offsets.raw_rows(start, stop).view(np.uint16).reshape(n, -1) if self.offsets is not None else None
             return q, s, o
-        from formats.int4 import group_values
-        st = self.steps.raw_rows(start, stop).view(np.uint16).reshape(n, 2)
-        codes = self.scales.raw_rows(start, stop).view(np.int8 if self.sym else np.uint8).reshape(n, -1)
-        oc = None if self.offsets is None else self.offsets.raw_rows(start, stop).view(np.int8).reshape(n, -1)
-        sf, mf = group_values(codes, oc, st)
+        sf, mf = self.values(start, stop)
         s = sf.astype(np.float16).view(np.uint16)
         o = None if mf is None else mf.astype(np.float16).view(np.uint16)
         return q, s, o
+
+    def values(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """float32 scales and offsets [rows, groups] of rows [start, stop) (formats/int4.py group_values)."""
+        from formats.int4 import group_values, offsets_part, unpack
+
+        n, s8 = stop - start, self.steps is not None
+        sc = self.scales.raw_rows(start, stop).view(np.uint16 if not s8 else np.int8 if self.sym else np.uint8)
+        of = None if self.offsets is None else \
+            self.offsets.raw_rows(start, stop).view(offsets_part(s8, self.zint)[2]).reshape(n, -1)
+        if self.zint and of is not None:
+            of = unpack(of, self.bits, -(-self.cols // self.group_size))
+        st = self.steps.raw_rows(start, stop).view(np.uint16).reshape(n, 2) if s8 else None
+        return group_values(sc.reshape(n, -1), of, st)
 
 
 def stored_matrices(src: Source) -> dict[str, StoredMatrix]:
@@ -265,10 +276,10 @@ def stored_matrices(src: Source) -> dict[str, StoredMatrix]:
             if t.quant is None or f"{n}.qweight" not in f.header:
                 continue
             rows, cols = t.shape
-            bits, group, sym, scale_bits = tensor_choices(version, q, per, n)
+            bits, group, sym, scale_bits, zint = tensor_choices(version, q, per, n)
             out[n] = StoredMatrix(n, rows, cols, bits, group, f.tensor(f"{n}.qweight", n), f.tensor(f"{n}.scales", n),
-                                  None if sym else f.tensor(f"{n}.offsets", n),
-                                  f.tensor(f"{n}.steps", n) if scale_bits == 8 else None, version == "1")
+                                  None if sym else f.tensor(f"{n}.{'zeros' if zint else 'offsets'}", n),
+                                  f.tensor(f"{n}.steps", n) if scale_bits == 8 else None, version == "1", zint)
     except (KeyError, ValueError, TypeError) as e:
         raise QConvertError(f"{f.path}: broken int4 metadata ({e}); re-run `qconvert quantize`") from None
     return out

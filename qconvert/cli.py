@@ -202,10 +202,10 @@ def inspect_cmd(model: str, as_json: bool, show_all: bool) -> None:
               help="rtn: min/max; search: error-minimising scale/offset search; gptq: data-aware (calibration text). "
                    "gguf format: search (the GGML encoders, as llama-quantize) or gptq onto the type's own blocks")
 @click.option("--sym", is_flag=True, help="symmetric groups (no offsets)")
-@click.option("--zero-point", "zero_point", type=click.Choice(["float", "int"]), default="float", show_default=True,
-              help="asymmetric groups: float = any f16 / 8-bit offset; int = an integer zero point (scale with "
-                   "11 - bits significant bits, offset -zero x scale exact; needs --scale-bits 16), the grid GPTQ / "
-                   "AWQ / compressed-tensors store, so `qconvert export` keeps every value")
+@click.option("--zero-point", "zero_point", type=click.Choice(["float", "int"]), default="int", show_default=True,
+              help="asymmetric groups: float = any f16 / 8-bit offset; int = an integer zero point z (offset "
+                   "-z x scale; with 8-bit scale codes every scale is an exact f16), the grid GPTQ / AWQ / "
+                   "compressed-tensors store, so `qconvert export` keeps every value")
 @click.option("--head-bits", type=click.IntRange(2, 8), default=8, show_default=True,
               help="int4 format: bits of the output head (lm_head, or the tied embedding)")
 @click.option("--calib", type=click.Path(path_type=Path, dir_okay=False, exists=True),
@@ -305,11 +305,13 @@ def quantize_cmd(src: str, out: Path, fmt: str, bits: int, group_size: str, scal
 @click.option("--sym", is_flag=True, help="... symmetric groups (default: integer zero points, --zero-point int) ...")
 @click.option("--mix", type=click.Choice(MIXES), default="uniform", show_default=True, help="... this mix ...")
 @click.option("--method", type=click.Choice(["rtn", "search", "gptq"]), default="search", show_default=True,
-              help="... and this method (gptq: with --sym; default calibration text)")
+              help="... and this method (gptq: default calibration text)")
+@click.option("--widen", is_flag=True, help="store matrices whose bit width the format lacks at the next width it has "
+              "(exact; e.g. GPTQ 5 -> 8 bits); AWQ leaves 5-8-bit matrices unquantised (F16, modules_to_not_convert)")
 @click.option("--force", is_flag=True, help="replace OUT if it exists")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def export_cmd(src: str, out: Path, to: str, bits: int, group_size: str, sym: bool, mix: str, method: str,
-               force: bool, quiet: bool) -> None:
+               widen: bool, force: bool, quiet: bool) -> None:
     """Write a quantised HF checkpoint that vLLM, SGLang and transformers load. SRC: an int4 folder (its codes are
     kept: symmetric and --zero-point int groups exactly, float offsets re-rounded to integer zeros, the change
     reported), or any model, quantised first on the format's own grid (f16 scales, integer zeros) so nothing
@@ -328,13 +330,13 @@ def export_cmd(src: str, out: Path, to: str, bits: int, group_size: str, sym: bo
     try:
         with open_model(src) as s:
             if s.kind == "int4":
-                line = write_export(s, out, to, force, not quiet)
+                line = write_export(s, out, to, force, not quiet, widen=widen)
             else:
                 spec = QuantSpec(bits, int(group_size), sym, 16, zero_int=not sym)
                 quantize_int4(s, tmp, spec, method, mix, 8, None, force=True, quiet=quiet, echo=click.echo)
                 click.echo(f"quantised {src}: {spec.label()} ({method}, mix {mix})")
                 with open_model(str(tmp)) as q:
-                    line = write_export(q, out, to, force, not quiet, floats=s)
+                    line = write_export(q, out, to, force, not quiet, floats=s, widen=widen)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     size = sum(p.stat().st_size for p in out.iterdir())

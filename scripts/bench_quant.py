@@ -92,7 +92,7 @@ def int4_stats(d: Path) -> tuple[float, int]:
         if name == head:
             continue
         npar += int(np.prod(info["shape"]))
-        for part in ("qweight", "scales", "offsets", "steps"):
+        for part in ("qweight", "scales", "offsets", "zeros", "steps"):
             if f"{name}.{part}" in header:
                 a, b = header[f"{name}.{part}"]["data_offsets"]
                 nb += b - a

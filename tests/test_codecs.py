@@ -92,11 +92,16 @@ def test_float_rows_of_any_length(isa, t):
 
 
 # ---- int codes (formats/int4.py) ----
-def _int_parts(rows: int, cols: int, bits: int, group: int, sym: bool, scale_bits: int, seed: int = 0):
-    """Random codes over the whole range, with their stored scales / offsets / steps."""
+def _int_parts(rows: int, cols: int, bits: int, group: int, sym: bool, scale_bits: int, seed: int = 0,
+               zint: bool = False):
+    """Random codes over the whole range, with their stored scales / offsets (``zint``: integer zeros, uint8
+    [rows, groups] unpacked) / steps."""
     rng = np.random.default_rng(seed)
     q = rng.integers(0, 1 << bits, (rows, cols), dtype=np.uint8)
     ng = -(-cols // group)
+    if zint and not sym:
+        sc, _, st = _int_parts(rows, cols, bits, group, sym, scale_bits, seed + 1)[1:]
+        return q, sc, rng.integers(1, 1 << bits, (rows, ng)).astype(np.uint8), st
     if scale_bits == 8:
         sc = (rng.integers(-127, 128, (rows, ng)).astype(np.int8) if sym
               else rng.integers(0, 256, (rows, ng)).astype(np.uint8))
@@ -109,18 +114,28 @@ def _int_parts(rows: int, cols: int, bits: int, group: int, sym: bool, scale_bit
     return q, sc, of, st
 
 
-INT_CASES = [(b, g, c, sym, sb) for b in range(2, 9) for g in (32, 64, 128) for c in (96, 200, 256)
-             for sym in (False, True) for sb in (8, 16)]
+INT_CASES = [(b, g, c, sym, sb, z) for b in range(2, 9) for g in (32, 64, 128) for c in (96, 200, 256)
+             for sym in (False, True) for sb in (8, 16) for z in ((False,) if sym else (False, True))]
+
+
+def _int_matrix(q, sc, of, st, b, g, cols, zint):
+    """The PackedMatrix of ``_int_parts``'s arrays (integer zeros bit-packed, as the int4 layout stores them)."""
+    return PackedMatrix.int_codes(int4.pack(q, b), sc, int4.pack(of, b) if zint else of, st, b, g, cols,
+                                  zeros=zint)
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
 def test_int_dequant_equals_dequant_rows(isa, bits):
-    for b, g, cols, sym, sb in (c for c in INT_CASES if c[0] == bits):
-        q, sc, of, st = _int_parts(7, cols, b, g, sym, sb)
-        m = PackedMatrix.int_codes(int4.pack(q, b), sc, of, st, b, g, cols)
+    for b, g, cols, sym, sb, z in (c for c in INT_CASES if c[0] == bits):
+        q, sc, of, st = _int_parts(7, cols, b, g, sym, sb, zint=z)
+        m = _int_matrix(q, sc, of, st, b, g, cols, z)
         ref = int4.dequant_rows(q, sc, of, b, g, st)
-        assert m.stype == int4.QuantSpec(b, g, sym, sb).label()
-        assert np.array_equal(m.dequant(), ref), (b, g, cols, sym, sb)
+        if z and sb == 16:  # w = s * (q - z), exactly (f16 scales: 11 significant bits)
+            s, _ = int4.group_values(sc, None, st)
+            idx = np.arange(cols) // g
+            assert np.array_equal(ref, (q.astype(np.float32) - of[:, idx]) * s[:, idx])
+        assert m.stype == int4.QuantSpec(b, g, sym, sb, zero_int=z).label()
+        assert np.array_equal(m.dequant(), ref), (b, g, cols, sym, sb, z)
         assert np.array_equal(m.dequant(2, 5), ref[2:5])
         assert np.array_equal(m.take(np.array([6, 1])), ref[[6, 1]])
 
@@ -140,21 +155,22 @@ def test_int_version1_one_code_per_byte(isa, bits):
 
 @pytest.mark.parametrize("bits", range(2, 9))
 def test_int_matmul(isa, bits):
-    for b, g, cols, sym, sb in (c for c in INT_CASES if c[0] == bits and c[2] != 256):
-        q, sc, of, st = _int_parts(13, cols, b, g, sym, sb)
-        m = PackedMatrix.int_codes(int4.pack(q, b), sc, of, st, b, g, cols)
+    for b, g, cols, sym, sb, z in (c for c in INT_CASES if c[0] == bits and c[2] != 256):
+        q, sc, of, st = _int_parts(13, cols, b, g, sym, sb, zint=z)
+        m = _int_matrix(q, sc, of, st, b, g, cols, z)
         ref = int4.dequant_rows(q, sc, of, b, g, st)
         for T in (1, 3, 8, 40):
             _check_product(m, ref, T)
 
 
-@pytest.mark.parametrize("spec", [(4, 32, False, 8), (8, 32, True, 8), (5, 64, False, 16), (3, 20, True, 16),
-                                  (4, 48, False, 8)])
+@pytest.mark.parametrize("spec", [(4, 32, False, 8, False), (8, 32, True, 8, False), (5, 64, False, 16, False),
+                                  (3, 20, True, 16, False), (4, 48, False, 8, False), (4, 32, False, 8, True),
+                                  (5, 48, False, 16, True)])
 def test_int_matmul_two_threads(isa, spec):
     """Enough rows for the two-thread split, odd row count, a group that is not a multiple of 32."""
-    b, g, sym, sb = spec
-    q, sc, of, st = _int_parts(129, 1000, b, g, sym, sb, seed=3)
-    m = PackedMatrix.int_codes(int4.pack(q, b), sc, of, st, b, g, 1000)
+    b, g, sym, sb, z = spec
+    q, sc, of, st = _int_parts(129, 1000, b, g, sym, sb, seed=3, zint=z)
+    m = _int_matrix(q, sc, of, st, b, g, 1000, z)
     ref = int4.dequant_rows(q, sc, of, b, g, st)
     assert np.array_equal(m.dequant(), ref)
     for T in (1, 2, 8, 40):

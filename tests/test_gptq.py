@@ -38,11 +38,12 @@ def test_gptq_beats_search_in_output_space(sym, group, act_order, scale_bits):
     assert e_gptq < 0.7 * e_search
 
 
-def test_gptq_identity_hessian_is_plain_rounding():
+@pytest.mark.parametrize("zint", [False, True])
+def test_gptq_identity_hessian_is_plain_rounding(zint):
     """With H = I there is nothing to compensate: GPTQ reduces to rounding on the fitted grid."""
     _, W = _problem(1)
-    g = gptq_matrix(W, np.eye(W.shape[1]), QuantSpec(4, 64, False, 16), method="rtn", damp=0.0)
-    r = quantize(W, 4, 64, False, "rtn")
+    g = gptq_matrix(W, np.eye(W.shape[1]), QuantSpec(4, 64, False, 16, zint), method="rtn", damp=0.0)
+    r = quantize(W, 4, 64, False, "rtn", zero_int=zint)
     assert np.array_equal(g.scales, r.scales) and np.array_equal(g.offsets, r.offsets)
     assert np.mean(g.q == r.q) > 0.999  # ties may round the other way in float32 vs C
 

@@ -210,12 +210,15 @@ def test_export_keeps_the_codes(int4_folders, tmp_path, to):
             assert np.array_equal(np.asarray(t.data).reshape(b.tensors[n].shape), b.tensors[n].numpy()), n
 
 
-def test_export_default_mix_to_compressed_tensors(int4_folders, tmp_path):
-    """The default roles mix (4/5/8-bit asymmetric groups): compressed-tensors holds it (one config group per
-    scheme). The compressed-tensors package, matching modules to groups and decompressing each as it does when
-    loading, gives our values. (transformers 5.24's dequantize=True path decompresses every dense module with the
-    first group's scheme, so it misreads any mixed-precision checkpoint; it is not used here.) GPTQ refuses the
-    5-bit matrices and AWQ everything not 4-bit, in one line each, before writing anything."""
+def test_export_default_folder_exactly(int4_folders, tmp_path):
+    """The default roles mix (integer zeros; 4/5/8-bit groups) exports with every value kept:
+    - compressed-tensors holds it as is (one config group per scheme); the compressed-tensors package, matching
+      modules to groups and decompressing each as it does when loading (to f16), gives our values.
+      (transformers 5.24's dequantize=True path decompresses every dense module with the first group's scheme,
+      so it misreads any mixed-precision checkpoint; it is not used here.)
+    - GPTQ refuses the 5-bit matrices in one line, writing nothing; with --widen they become 8-bit codes
+      (q - z + 128, same scales) and llama.cpp's converter reads every matrix as our int4 values, bit for bit.
+    - AWQ (4-bit only) with --widen keeps the 5/8-bit matrices unquantised in F16, in modules_to_not_convert."""
     import json
 
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
@@ -226,35 +229,69 @@ def test_export_default_mix_to_compressed_tensors(int4_folders, tmp_path):
     _, default = int4_folders
     out = tmp_path / "ct"
     res = qconvert("export", str(default), str(out), "--to", "compressed-tensors", "--quiet")
-    assert "14 asymmetric with offsets re-rounded to integer zero points" in res.stdout, res.stdout
+    assert "compressed-tensors: 14 matrices; 14 exact" in res.stdout and "re-rounded" not in res.stdout, res.stdout
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert len(qc["config_groups"]) >= 2, qc
+    with open_model(str(default)) as a, open_model(str(out)) as b:
+        for n in b.stored:
+            assert np.array_equal(a.tensors[n].numpy(), b.tensors[n].numpy()), n
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(out)))
     apply_quantization_config(model, QuantizationConfig.model_validate(qc))
     stored = load_file(str(out / "model.safetensors"))
     seen = 0
-    with open_model(str(out)) as src:
+    with open_model(str(default)) as src:
         for name, module in model.named_modules():
             scheme = getattr(module, "quantization_scheme", None)
             if scheme is None:
                 continue
             state = {k: stored[f"{name}.{k}"] for k in PackedQuantizationCompressor.compression_param_names(scheme)
                      if f"{name}.{k}" in stored}
-            theirs = PackedQuantizationCompressor.decompress(state, scheme)["weight"]
-            ours = torch.from_numpy(src.tensors[name + ".weight"].numpy()).half()
-            assert torch.equal(ours, theirs), name
+            theirs = PackedQuantizationCompressor.decompress(state, scheme)["weight"]  # in the scales' f16
+            assert torch.equal(torch.from_numpy(src.tensors[name + ".weight"].numpy()).half(), theirs), name
             seen += 1
     assert seen == 14
-    for to, msg in (("gptq", "gptq holds 2/3/4/8-bit codes, but 10 matrices are 5-bit"),
-                    ("awq", "awq holds 4-bit codes, but 14 matrices are 5/8-bit")):
-        res = qconvert("export", str(default), str(tmp_path / to), "--to", to, check=False)
-        assert res.returncode != 0 and msg in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
-        assert not (tmp_path / to).exists()
+    res = qconvert("export", str(default), str(tmp_path / "gptq"), "--to", "gptq", check=False)
+    assert res.returncode != 0 and "gptq holds 2/3/4/8-bit codes, but 10 matrices are 5-bit" in res.stderr, res.stderr
+    assert "--widen" in res.stderr and len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "gptq").exists()
+    res = qconvert("export", str(default), str(tmp_path / "gptq"), "--to", "gptq", "--widen", "--quiet")
+    assert "14 exact" in res.stdout and "10 widened 5->8 bits (exact)" in res.stdout, res.stdout
+    # every matrix is 8-bit now: llama.cpp's converter (one global bit width, no `dynamic`) reads them all
+    theirs = {t.name: t for t in GGUFReader(str(llama_convert(tmp_path / "gptq", tmp_path / "l.gguf", "f32"))).tensors}
+    with open_model(str(default)) as a, open_model(str(tmp_path / "gptq")) as b:
+        assert len(b.stored) == 14
+        for n in b.stored:
+            v = a.tensors[n].numpy()
+            assert np.array_equal(v, b.tensors[n].numpy()), n
+            assert np.array_equal(np.asarray(theirs[hf_to_gguf(n)[0]].data).reshape(v.shape), v), n
+    res = qconvert("export", str(default), str(tmp_path / "awq"), "--to", "awq", "--widen", "--quiet")
+    assert "14 left unquantised as F16 in modules_to_not_convert" in res.stdout, res.stdout
+    qc = json.loads((tmp_path / "awq" / "config.json").read_text())["quantization_config"]
+    assert len(qc["modules_to_not_convert"]) == 14, qc
+    with open_model(str(default)) as a, open_model(str(tmp_path / "awq")) as b:
+        for n, t in a.tensors.items():
+            if t.quant and n != "model.embed_tokens.weight" and n != "lm_head.weight":
+                assert np.array_equal(b.tensors[n].numpy(), t.numpy().astype(np.float16).astype(np.float32)), n
+
+
+def test_export_widens_narrow_codes_exactly(tiny, tmp_path):
+    """3-bit matrices -> AWQ (4-bit only) with --widen: codes re-centred (q - z + 8, zero 8, same scales), so
+    every value is kept, and the AWQ export reads as the GPTQ export of the same folder (3-bit, as stored)."""
+    src = tmp_path / "b3"
+    qconvert("quantize", str(tiny("h256")), str(src), "--bits", "3", "--group-size", "64", "--mix", "uniform",
+             "--quiet")
+    res = qconvert("export", str(src), str(tmp_path / "awq"), "--to", "awq", "--widen", "--quiet")
+    assert "awq: 14 matrices; 14 exact" in res.stdout and "14 widened 3->4 bits (exact)" in res.stdout, res.stdout
+    qconvert("export", str(src), str(tmp_path / "gptq"), "--to", "gptq", "--quiet")
+    with open_model(str(src)) as a, open_model(str(tmp_path / "awq")) as b, open_model(str(tmp_path / "gptq")) as c:
+        assert len(b.stored) == 14 and b.quantization.startswith("awq gemm 4-bit g64")
+        for n in b.stored:
+            assert np.array_equal(a.tensors[n].numpy(), b.tensors[n].numpy()), n
+            assert np.array_equal(c.tensors[n].numpy(), b.tensors[n].numpy()), n
 
 
 def test_integer_zero_points_export_exactly(tiny, tmp_path):
-    """quantize --zero-point int: asymmetric groups on the integer-zero grid cost about what float offsets do
-    (measured 0.0949 vs 0.0936 mean relative RMS on h256, g128, 4-bit head), and every export keeps every value: our
+    """quantize --zero-point int (f16 scales here): asymmetric groups on the integer-zero grid cost about what
+    float offsets do (within 5% mean relative RMS on h256, g128, 4-bit head), and every export keeps every value: our
     reader and llama.cpp's converter read the GPTQ export bit for bit as the int4 folder; the GGUF Q4_1 blocks
     dequantise to the same values too."""
     def mean_err(stdout):
@@ -263,7 +300,7 @@ def test_integer_zero_points_export_exactly(tiny, tmp_path):
     zint, flt = tmp_path / "zint", tmp_path / "float"
     common = ("--scale-bits", "16", "--group-size", "128", "--mix", "uniform", "--head-bits", "4", "--quiet")
     e_int = mean_err(qconvert("quantize", str(tiny("h256")), str(zint), "--zero-point", "int", *common).stdout)
-    e_flt = mean_err(qconvert("quantize", str(tiny("h256")), str(flt), *common).stdout)
+    e_flt = mean_err(qconvert("quantize", str(tiny("h256")), str(flt), "--zero-point", "float", *common).stdout)
     assert e_int <= 1.05 * e_flt, (e_int, e_flt)
     for to in ("gptq", "awq", "compressed-tensors"):
         out = tmp_path / to
@@ -283,8 +320,6 @@ def test_integer_zero_points_export_exactly(tiny, tmp_path):
             g = hf_to_gguf(n)[0]
             assert np.array_equal(np.asarray(theirs[g].data).reshape(t.shape), t.numpy()), n
             assert np.array_equal(dequantize(ours[g].data, ours[g].tensor_type).reshape(t.shape), t.numpy()), n
-    res = qconvert("quantize", str(tiny("h256")), str(tmp_path / "x"), "--zero-point", "int", check=False)
-    assert res.returncode != 0 and "add --scale-bits 16" in res.stderr, res.stderr
 
 
 def test_export_from_a_float_model_quantises_on_the_formats_grid(tiny, tmp_path):
@@ -297,8 +332,8 @@ def test_export_from_a_float_model_quantises_on_the_formats_grid(tiny, tmp_path)
     with open_model(str(tiny("h256"))) as a, open_model(str(out)) as b:
         for n in ("lm_head.weight", "model.embed_tokens.weight"):
             assert np.array_equal(b.tensors[n].numpy(), a.tensors[n].numpy().astype(np.float16).astype(np.float32))
-    res = qconvert("export", str(tiny("h256")), str(tmp_path / "g"), "--to", "gptq", "--method", "gptq", check=False)
-    assert res.returncode != 0 and "--zero-point int is available with --method rtn / search" in res.stderr
+    res = qconvert("export", str(tiny("h256")), str(tmp_path / "g"), "--to", "gptq", "--method", "gptq", "--quiet")
+    assert "int4 g128 asym zint (gptq, mix uniform)" in res.stdout and "gptq: 14 matrices; 14 exact" in res.stdout, res.stdout
 
 
 def test_damaged_quantised_tensors_are_one_line_errors(quantised, tmp_path):

@@ -20,7 +20,7 @@ import numpy as np
 
 from formats.errors import QConvertError
 from formats.source import Source
-from qconvert.quant.groupwise import GroupQuant, QuantSpec, codes_from_c, dequantize, group_values, quantize
+from qconvert.quant.groupwise import GroupQuant, QuantSpec, dequantize, group_values, quantize, scheme, stored_form
 from qconvert.quant.hessian import Hessian, dense_layer_staged, fast_bfloat16, has_torch
 
 BLOCK = 128  # columns per lazy-update block
@@ -82,7 +82,7 @@ def gptq_matrix(W: np.ndarray, H: np.ndarray, spec: QuantSpec = QuantSpec(), met
     offsets = None if sym else np.empty((rows, ng), np.uint16)
     steps = None
     if spec.scale_bits == 8 or act_order:  # row steps (and, for act-order, static groups) from the original weights
-        g0 = quantize(W, bits, group_size, sym, method, pool, spec.scale_bits)
+        g0 = quantize(W, bits, group_size, sym, method, pool, spec.scale_bits, zero_int=spec.zero_int)
         steps = g0.steps
     perm = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(cols)
     if act_order:
@@ -93,9 +93,7 @@ def gptq_matrix(W: np.ndarray, H: np.ndarray, spec: QuantSpec = QuantSpec(), met
     Q = np.empty((rows, cols), np.uint8)
     block = max(BLOCK, group_size) // group_size * group_size
     if use_c and not act_order and _c_sweep(W, U, Q, scales, offsets, steps, spec, method, block, pool):
-        if steps is not None:
-            scales, offsets = codes_from_c(scales, sym), None if sym else codes_from_c(offsets, True)
-        return GroupQuant(Q, scales, offsets, bits, group_size, None, steps)
+        return GroupQuant(Q, *stored_form(scales, offsets, steps, spec), bits, group_size, None, steps)
     sc = off = None
     for i1 in range(0, cols, block):
         i2 = min(cols, i1 + block)
@@ -107,7 +105,8 @@ def gptq_matrix(W: np.ndarray, H: np.ndarray, spec: QuantSpec = QuantSpec(), met
                 s_all, o_all = group_values(scales[:, g:g + 1], None if sym else offsets[:, g:g + 1], steps)
                 sc, off = s_all[:, 0], None if sym else o_all[:, 0]
             elif c % group_size == 0:  # a new group: fit its scale/offset on the error-updated weights
-                gq = quantize(W1[:, i:i + group_size], bits, group_size, sym, method, pool, spec.scale_bits, steps)
+                gq = quantize(W1[:, i:i + group_size], bits, group_size, sym, method, pool, spec.scale_bits, steps,
+                              spec.zero_int)
                 scales[:, g] = gq.scales[:, 0].astype(np.int16).view(np.uint16) if steps is not None else gq.scales[:, 0]
                 if not sym:
                     offsets[:, g] = gq.offsets[:, 0].astype(np.int16).view(np.uint16) if steps is not None \
@@ -123,8 +122,8 @@ def gptq_matrix(W: np.ndarray, H: np.ndarray, spec: QuantSpec = QuantSpec(), met
             E[:, i] = err
         if i2 < cols:
             W[:, i2:] -= E @ U[i1:i2, i2:]
-    if steps is not None and not act_order:
-        scales, offsets = codes_from_c(scales, sym), None if sym else codes_from_c(offsets, True)
+    if not act_order:
+        scales, offsets = stored_form(scales, offsets, steps, spec)
     return GroupQuant(Q, scales, offsets, bits, group_size, None, steps)
 
 
@@ -154,7 +153,7 @@ def _c_sweep(W, U, Q, scales, offsets, steps, spec, method, block, pool) -> bool
 
         def run(r0: int, r1: int) -> None:
             lib.qc_gptq_block(W.ctypes.data + 4 * i1, cols, Ub.ctypes.data, n, n, r0, r1, group_size, spec.bits,
-                              int(spec.sym), METHODS[method], Q.ctypes.data + i1, cols, scales.ctypes.data, off_ptr,
+                              scheme(spec), METHODS[method], Q.ctypes.data + i1, cols, scales.ctypes.data, off_ptr,
                               dq_ptr, ng, i1 // group_size, E.ctypes.data)
         if pool is None or rows < 64:
             run(0, rows)

@@ -43,12 +43,15 @@ def codes_from_c(raw: np.ndarray, sym_scale: bool) -> np.ndarray:
 
 def quantize(w: np.ndarray, bits: int = 4, group_size: int = 128, sym: bool = False, method: str = "search",
              pool: ThreadPoolExecutor | None = None, scale_bits: int = 16,
-             steps: np.ndarray | None = None) -> GroupQuant:
+             steps: np.ndarray | None = None, zero_int: bool = False) -> GroupQuant:
     """Quantise a float32 matrix [rows, cols] group-wise (see the module docstring).
 
     With ``scale_bits`` 8 the row steps are chosen from the rows' own groups, or taken from ``steps``
-    ([rows, 2] f16 as uint16) when given (GPTQ fixes them before its sweep)."""
-    spec = QuantSpec(bits, group_size, sym, scale_bits)
+    ([rows, 2] f16 as uint16) when given (GPTQ fixes them before its sweep). ``zero_int`` (asymmetric):
+    integer zero points, ``w ~ s * (q - z)`` with ``z`` in ``1 .. 2^bits - 1`` as GPTQ / AWQ /
+    compressed-tensors store them; the result's offsets are the uint8 zeros (and with 8-bit scale codes the
+    row's scale step has 3 significant bits, so every scale is an exact f16)."""
+    spec = QuantSpec(bits, group_size, sym, scale_bits, zero_int)
     if method not in METHODS:
         raise QConvertError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if method == "search" and group_size > 256:
@@ -68,7 +71,7 @@ def quantize(w: np.ndarray, bits: int = 4, group_size: int = 128, sym: bool = Fa
     errs = np.zeros(2, np.float64)
 
     def run(r0: int, r1: int, part: int) -> None:
-        lib.qc_group_quant(w[r0:].ctypes.data, r1 - r0, cols, group_size, bits, int(sym), METHODS[method],
+        lib.qc_group_quant(w[r0:].ctypes.data, r1 - r0, cols, group_size, bits, scheme(spec), METHODS[method],
                            q[r0:].ctypes.data, scales[r0:].ctypes.data,
                            None if offsets is None else offsets[r0:].ctypes.data,
                            None if steps is None else steps[r0:].ctypes.data, int(fixed), errs[part:].ctypes.data)
@@ -82,10 +85,24 @@ def quantize(w: np.ndarray, bits: int = 4, group_size: int = 128, sym: bool = Fa
         fut.result()
     if (errs < 0).any():
         raise MemoryError("qc_group_quant: out of memory")
+    return GroupQuant(q, *stored_form(scales, offsets, steps, spec), bits, group_size, float(errs.sum()), steps)
+
+
+def scheme(spec: QuantSpec) -> int:
+    """The C quantisers' scheme: 0 asymmetric (float offsets), 1 symmetric, 2 asymmetric on integer zeros."""
+    return 1 if spec.sym else 2 if spec.zero_int else 0
+
+
+def stored_form(scales: np.ndarray, offsets: np.ndarray | None, steps: np.ndarray | None,
+                spec: QuantSpec) -> tuple[np.ndarray, np.ndarray | None]:
+    """(scales, offsets) as GroupQuant keeps them, from the C quantisers' uint16 outputs."""
     if steps is not None:
-        scales = codes_from_c(scales, sym)
-        offsets = None if sym else codes_from_c(offsets, True)
-    return GroupQuant(q, scales, offsets, bits, group_size, float(errs.sum()), steps)
+        scales = codes_from_c(scales, spec.sym)
+    if offsets is None:
+        return scales, None
+    if spec.zero_int:
+        return scales, offsets.astype(np.uint8)
+    return scales, codes_from_c(offsets, True) if steps is not None else offsets
 
 
 def dequantize(g: GroupQuant) -> np.ndarray:
@@ -96,48 +113,3 @@ def dequantize(g: GroupQuant) -> np.ndarray:
     if g.sym:
         return (g.q.astype(np.float32) - np.float32(1 << (g.bits - 1))) * s[:, idx]
     return g.q.astype(np.float32) * s[:, idx] + m[:, idx]
-
-
-SHRINK = np.linspace(1.0, 0.7, 13, dtype=np.float32)  # search: range shrink factors tried per group
-
-
-def int_zero_scale(s: np.ndarray, bits: int) -> np.ndarray:
-    """``s`` rounded up to ``11 - bits`` significant bits, so that ``z * s`` is an exact f16 for every zero
-    ``z < 2^bits`` (and ``s`` itself is exact in f16)."""
-    f, e = np.frexp(s.astype(np.float32))
-    m = float(1 << (11 - bits))
-    return np.ldexp(np.ceil(f * m) / m, e).astype(np.float32)
-
-
-def quantize_int_zero(w: np.ndarray, bits: int = 4, group_size: int = 128, method: str = "search") -> GroupQuant:
-    """Asymmetric groups on the integer-zero grid that GPTQ / AWQ / compressed-tensors store: ``w ~ s * (q - z)``
-    with integer ``z`` in ``1 .. 2^bits - 1`` (every format can store it: GPTQ v1 keeps ``z - 1`` in ``bits``
-    bits). Stored as the int4 layout's f16 scale and offset ``-z * s``, both exact (the scale has ``11 - bits``
-    significant bits), so an export keeps every value. ``search`` tries range shrink factors
-    per group (``SHRINK``) and keeps the least squared error; ``rtn`` uses the full min / max range."""
-    w = np.ascontiguousarray(w, dtype=np.float32)
-    rows, cols = w.shape
-    ng = -(-cols // group_size)
-    maxq = (1 << bits) - 1
-    pad = ng * group_size - cols
-    x = np.concatenate([w, np.repeat(w[:, -1:], pad, axis=1)], axis=1) if pad else w
-    x = x.reshape(rows * ng, group_size)
-    lo, hi = np.minimum(x.min(axis=1), 0), np.maximum(x.max(axis=1), 0)
-    best_err = np.full(rows * ng, np.inf, np.float32)
-    best_s = np.zeros(rows * ng, np.float32)
-    best_z = np.zeros(rows * ng, np.float32)
-    for r in (SHRINK if method == "search" else SHRINK[:1]):
-        s = int_zero_scale(np.maximum((hi - lo) * r / maxq, np.float32(2 ** -14)), bits)
-        z = np.clip(np.rint(-lo * r / s), 1, maxq)  # z >= 1: GPTQ v1 checkpoints store z - 1
-        q = np.clip(np.rint(x / s[:, None]) + z[:, None], 0, maxq)
-        err = np.square((q - z[:, None]) * s[:, None] - x).sum(axis=1)
-        better = err < best_err
-        best_err[better], best_s[better], best_z[better] = err[better], s[better], z[better]
-    q = np.clip(np.rint(x / best_s[:, None]) + best_z[:, None], 0, maxq).astype(np.uint8)
-    q = q.reshape(rows, ng * group_size)[:, :cols]
-    s16 = best_s.astype(np.float16).reshape(rows, ng)
-    m16 = (-best_z * best_s).astype(np.float16).reshape(rows, ng)
-    deq = q.astype(np.float32) * np.repeat(s16.astype(np.float32), group_size, axis=1)[:, :cols] + \
-        np.repeat(m16.astype(np.float32), group_size, axis=1)[:, :cols]
-    return GroupQuant(np.ascontiguousarray(q), s16.view(np.uint16), m16.view(np.uint16), bits, group_size,
-                      float(np.square(deq - w, dtype=np.float64).sum()))

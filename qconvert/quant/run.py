@@ -52,10 +52,6 @@ def quantize_int4(src: Source, out: Path, base: QuantSpec = QuantSpec(), method:
     summary = {"bits": base.bits, "group_size": base.group_size, "scheme": "sym" if base.sym else "asym",
                "scale_bits": base.scale_bits, "head_bits": head_bits, "mix": mix, "upgrades": upgrades,
                "zero_point": "int" if base.zero_int or base.sym else "float"}
-    if base.zero_int and not base.sym and method == "gptq":
-        from formats.errors import QConvertError
-        raise QConvertError("--zero-point int is available with --method rtn / search (GPTQ's group fits use "
-                            "float offsets); or quantise with --sym, whose zero is an integer already")
     with SpillDict(near=out) as store:
         pre = _gptq(src, specs, calib, quiet, echo, store=store) if method == "gptq" else None
         st = write_int4(src, out, specs, plain_quantizer(method), method, force=force, progress=not quiet,
@@ -69,10 +65,7 @@ def plain_quantizer(method: str) -> Callable[..., GroupQuant]:
     the search gains nothing measurable over min/max), else the ``search`` fit."""
     def run(x, sp: QuantSpec, pool) -> GroupQuant:
         m = "rtn" if sp.bits == 8 or method == "rtn" else "search"
-        if sp.zero_int and not sp.sym:
-            from qconvert.quant.groupwise import quantize_int_zero
-            return quantize_int_zero(x, sp.bits, sp.group_size, "rtn" if method == "rtn" else "search")
-        return quantize(x, sp.bits, sp.group_size, sp.sym, m, pool, sp.scale_bits)
+        return quantize(x, sp.bits, sp.group_size, sp.sym, m, pool, sp.scale_bits, zero_int=sp.zero_int)
     return run
 
 
