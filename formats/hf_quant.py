@@ -308,8 +308,9 @@ class QuantLinear(CodeMatrix):
             release(*(a for a, _ in self.parts.values()))
 
     def _native(self) -> Any:
-        """The decoders' native form: b-bit symmetric codes when every zero is 2^(b-1), else 8-bit symmetric
-        codes q - z + 128 (exact: s * (q - z)); f16 scales when they are exact in f16, float32 otherwise.
+        """The decoders' native form: b-bit symmetric codes when every zero is 2^(b-1), else b-bit codes with
+        their integer zeros (int4 layout v3's form, exact: s * (q - z)), or, for a zero of 2^b (GPTQ v1 can store
+        it), 8-bit symmetric codes q - z + 128; f16 scales when they are exact in f16, float32 otherwise.
         Act-order columns are stored sorted by group (then each group is a run) and the product permutes x."""
         from formats.codecs import PackedMatrix
 
@@ -327,6 +328,10 @@ class QuantLinear(CodeMatrix):
             q = q if perm is None else np.ascontiguousarray(q[:, perm])
             if self.sym:
                 pm = PackedMatrix.int_codes(pack(q, self.bits), s16, None, None, self.bits, self.group_size, self.cols)
+                return pm if perm is None else pm.permuted(perm)
+            if z.min(initial=0) >= 0 and z.max(initial=0) < 1 << self.bits:  # b-bit codes with their zeros
+                pm = PackedMatrix.int_codes(pack(q, self.bits), s16, pack(z.astype(np.uint8), self.bits), None,
+                                            self.bits, self.group_size, self.cols, zeros=True)
                 return pm if perm is None else pm.permuted(perm)
             zc = np.repeat(z, self.group_size, axis=1)[:, :self.cols]
             c8 = q.astype(np.int16) - zc + 128

@@ -41,7 +41,7 @@ class QuantSpec:
     group_size: int = 32
     sym: bool = False
     scale_bits: int = 8  # 16: f16 scales / offsets; 8: 8-bit codes on per-row f16 steps
-    zero_int: bool = True  # asymmetric groups on an integer-zero grid, w = s * (q - z) (export-exact); False: any offset
+    zero_int: bool = False  # asymmetric groups on an integer-zero grid, w = s * (q - z) (export-exact); False: any offset
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:

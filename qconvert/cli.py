@@ -202,7 +202,7 @@ def inspect_cmd(model: str, as_json: bool, show_all: bool) -> None:
               help="rtn: min/max; search: error-minimising scale/offset search; gptq: data-aware (calibration text). "
                    "gguf format: search (the GGML encoders, as llama-quantize) or gptq onto the type's own blocks")
 @click.option("--sym", is_flag=True, help="symmetric groups (no offsets)")
-@click.option("--zero-point", "zero_point", type=click.Choice(["float", "int"]), default="int", show_default=True,
+@click.option("--zero-point", "zero_point", type=click.Choice(["float", "int"]), default="float", show_default=True,
               help="asymmetric groups: float = any f16 / 8-bit offset; int = an integer zero point z (offset "
                    "-z x scale; with 8-bit scale codes every scale is an exact f16), the grid GPTQ / AWQ / "
                    "compressed-tensors store, so `qconvert export` keeps every value")

@@ -36,7 +36,8 @@ QC = str(Path(sys.executable).parent / "qconvert")
 # group size and method, and the default plan (--mix roles, 32-wide groups, 8-bit scale codes).
 INT4 = {f"g{g}-{m}": ["--group-size", str(g), "--method", m, "--mix", "uniform", "--scale-bits", "16"]
         for m in ("rtn", "search", "gptq") for g in (32, 64, 128)}
-INT4.update({"mix-search": [], "mix-gptq": ["--method", "gptq"]})
+INT4.update({"mix-search": [], "mix-gptq": ["--method", "gptq"],  # the default plan; then with integer zeros
+             "mix-search-zint": ["--zero-point", "int"], "mix-gptq-zint": ["--method", "gptq", "--zero-point", "int"]})
 
 
 def run(*args: str) -> float:

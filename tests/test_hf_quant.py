@@ -45,8 +45,8 @@ def test_reads_the_exact_weights_and_decodes_natively(quantised, kind):
             x = rng.standard_normal((3, want.shape[1])).astype(np.float32)
             np.testing.assert_allclose(t.packed().matmul(x), x @ want.T, rtol=2e-5, atol=2e-5 * np.abs(x @ want.T).max())
         label = src.tensors["model.layers.0.mlp.up_proj.weight"].packed().stype
-    assert label == {"gptq": "int4 g128 sym", "gptq-v2-asym": "int8 g128 sym", "awq": "int8 g128 sym",
-                     "gptq-act": "int4 g128 sym"}[kind], label
+    assert label == {"gptq": "int4 g128 sym", "gptq-v2-asym": "int4 g128 asym zint", "awq": "int4 g128 asym zint",
+                     "gptq-act": "int4 g128 sym"}[kind], label  # asymmetric: the codes with their zeros, as stored
 
 
 @pytest.mark.parametrize("kind", ["gptq", "gptq-v2-asym", "gptq-act"])
@@ -165,13 +165,15 @@ def test_bad_quantised_checkpoints_are_one_line_errors(quantised, tmp_path):
 
 @pytest.fixture(scope="module")
 def int4_folders(tiny, tmp_path_factory):
-    """(symmetric g128 uniform 4-bit, default roles mix) int4 folders of the h256 tiny model."""
+    """(symmetric g128 uniform 4-bit, default roles mix, default with integer zeros) int4 folders of the h256
+    tiny model."""
     root = tmp_path_factory.mktemp("exp")
     sym = root / "sym128"
     qconvert("quantize", str(tiny("h256")), str(sym), "--sym", "--group-size", "128", "--mix", "uniform", "--quiet")
-    default = root / "default"
+    default, zint = root / "default", root / "zint"
     qconvert("quantize", str(tiny("h256")), str(default), "--quiet")
-    return sym, default
+    qconvert("quantize", str(tiny("h256")), str(zint), "--zero-point", "int", "--quiet")
+    return sym, default, zint
 
 
 def _ulp_bound(qm):
@@ -186,7 +188,7 @@ def test_export_keeps_the_codes(int4_folders, tmp_path, to):
     """Symmetric int4 -> each format: our reader of the export gives the int4 values up to the f16 rounding of
     the 8-bit scale codes; llama.cpp's converter (GPTQ, compressed-tensors) reads the same values bit for bit,
     and AWQ's values equal the GPTQ export's (same codes, other packing)."""
-    sym, _ = int4_folders
+    sym = int4_folders[0]
     out = tmp_path / to
     res = qconvert("export", str(sym), str(out), "--to", to, "--quiet")
     assert f"{to}: 14 matrices;" in res.stdout and "re-rounded" not in res.stdout, res.stdout
@@ -210,8 +212,9 @@ def test_export_keeps_the_codes(int4_folders, tmp_path, to):
             assert np.array_equal(np.asarray(t.data).reshape(b.tensors[n].shape), b.tensors[n].numpy()), n
 
 
-def test_export_default_folder_exactly(int4_folders, tmp_path):
-    """The default roles mix (integer zeros; 4/5/8-bit groups) exports with every value kept:
+def test_export_default_mix_with_integer_zeros_exactly(int4_folders, tmp_path):
+    """The default roles mix (float offsets) exports to compressed-tensors with its offsets re-rounded, the change
+    reported. With --zero-point int (4/5/8-bit groups, integer zeros) every value is kept:
     - compressed-tensors holds it as is (one config group per scheme); the compressed-tensors package, matching
       modules to groups and decompressing each as it does when loading (to f16), gives our values.
       (transformers 5.24's dequantize=True path decompresses every dense module with the first group's scheme,
@@ -226,7 +229,9 @@ def test_export_default_folder_exactly(int4_folders, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    _, default = int4_folders
+    _, flt, default = int4_folders
+    res = qconvert("export", str(flt), str(tmp_path / "flt"), "--to", "compressed-tensors", "--quiet")
+    assert "14 asymmetric with offsets re-rounded to integer zero points" in res.stdout, res.stdout
     out = tmp_path / "ct"
     res = qconvert("export", str(default), str(out), "--to", "compressed-tensors", "--quiet")
     assert "compressed-tensors: 14 matrices; 14 exact" in res.stdout and "re-rounded" not in res.stdout, res.stdout
@@ -274,11 +279,11 @@ def test_export_default_folder_exactly(int4_folders, tmp_path):
 
 
 def test_export_widens_narrow_codes_exactly(tiny, tmp_path):
-    """3-bit matrices -> AWQ (4-bit only) with --widen: codes re-centred (q - z + 8, zero 8, same scales), so
+    """3-bit integer-zero matrices -> AWQ (4-bit only) with --widen: codes re-centred (q - z + 8, zero 8, same scales), so
     every value is kept, and the AWQ export reads as the GPTQ export of the same folder (3-bit, as stored)."""
     src = tmp_path / "b3"
     qconvert("quantize", str(tiny("h256")), str(src), "--bits", "3", "--group-size", "64", "--mix", "uniform",
-             "--quiet")
+             "--zero-point", "int", "--quiet")
     res = qconvert("export", str(src), str(tmp_path / "awq"), "--to", "awq", "--widen", "--quiet")
     assert "awq: 14 matrices; 14 exact" in res.stdout and "14 widened 3->4 bits (exact)" in res.stdout, res.stdout
     qconvert("export", str(src), str(tmp_path / "gptq"), "--to", "gptq", "--quiet")

@@ -50,8 +50,11 @@ def test_roles_mix_stays_within_budget(tied, target):
         assert specs["model.layers.5.self_attn.v_proj.weight"].bits == 8
         assert specs["model.layers.5.self_attn.o_proj.weight"].bits == 5
         assert bpw > 4.49  # the budget is spent (matrix by matrix), not left over
-        # integer zeros (the default) cost 4 bits a group, not 8: the budget upgrades more layers
-        assert describe_plan(applied).endswith("feed-forward +1 bit: layers 0, 23, 1, 22, 2, 21, 20, 5, 17"), applied
+        assert describe_plan(applied).endswith("feed-forward +1 bit: layers 0, 23, 1, 22, 2 (up)"), applied
+        # integer zeros cost 4 bits a group, not 8 (8-bit offset codes): the same budget upgrades more layers
+        zspecs, zapplied = plan(cfg, shapes, QuantSpec(4, 32, False, 8, zero_int=True), 8, "roles", target)
+        assert _bpw(zspecs, shapes, head) <= 4.5 + 1e-9
+        assert describe_plan(zapplied).endswith("feed-forward +1 bit: layers 0, 23, 1, 22, 2, 21, 20, 5, 17"), zapplied
     if tied:  # the embedding is the head: no bit taken from it
         assert "input embedding -1 bit" not in applied
 
@@ -83,6 +86,6 @@ def test_quantize_default_mix_on_tiny(tiny, tmp_path):
     assert bpw <= 4.5, r.stdout
     assert "mix: " in r.stdout and "k_proj, v_proj at 8 bits" in r.stdout, r.stdout
     meta = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert meta["mix"] == "roles" and meta["version"] == "3" and meta["scale_bits"] == 8 and meta["zero_point"] == "int"
+    assert meta["mix"] == "roles" and meta["version"] == "2" and meta["scale_bits"] == 8 and meta["zero_point"] == "float"
     d = json.loads(qconvert("inspect", str(out), "--json").stdout)
     assert any(k.startswith("int8 g32 asym s8") for k in d["types"]), d["types"]
