@@ -297,8 +297,8 @@ def test_export_widens_narrow_codes_exactly(tiny, tmp_path):
 def test_integer_zero_points_export_exactly(tiny, tmp_path):
     """quantize --zero-point int (f16 scales here): asymmetric groups on the integer-zero grid cost about what
     float offsets do (within 5% mean relative RMS on h256, g128, 4-bit head), and every export keeps every value: our
-    reader and llama.cpp's converter read the GPTQ export bit for bit as the int4 folder; the GGUF Q4_1 blocks
-    dequantise to the same values too."""
+    reader reads each export bit for bit as the int4 folder (llama.cpp's converter too: see the default-mix test); the GGUF
+    Q4_1 blocks dequantise to the same values too (the f16 scales keep 11 - bits significant bits)."""
     def mean_err(stdout):
         return float(stdout.split("relative RMS error per matrix: mean ")[1].split(";")[0])
 
@@ -314,7 +314,6 @@ def test_integer_zero_points_export_exactly(tiny, tmp_path):
         with open_model(str(zint)) as a, open_model(str(out)) as b:
             for n in b.stored:
                 assert np.array_equal(a.tensors[n].numpy(), b.tensors[n].numpy()), (to, n)
-    theirs = {t.name: t for t in GGUFReader(str(llama_convert(tmp_path / "gptq", tmp_path / "l.gguf", "f32"))).tensors}
     res = qconvert("hf-to-gguf", str(zint), str(tmp_path / "z.gguf"), "--quiet")
     assert "none requantised" in res.stdout and "rounded" not in res.stdout, res.stdout
     ours = {t.name: t for t in GGUFReader(str(tmp_path / "z.gguf")).tensors}
@@ -323,7 +322,6 @@ def test_integer_zero_points_export_exactly(tiny, tmp_path):
             if t.quant is None or n == "lm_head.weight":
                 continue
             g = hf_to_gguf(n)[0]
-            assert np.array_equal(np.asarray(theirs[g].data).reshape(t.shape), t.numpy()), n
             assert np.array_equal(dequantize(ours[g].data, ours[g].tensor_type).reshape(t.shape), t.numpy()), n
 
 
