@@ -17,7 +17,8 @@ def open_model(location: str) -> Source:
             from formats.gguf import open_gguf
             return open_gguf(p)
         raise QConvertError(f"{p}: not a GGUF file (bad magic) and not a model folder; pass a .gguf file or an HF folder")
-    from formats.int4 import is_int4_dir, open_int4
+    from formats.int4 import is_int4_dir
+    from formats.int4_read import open_int4
     if p.is_dir() and is_int4_dir(p):
         return open_int4(p)
     from formats.hf import open_hf
