@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from formats.errors import QConvertError
-from formats.gguf import OUTTYPES
+from formats.gguf.write import OUTTYPES
 from qconvert.quant.mixtures import MIXTURES, ROLES, ROLES_FILE_TYPE
 from qconvert.quant.recipes import MIXES, describe_plan
 
@@ -63,10 +63,10 @@ def _write_gguf(src, out: Path, outtype: str, force: bool, progress: bool, name:
 
     From an int4 folder or a GPTQ / AWQ / compressed-tensors checkpoint, ``auto`` / ``q4_0`` / ``q4_1`` /
     ``q8_0`` repack the stored codes into GGML blocks where that is exact and requantise the rest
-    (formats/int4_gguf.py); one line reports which.
+    (formats/int4/to_gguf.py); one line reports which.
     """
-    from formats.gguf import write_gguf
-    from formats.imatrix import read_imatrix
+    from formats.gguf.imatrix import read_imatrix
+    from formats.gguf.write import write_gguf
 
     im = read_imatrix(imatrix) if imatrix is not None else None
     if im is not None:
@@ -74,7 +74,7 @@ def _write_gguf(src, out: Path, outtype: str, force: bool, progress: bool, name:
                    + (f" of {im.datasets[0]}" if im.datasets else "") + ")")
 
     if src.kind == "int4" or src.stored:
-        from formats.int4_gguf import EXACT_OUTTYPES, plan_int4_gguf
+        from formats.int4.to_gguf import EXACT_OUTTYPES, plan_int4_gguf
         if outtype in EXACT_OUTTYPES or outtype in MIXTURES:
             if outtype in MIXTURES:
                 from qconvert.quant.mixtures import mixture_types
@@ -129,9 +129,9 @@ def hf_to_gguf(src: str, out: Path, outtype: str, name: str | None, split_max_si
                split_max_tensors: int | None, imatrix: Path | None, force: bool, quiet: bool) -> None:
     """Convert an HF checkpoint (folder or Hub id), an int4 folder or a GGUF (a split one: its first part) to a
     GGUF file, or to llama.cpp split files."""
-    from formats.detect import open_model
-    from formats.gguf_split import parse_size
-    from formats.output import check_target
+    from formats.files.atomic import check_target
+    from formats.gguf.split import parse_size
+    from formats.open import open_model
 
     split = (parse_size(split_max_size) if split_max_size else None, split_max_tensors)
     if not any(split):
@@ -158,9 +158,9 @@ def hf_to_gguf(src: str, out: Path, outtype: str, name: str | None, split_max_si
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def gguf_to_hf(src: Path, outdir: Path, dtype: str, max_shard_size: str, force: bool, quiet: bool) -> None:
     """Dequantise a GGUF into an HF folder that transformers loads."""
-    from formats.detect import open_model
-    from formats.hf import write_hf
-    from formats.output import check_target
+    from formats.files.atomic import check_target
+    from formats.hf.write import write_hf
+    from formats.open import open_model
 
     check_target(outdir, force)
     t0 = time.perf_counter()
@@ -176,7 +176,7 @@ def gguf_to_hf(src: Path, outdir: Path, dtype: str, max_shard_size: str, force: 
 @click.option("--all", "show_all", is_flag=True, help="list every tensor")
 def inspect_cmd(model: str, as_json: bool, show_all: bool) -> None:
     """Show a model's metadata and tensor table (GGUF file, HF folder or Hub id)."""
-    from formats.detect import open_model
+    from formats.open import open_model
     from qconvert.inspect_model import describe, render
 
     with open_model(model) as s:
@@ -241,8 +241,8 @@ def quantize_cmd(src: str, out: Path, fmt: str, bits: int, group_size: str, scal
                  propagate: float, calib_dtype: str, report_png: Path | None,
                  gtype: str, imatrix: Path | None, force: bool, quiet: bool) -> None:
     """Quantise a model (HF folder, Hub id or GGUF) to the int4 layout or to a GGUF type / mixture."""
-    from formats.detect import open_model
-    from formats.output import check_target
+    from formats.files.atomic import check_target
+    from formats.open import open_model
 
     check_target(out, force)
     t0 = time.perf_counter()
@@ -258,7 +258,7 @@ def quantize_cmd(src: str, out: Path, fmt: str, bits: int, group_size: str, scal
                                 "used (default), or gptq onto their blocks (--method gptq)")
         with open_model(src) as s:
             if method == "gptq":
-                from formats.imatrix import read_imatrix
+                from formats.gguf.imatrix import read_imatrix
                 from qconvert.quant.run import quantize_gguf_gptq
                 im = read_imatrix(imatrix) if imatrix is not None else None
                 types = quantize_gguf_gptq(s, out, gtype, im, calib_opts, force, quiet, click.echo)
@@ -318,9 +318,9 @@ def export_cmd(src: str, out: Path, to: str, bits: int, group_size: str, sym: bo
     is rounded on the way."""
     import shutil
 
-    from formats.detect import open_model
-    from formats.hf_quant_write import write_export
-    from formats.output import check_target
+    from formats.files.atomic import check_target
+    from formats.hf.quantized_write import write_export
+    from formats.open import open_model
     from qconvert.quant.groupwise import QuantSpec
     from qconvert.quant.run import quantize_int4
 
@@ -360,10 +360,10 @@ def imatrix_cmd(model: str, calib: Path | None, out: Path, ctx: int, chunks: int
                 quiet: bool) -> None:
     """Compute an importance matrix (per input column of every layer matrix, the mean squared activation over
     the calibration text), written in llama.cpp's imatrix format for `--imatrix` here or in llama-quantize."""
-    from formats.detect import open_model
-    from formats.imatrix import write_imatrix
-    from formats.output import check_target
-    from formats.progress import bar
+    from formats.files.atomic import check_target
+    from formats.files.progress import bar
+    from formats.gguf.imatrix import write_imatrix
+    from formats.open import open_model
     from qconvert.corpus import CALIB_MODULES, stdlib_text, tokens_digest, windows
     from qconvert.quant.imatrix import compute_imatrix
     from qconvert.text import encode
@@ -420,7 +420,7 @@ def _logit_chunks(location: str, tokens, backend: str, device: str, dtype: str):
     layer by layer, so memory stays at about one layer whatever the model's size."""
     import numpy as np
 
-    from formats.detect import open_model
+    from formats.open import open_model
     from qconvert.decoder import make_decoder
 
     with open_model(location) as src:
@@ -459,8 +459,8 @@ def _write_npz_streamed(path: Path, ids, chunks) -> tuple[int, int]:
 def logits_cmd(model: str, text: Path | None, token_ids: Path | None, ctx: int, out: Path, force: bool,
                backend: str, device: str, dtype: str) -> None:
     """Write the model's logits for the first N tokens of a text (or of given token ids)."""
-    from formats.detect import open_model
-    from formats.output import atomic_file, check_target
+    from formats.files.atomic import atomic_file, check_target
+    from formats.open import open_model
 
     if text is not None and token_ids is not None:
         raise QConvertError("give either --text or --token-ids, not both")
@@ -486,12 +486,12 @@ def logits_cmd(model: str, text: Path | None, token_ids: Path | None, ctx: int, 
 def verify_cmd(ref: str, cand: str, text: Path | None, ctx: int, max_kld: float | None, min_top1: float | None,
                json_out: Path | None, plot: Path | None, backend: str, device: str, dtype: str) -> None:
     """Run REF and CAND on the same tokens; exit 1 when KL or top-1 misses its bound."""
-    import numpy as np
-
-    from formats.detect import open_model
     import os
     import tempfile
 
+    import numpy as np
+
+    from formats.open import open_model
     from qconvert.verify import Comparison, candidate_kind
     from qconvert.verify import plot as plot_kl
 
@@ -524,7 +524,7 @@ def verify_cmd(ref: str, cand: str, text: Path | None, ctx: int, max_kld: float 
                f"perplexity ref {rep.ppl_ref:.4f}  cand {rep.ppl_cand:.4f}\n"
                f"max |dlogit| {rep.max_abs_dlogit:.4g}\n{'PASS' if rep.passed else 'FAIL'}")
     if json_out:
-        from formats.output import atomic_file
+        from formats.files.atomic import atomic_file
         with atomic_file(json_out, force=True) as tmp:  # a report: replaced, but never half-written
             tmp.write_text(json.dumps(rep.as_dict(), indent=2) + "\n")
     if plot:
@@ -547,8 +547,8 @@ def verify_cmd(ref: str, cand: str, text: Path | None, ctx: int, max_kld: float 
 def generate_cmd(model: str, prompt: str, chat: bool, system: str | None, max_new_tokens: int, ignore_eos: bool,
                  max_memory: str | None, backend: str, device: str, dtype: str) -> None:
     """Greedy generation, streamed; ends with prefill and decode tokens/s."""
-    from formats.detect import open_model
-    from formats.tokenizer import CONTROL
+    from formats.model.tokenizer import CONTROL
+    from formats.open import open_model
     from qconvert.decoder import make_decoder
     from qconvert.generate import Streamer, greedy
     from qconvert.text import load_tokenizer, render_chat

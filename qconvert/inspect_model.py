@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from formats.source import Source
+from formats.model.source import Source
 
 
 def describe(src: Source) -> dict[str, Any]:

@@ -5,7 +5,7 @@ import json
 from typing import Any
 
 from formats.errors import QConvertError
-from formats.tokenizer import TokenizerData
+from formats.model.tokenizer import TokenizerData
 
 
 def load_tokenizer(tok: TokenizerData) -> Any:

@@ -1,9 +1,8 @@
 #!/usr/bin/env python3
-"""Speed of ``PackedMatrix.matmul`` per storage type: decoding (T = 1 row of x) on two threads.
+"""Speed of ``products.matmul`` (qconvert/decoder/products.py) per storage type: decoding (T = 1 row of x) on two threads.
 
 Prints, per type and matrix shape, the time per product, ns per weight and the stored bytes read per second,
-next to the peer: the decoder's 16-bit kernel (qconvert/decoder/_matvec.c ``qc_matvec16``, split over two
-threads by qconvert/decoder/matvec.py ``on_two_threads``) on the same matrix as BF16. Matrices above the caches
+next to the peer: numpy's float32 BLAS product over the same matrix as F32. Matrices above the caches
 (151936x896) measure memory bandwidth as much as the kernels; this machine's timings are noisy, so compare
 runs taken back to back. ``--t`` sets the rows of x (default 1); ``--shapes`` e.g. ``4864x896,151936x896``; K-quants
 need rows of whole 256-value blocks, so for them a shape whose cols are not a multiple of 256 is transposed
@@ -20,8 +19,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from formats import codecs, int4, kernels  # noqa: E402
-from formats.codecs import PackedMatrix  # noqa: E402
+from formats.ggml import codec  # noqa: E402
+from formats.int4 import layout as int4  # noqa: E402
+from formats.model.stored import PackedMatrix  # noqa: E402
+from qconvert.decoder import native, products  # noqa: E402
 
 GGML = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 INTS = [(4, 32, False, 8), (4, 64, False, 16), (4, 32, True, 8), (8, 32, True, 8), (8, 32, True, 16), (3, 32, False, 8),
@@ -37,7 +38,7 @@ def ggml_matrix(t: str, w: np.ndarray, rows: int) -> PackedMatrix:
     """W (a base block of rows, repeated to ``rows``) stored as GGML type ``t``."""
     if t.endswith("_K") and w.shape[1] % 256:  # transposed: whole K blocks per row
         rows, w = rows * w.shape[1] // w.shape[0], np.ascontiguousarray(w.T)
-    raw = kernels.from_f32(w, t).view(np.uint8).reshape(w.shape[0], -1)
+    raw = codec.from_f32(w, t).view(np.uint8).reshape(w.shape[0], -1)
     return PackedMatrix.ggml(t, _tile(raw, rows), w.shape[1])
 
 
@@ -68,19 +69,10 @@ def timeit(fn, seconds: float = 0.5) -> float:
     return float(np.median(times))
 
 
-def peer_bf16(m: PackedMatrix, x: np.ndarray, threads: int):
-    """qc_matvec16 (the decoder's BF16 kernel) over the same rows, on ``threads`` threads, or None without it."""
-    from qconvert.decoder import matvec
-
-    if matvec._LIB is None:
-        return None
-    W = m.data.view(np.uint16)
-    parts = {}
-
-    def run(a: int, b: int) -> None:
-        part = parts.setdefault((a, b), np.empty((x.shape[0], b - a), np.float32))
-        matvec._LIB.qc_matvec16(0, W.ctypes.data, x.ctypes.data, part.ctypes.data, a, b, m.cols, x.shape[0])
-    return (lambda: matvec.on_two_threads(run, m.rows)) if threads == 2 else (lambda: run(0, m.rows))
+def peer_blas(w: np.ndarray, x: np.ndarray):
+    """The peer: numpy's float32 BLAS product x @ W.T over the same weights held as float32."""
+    out = np.empty((x.shape[0], w.shape[0]), np.float32)
+    return lambda: np.matmul(x, w.T, out=out)
 
 
 def main() -> None:
@@ -94,11 +86,11 @@ def main() -> None:
     ap.add_argument("--isa", type=int, default=-1, help="force 0 portable C, 1 AVX2, 2 AVX-512")
     a = ap.parse_args()
     if a.threads == 1:
-        codecs.MIN_SPLIT = 1 << 62
-    codecs.set_isa(a.isa)
+        products.MIN_SPLIT = 1 << 62
+    native.set_isa(a.isa)
     rng = np.random.default_rng(0)
     want = set(filter(None, a.types.split(",")))
-    print(f"T = {a.t}, {a.threads} thread(s), {codecs.isa()}. ns/weight: time / (rows * cols); GB/s: stored bytes / time")
+    print(f"T = {a.t}, {a.threads} thread(s), {native.isa()}. ns/weight: time / (rows * cols); GB/s: stored bytes / time")
     print(f"{'type':22s} {'shape':>12s} {'us':>9s} {'ns/weight':>10s} {'GB/s':>7s}")
     for shape in a.shapes.split(","):
         rows, cols = map(int, shape.split("x"))
@@ -112,14 +104,13 @@ def main() -> None:
             m = make()
             out = np.empty((a.t, m.rows), np.float32)
             xm = x if m.cols == cols else rng.standard_normal((a.t, m.cols)).astype(np.float32)
-            dt = timeit(lambda: m.matmul(xm, out=out), a.seconds)
+            dt = timeit(lambda: products.matmul(m, xm, out=out), a.seconds)
             n = rows * cols
             print(f"{m.stype:22s} {f'{m.rows}x{m.cols}':>12s} {dt * 1e6:9.1f} {dt * 1e9 / n:10.4f} {m.nbytes / dt / 1e9:7.1f}")
-            if name == "BF16" and (peer := peer_bf16(m, x, a.threads)) is not None:
-                dt = timeit(peer, a.seconds)
-                print(f"{'  peer qc_matvec16':22s} {shape:>12s} {dt * 1e6:9.1f} {dt * 1e9 / n:10.4f} "
+            if name == "F32":
+                dt = timeit(peer_blas(products.dequant(m), x), a.seconds)
+                print(f"{'  peer numpy BLAS f32':22s} {shape:>12s} {dt * 1e6:9.1f} {dt * 1e9 / n:10.4f} "
                       f"{m.nbytes / dt / 1e9:7.1f}")
-            del m
 
 
 if __name__ == "__main__":

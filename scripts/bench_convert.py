@@ -18,8 +18,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from qconvert.fetch import fetch_real_model  # noqa: E402
-from qconvert.peers import llama_convert_cmd  # noqa: E402
+from qconvert.testing.fetch import fetch_real_model  # noqa: E402
+from qconvert.testing.peers import llama_convert_cmd  # noqa: E402
 
 QC = str(Path(sys.executable).parent / "qconvert")
 

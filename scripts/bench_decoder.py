@@ -24,9 +24,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from formats.detect import open_model  # noqa: E402
+from formats.open import open_model  # noqa: E402
 from qconvert.decoder import make_decoder  # noqa: E402
-from qconvert.fetch import fetch_real_model  # noqa: E402
+from qconvert.testing.fetch import fetch_real_model  # noqa: E402
 from qconvert.text import encode  # noqa: E402
 
 PREFILL, DECODE, REPEAT = 512, 64, 3
@@ -109,9 +109,9 @@ def bench_transformers(hf: Path, ids: list[int], device: str = "cpu") -> tuple[f
 
 def bench_llama(gguf: Path, ids: list[int]) -> tuple[float, float, list[int]]:
     """llama.cpp on a GGUF: prefill tokens/s (next-token logits, best of REPEAT) and greedy decode tokens/s."""
-    from qconvert.peers import open_llama
+    from qconvert.testing.peers import open_llama
 
-    # without weight repacking: llama-cpp-python 0.3.36's AMX path segfaults on this CPU (qconvert/peers.py)
+    # without weight repacking: llama-cpp-python 0.3.36's AMX path segfaults on this CPU (qconvert/testing/peers.py)
     llm = open_llama(gguf, n_ctx=PREFILL + DECODE + 16, n_batch=PREFILL, n_ubatch=PREFILL,
                      n_threads=2, n_threads_batch=2, verbose=False)
     try:
@@ -139,7 +139,7 @@ def bench_llama(gguf: Path, ids: list[int]) -> tuple[float, float, list[int]]:
 
 def stored_formats(hf: Path, work: Path) -> None:
     """Decode from each stored format against llama.cpp on the same weights; prints the second table."""
-    from qconvert.peers import llama_quantize
+    from qconvert.testing.peers import llama_quantize
 
     qc = str(Path(sys.executable).parent / "qconvert")
     f16, q40, int4 = work / "f16.gguf", work / "q4_0.gguf", work / "int4"

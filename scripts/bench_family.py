@@ -2,7 +2,7 @@
 """Family benchmark: a shape-exact proxy of every Qwen2-family member through every conversion, checked
 against transformers and llama.cpp.
 
-For each system (qconvert/proxy.py SHAPES: full widths, 2 layers, 1 for 57b-a14b so that transformers fits
+For each system (qconvert/testing/proxy.py SHAPES: full widths, 2 layers, 1 for 57b-a14b so that transformers fits
 in 24 GiB; ``--narrow``: the narrow copies with the same traits, as CI runs them), on the same tokens:
 
   f16     qconvert hf-to-gguf --outtype f16, in llama.cpp, vs transformers on the source: KL <= 5e-5 (MoE: or
@@ -37,8 +37,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from qconvert.peers import kl_stats, llama_convert_cmd  # noqa: E402
-from qconvert.proxy import SHAPES, proxy_config, write_proxy  # noqa: E402
+from qconvert.testing.peers import kl_stats, llama_convert_cmd  # noqa: E402
+from qconvert.testing.proxy import SHAPES, proxy_config, write_proxy  # noqa: E402
 
 PY = sys.executable
 QC = [str(Path(PY).parent / "qconvert")]  # the console script next to this interpreter
@@ -65,7 +65,7 @@ def sh(cmd: list[str], env: dict[str, str] | None = None, output: list[str] | No
 def worker(kind: str, model: str, ids_path: str, out: str) -> None:
     """In a subprocess: logits of ``model`` over the token ids (``hf``: transformers float32, ``llama``:
     llama.cpp), saved as .npy; ``quantize``: llama-quantize ``model`` to ``out`` as Q4_K_M."""
-    from qconvert import peers
+    from qconvert.testing import peers
 
     if kind == "quantize":
         peers.llama_quantize(Path(model), Path(out), "Q4_K_M")
@@ -191,7 +191,7 @@ class System:
         self.row("gguf-to-hf", None, None, ok, secs, tensors=n, unequal_tensors=bad_t[:5], unequal_config=bad_cfg)
 
     def check_q4km(self) -> None:
-        from formats.gguf_file import read_header
+        from formats.gguf.header import read_header
 
         f16 = self.f16()[0]
         ours, secs = self._gguf(f16, "q4km.gguf", "q4_k_m")

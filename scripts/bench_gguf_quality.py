@@ -25,8 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qconvert.corpus import CALIB_MODULES, EVAL_MODULES, stdlib_text  # noqa: E402
-from qconvert.peers import llama_tool  # noqa: E402
 from qconvert.quant.mixtures import MIXTURES  # noqa: E402
+from qconvert.testing.peers import llama_tool  # noqa: E402
 
 QC = str(Path(sys.executable).parent / "qconvert")
 # GPTQ variants: extra quantize flags. ours-gptq-ep: stronger dampening plus half the error-propagation change
@@ -68,7 +68,7 @@ def kl_eval(model: Path, base: Path, text: Path, chunks: int, ctx: int, log: Pat
 
 def gguf_bpw(path: Path) -> tuple[float, int]:
     """Bits per weight of the quantised 2-D tensors and the file size."""
-    from formats.gguf_file import read_header
+    from formats.gguf.header import read_header
     n = b = 0
     for t in read_header(path)[1]:
         if len(t.shape) > 1 and t.type not in ("F32",):

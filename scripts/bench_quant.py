@@ -22,12 +22,12 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from formats.detect import open_model  # noqa: E402
-from formats.gguf_file import read_header  # noqa: E402
+from formats.gguf.header import read_header  # noqa: E402
+from formats.open import open_model  # noqa: E402
 from qconvert.corpus import EVAL_MODULES, stdlib_text, tokens_digest, windows  # noqa: E402
 from qconvert.decoder import make_decoder  # noqa: E402
-from qconvert.fetch import fetch_real_model  # noqa: E402
-from qconvert.peers import llama_quantize  # noqa: E402
+from qconvert.testing.fetch import fetch_real_model  # noqa: E402
+from qconvert.testing.peers import llama_quantize  # noqa: E402
 from qconvert.text import encode  # noqa: E402
 from qconvert.verify import log_softmax  # noqa: E402
 
@@ -83,7 +83,8 @@ def gguf_bpw(path: Path) -> float:
 def int4_stats(d: Path) -> tuple[float, int]:
     """(bits per weight without the head, directory bytes) of an int4 folder, from its header."""
     import json
-    from formats.safetensors_io import read_header as st_header
+
+    from formats.hf.safetensors_io import read_header as st_header
     header, _ = st_header(d / "model.int4.safetensors")
     qinfo = json.loads(header["__metadata__"]["tensors"])
     cfgd = json.loads((d / "config.json").read_text())

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Scale benchmark: qconvert on a shape-exact random proxy of a real Qwen2.5 model, under a memory cap.
 
-Writes the proxy (qconvert/proxy.py; reused when the work folder already holds the same one), then runs
+Writes the proxy (qconvert/testing/proxy.py; reused when the work folder already holds the same one), then runs
 each command as a subprocess inside its own cgroup-v1 memory group with ``--cap`` as memory limit:
 
   hf-to-gguf-f16   qconvert hf-to-gguf PROXY f16.gguf --outtype f16
@@ -42,8 +42,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from formats.errors import QConvertError  # noqa: E402
-from qconvert.peers import llama_convert_cmd  # noqa: E402
-from qconvert.proxy import SHAPES, proxy_matches, proxy_nbytes  # noqa: E402
+from qconvert.testing.peers import llama_convert_cmd  # noqa: E402
+from qconvert.testing.proxy import SHAPES, proxy_matches, proxy_nbytes  # noqa: E402
 
 VENV_PY = ROOT / ".venv" / "bin" / "python"
 QC = ROOT / ".venv" / "bin" / "qconvert"

@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 from bench_convert import measure_rusage  # noqa: E402
-from qconvert.peers import kl_stats, llama_convert_cmd, llama_logits, llama_tool, llama_tokenize  # noqa: E402
+
+from qconvert.testing.peers import kl_stats, llama_convert_cmd, llama_logits, llama_tokenize, llama_tool  # noqa: E402
 
 QC = str(Path(sys.executable).parent / "qconvert")
 
@@ -50,7 +51,7 @@ def main() -> None:
     peer = (conv[0] + quant[0], max(conv[1], quant[1]))
     text = (ROOT / "qconvert" / "data" / "verify.txt").read_text()
     toks = llama_tokenize(w / "ours.gguf", text)[: args.tokens]
-    from formats.detect import open_model
+    from formats.open import open_model
     from qconvert.decoder import make_decoder
     with open_model(str(gptq)) as src:
         ref = make_decoder(src, "numpy").logits(toks)

@@ -9,4 +9,4 @@ if ! .venv/bin/pip install -q --disable-pip-version-check "torch==2.13.0" \
     .venv/bin/python -c "import qconvert.cli" 2>/dev/null || { echo "error: could not install qconvert into .venv (is PyPI reachable?)" >&2; exit 1; }
     echo "note: pip could not reach PyPI; using the qconvert already installed in .venv" >&2
 fi
-exec .venv/bin/python -m qconvert.demo "$@"
+exec .venv/bin/python -m qconvert.testing.demo "$@"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from formats.errors import QConvertError  # noqa: E402
-from qconvert.fetch import fetch_real_model  # noqa: E402
+from qconvert.testing.fetch import fetch_real_model  # noqa: E402
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)

@@ -7,7 +7,7 @@
 
 Cases come from valid seeds (a micro Qwen2 checkpoint as HF / GGUF F16, Q8_0, Q4_1 / int4, and the real 0.5B
 GGUF's header when cached), mutated field by field (boundary values, the docs/security.md checklist) or by
-random flips / truncations / splices. Workers (``qconvert.fuzz.worker``) run each case through the reader, and
+random flips / truncations / splices. Workers (``qconvert.testing.fuzz.worker``) run each case through the reader, and
 an accepted case through a conversion (compared bit for bit with what the input claims) and the decoder; each
 case has a time limit (a hang kills and restarts the worker) and an address-space limit. ``--cli N`` also runs
 N cases per reader through the installed CLI (inspect, conversions, logits, generate --chat). ``--asan``
@@ -31,8 +31,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from qconvert.fuzz.mutate import READERS, make_case  # noqa: E402
-from qconvert.fuzz.seeds import make_seeds  # noqa: E402
+from qconvert.testing.fuzz.mutate import READERS, make_case  # noqa: E402
+from qconvert.testing.fuzz.seeds import make_seeds  # noqa: E402
 
 FINDINGS = ("mismatch", "traceback", "crash", "hang", "memory", "sanitizer")
 KINDS = ("clean", "accepted") + FINDINGS
@@ -46,7 +46,7 @@ class Worker:
 
     def start(self) -> None:
         self.logf = open(self.log, "ab")
-        self.p = subprocess.Popen([sys.executable, "-m", "qconvert.fuzz.worker"], stdin=subprocess.PIPE,
+        self.p = subprocess.Popen([sys.executable, "-m", "qconvert.testing.fuzz.worker"], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, stderr=self.logf, env=self.env, cwd=ROOT)
         self.buf = b""
 
@@ -170,26 +170,38 @@ def cli_cases(reader: str, n: int, seed: int, total: int, seeds: dict, work: Pat
     return out
 
 
+def native_sources() -> dict[str, list[Path]]:
+    """{extension module: its C sources}, read from pyproject.toml's ext-modules: the list the normal build uses."""
+    return {n: [ROOT / s for s in m["sources"]] for n, m in tomllib_ext_modules().items()}
+
+
 def build_asan(dest: Path) -> dict[str, str]:
-    """Compile the two C libraries with ASan + UBSan; the environment that makes the workers use them."""
+    """Compile every C library of the build with ASan + UBSan into ``dest`` (formats/native.py loads them from
+    there under QCONVERT_NATIVE_DIR); the environment that makes the workers use them."""
     import sysconfig
     dest.mkdir(parents=True, exist_ok=True)
     inc = sysconfig.get_paths()["include"]
     flags = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
-             "-std=c99", "-fno-fast-math", "-shared", "-fPIC", f"-I{inc}", f"-I{ROOT / 'formats'}"]
-    libs = {"QCONVERT_KERNELS_LIB": (dest / "_kernels_asan.so", ["_kernels.c", "_quant.c", "_dot.c", "_dot_int.c",
-                                                                 "_dot_par.c"], ROOT / "formats"),
-            "QCONVERT_MATVEC_LIB": (dest / "_matvec_asan.so", ["_matvec.c"], ROOT / "qconvert" / "decoder")}
-    env = {}
-    for var, (so, srcs, d) in libs.items():
-        subprocess.run(["gcc", *flags, "-o", str(so), *[str(d / s) for s in srcs], "-lm", "-lpthread"], check=True)
-        env[var] = str(so)
+             "-std=c99", "-fno-fast-math", "-shared", "-fPIC", f"-I{inc}"]
+    mods = tomllib_ext_modules()
+    for name, srcs in native_sources().items():
+        dirs = [f"-I{ROOT / d}" for d in mods[name].get("include-dirs", [])]
+        subprocess.run(["gcc", *flags, *dirs, "-o", str(dest / f"{name}.so"), *map(str, srcs), "-lm", "-lpthread"],
+                       check=True)
+    env = {"QCONVERT_NATIVE_DIR": str(dest)}
     asan = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
     ubsan = subprocess.run(["gcc", "-print-file-name=libubsan.so"], capture_output=True, text=True).stdout.strip()
     env["LD_PRELOAD"] = f"{asan} {ubsan}"
     env["ASAN_OPTIONS"] = "detect_leaks=0:abort_on_error=1:allocator_may_return_null=1"
     env["UBSAN_OPTIONS"] = "halt_on_error=1:print_stacktrace=1"
     return env
+
+
+def tomllib_ext_modules() -> dict[str, dict]:
+    """pyproject.toml's ext-modules by name."""
+    import tomllib
+    mods = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["ext-modules"]
+    return {m["name"]: m for m in mods}
 
 
 def table(rows: dict[str, list[dict]], title: str) -> str:
@@ -221,7 +233,7 @@ def main() -> int:
     seeds = make_seeds(a.seeds)
     work = Path(tempfile.mkdtemp(prefix="qconvert-fuzz-"))
     if a.replay is not None:
-        from qconvert.fuzz.worker import run_case
+        from qconvert.testing.fuzz.worker import run_case
         loc, label = make_case(readers[0], seeds, a.seed, a.replay, work / "case")
         print(f"case {a.replay}: {label} -> {loc}")
         print(run_case(readers[0], loc, work / "case"))

@@ -11,9 +11,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from formats.detect import open_model  # noqa: E402
-from qconvert.fetch import fetch_real_model  # noqa: E402
-from qconvert.tiny import DATA  # noqa: E402
+from formats.open import open_model  # noqa: E402
+from qconvert.testing.fetch import fetch_real_model  # noqa: E402
+from qconvert.testing.tiny import DATA  # noqa: E402
 
 if __name__ == "__main__":
     with open_model(str(fetch_real_model())) as src:

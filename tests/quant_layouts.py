@@ -1,5 +1,5 @@
 """Test-side writers of GPTQ and AutoAWQ GEMM checkpoints, written from the layouts' descriptions in torch,
-independently of formats/hf_quant.py (which reads them) and of qconvert's exporters.
+independently of formats/hf/quantized_read.py (which reads them) and of qconvert's exporters.
 
 ``gptq_checkpoint`` / ``awq_checkpoint`` quantise a float HF folder round-to-nearest and save the packed
 checkpoint; they return the integer codes, zeros and scales they packed, so tests can compute the expected

@@ -29,7 +29,7 @@ BOMBS = ["{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{%
 
 
 def test_real_chatml_template_renders_exactly():
-    from qconvert.fuzz.seeds import micro_tokenizer
+    from qconvert.testing.fuzz.seeds import micro_tokenizer
     tpl = micro_tokenizer()[1]["chat_template"]
     out = render_template(tpl, CTX)
     assert out == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n"

@@ -1,10 +1,10 @@
 """ModelConfig reads both transformers styles and round-trips through GGUF metadata; name tables invert."""
 import pytest
 
-from formats.config import ModelConfig
 from formats.errors import QConvertError
-from formats.names import canonical_names, gguf_layout, gguf_to_hf, hf_to_gguf
-from qconvert.tiny import VARIANTS, hf_config
+from formats.model.config import ModelConfig
+from formats.model.names import canonical_names, gguf_layout, gguf_to_hf, hf_to_gguf
+from qconvert.testing.tiny import VARIANTS, hf_config
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

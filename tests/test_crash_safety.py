@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import qconvert
 
 KILLS = int(os.environ.get("QCONVERT_KILLS", "8"))
@@ -32,7 +31,7 @@ def _digest(p: Path) -> str:
 
 def _valid(p: Path) -> bool:
     """The output opens and every tensor reads (a complete file)."""
-    from formats.detect import open_model
+    from formats.open import open_model
     with open_model(str(p)) as src:
         for t in src.tensors.values():
             t.rows(0, t.n_rows)
@@ -119,7 +118,7 @@ def test_full_disk_is_one_clear_error(tiny, tmp_path, small_disk, command):
 def test_kill_between_two_renames_is_repaired(tmp_path):
     """Without renameat2, replacing a folder takes two renames; a kill between them leaves only the old folder
     under its temporary name. The next run puts it back instead of deleting it."""
-    from formats.output import atomic_dir, sweep_stale
+    from formats.files.atomic import atomic_dir, sweep_stale
     out = tmp_path / "model"
     aside = tmp_path / ".model.old-99999999"  # a dead process's
     aside.mkdir()

@@ -13,12 +13,12 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import qconvert
 from safetensors.numpy import load_file
 
-from conftest import qconvert
-from formats.detect import open_model
+from formats.open import open_model
 from qconvert.decoder import make_decoder
-from qconvert.peers import kl_stats
+from qconvert.testing.peers import kl_stats
 
 DCA = {"chunk_size": 32, "local_size": 8, "original_max_position_embeddings": 32}  # chunk_len 24
 # what a 1M config.json carries besides the sizes (realistic values, non-defaults for the HF-only fields)
@@ -205,7 +205,7 @@ def test_config_survives_gguf_and_int4(tiny, tmp_path):
 
 
 def test_gguf_keys():
-    from formats.config import ModelConfig
+    from formats.model.config import ModelConfig
     cfg = ModelConfig(arch="qwen2", vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, dual_chunk_attention_config=DCA,
                       sliding_window=131072, max_window_layers=1)

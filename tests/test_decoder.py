@@ -1,11 +1,11 @@
 """The reference decoders (numpy, torch-CPU) against transformers, incremental decoding, CUDA skip."""
 import numpy as np
 import pytest
-
 from conftest import VARIANTS
-from formats.detect import open_model
+
+from formats.open import open_model
 from qconvert.decoder import make_decoder
-from qconvert.peers import hf_logits, kl_stats
+from qconvert.testing.peers import hf_logits, kl_stats
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +76,8 @@ def test_cuda_path_skips_cleanly_or_matches(tiny, sample_tokens, reference):
 @pytest.mark.real
 def test_numpy_decoder_reads_q4_k_m_gguf(real_gguf, real_hf):
     """The real 0.5B straight from its Q4_K_M GGUF vs transformers on the dequantised HF weights."""
-    from transformers import AutoTokenizer
-
     from conftest import SAMPLE
+    from transformers import AutoTokenizer
     ids = AutoTokenizer.from_pretrained(str(real_hf))(SAMPLE * 2)["input_ids"][:300]
     s = kl_stats(hf_logits(real_hf, ids), _decoder(real_gguf, "numpy").logits(ids))
     print(f"real Q4_K_M GGUF numpy decoder vs transformers: {s}")

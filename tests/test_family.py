@@ -1,6 +1,6 @@
 """The family benchmark (scripts/bench_family.py) on narrow copies of the proxies, as CI runs it.
 
-Each narrow copy keeps the traits that break converters (qconvert/proxy.py ``narrowed``): 72b's 8 kv heads,
+Each narrow copy keeps the traits that break converters (qconvert/testing/proxy.py ``narrowed``): 72b's 8 kv heads,
 eps 1e-5 and a 29568-style feed-forward width (a multiple of 128, not of 256), 57b-a14b's 64 experts + shared
 expert, 0.5b's tied head and 896-style hidden size, 7b-instruct's YaRN, 7b-instruct-1m's dual chunk attention
 config and rope theta 1e7, 7b's vocab 152064. Every check of every system must pass its bound (f16 / q8_0 /

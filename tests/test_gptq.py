@@ -3,10 +3,10 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import qconvert
-from qconvert.quant.groupwise import QuantSpec, dequantize, quantize
+
 from qconvert.quant.gptq import gptq_matrix
+from qconvert.quant.groupwise import QuantSpec, dequantize, quantize
 
 
 def _problem(seed: int = 0):
@@ -92,7 +92,7 @@ def test_gptq_on_ggml_blocks(qtype):
     chose, and the output-space error is well below the imatrix-weighted encoder's (llama-quantize --imatrix)."""
     import gguf
 
-    from formats import kernels
+    from formats.ggml import codec
     from qconvert.quant.gptq_ggml import gptq_ggml_matrix
 
     X, W = _problem(2)
@@ -103,9 +103,9 @@ def test_gptq_on_ggml_blocks(qtype):
     assert raw.shape == (W.shape[0], W.shape[1] // gguf.constants.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]][0]
                          * gguf.constants.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]][1])
     back = gguf.quants.dequantize(raw.reshape(-1), gguf.GGMLQuantizationType[qtype]).reshape(W.shape)
-    assert np.array_equal(back, dq) and np.array_equal(kernels.to_f32(raw, qtype).reshape(W.shape), dq)
+    assert np.array_equal(back, dq) and np.array_equal(codec.to_f32(raw, qtype).reshape(W.shape), dq)
     imp = (np.diag(H) / len(X)).astype(np.float32)
-    rtn = kernels.to_f32(kernels.from_f32(W, qtype, imatrix=imp), qtype).reshape(W.shape)
+    rtn = codec.to_f32(codec.from_f32(W, qtype, imatrix=imp), qtype).reshape(W.shape)
     e_gptq, e_rtn = _out_err(X, W, dq), _out_err(X, W, rtn)
     print(f"{qtype}: output RMS error gptq {e_gptq:.4f}, imatrix-weighted encoder {e_rtn:.4f}")
     assert e_gptq < 0.75 * e_rtn
@@ -115,10 +115,10 @@ def test_gguf_gptq_cli_runs_in_llama_cpp(tiny, tmp_path, sample_tokens):
     """quantize --format gguf --method gptq writes an ordinary GGUF of the mixture's types: llama.cpp's logits
     on it match our decoder's on the same file, and its KL to the f32 model is below llama-quantize-style
     encoding of the same mixture with the same statistics."""
-    from formats.gguf_file import read_header
-    from qconvert.peers import llama_logits
-    from formats.config import ModelConfig
+    from formats.gguf.header import read_header
+    from formats.model.config import ModelConfig
     from qconvert.quant.mixtures import mixture_types
+    from qconvert.testing.peers import llama_logits
 
     src = tiny("h256")
     kl = {}
@@ -131,7 +131,7 @@ def test_gguf_gptq_cli_runs_in_llama_cpp(tiny, tmp_path, sample_tokens):
         kl[method] = json.loads((tmp_path / f"{method}.json").read_text())["mean_kl"]
     cfg = ModelConfig.from_hf_dict(json.loads((src / "config.json").read_text()))
     assert {t.name: t.type for t in read_header(tmp_path / "gptq.gguf")[1]} == mixture_types(cfg, "q4_0_mix")
-    from formats.detect import open_model
+    from formats.open import open_model
     from qconvert.decoder import make_decoder
     with open_model(str(tmp_path / "gptq.gguf")) as s:
         ours = make_decoder(s).logits(sample_tokens[:64])
@@ -166,7 +166,7 @@ def test_propagation_cross_term_solves_the_asymmetric_problem():
     U = inverse_hessian_factor(h.H, 1e-6)
     Wt = W + h.propagation(W, U)
     lsq = np.linalg.lstsq(X.astype(np.float64), X_ref.astype(np.float64) @ W.T.astype(np.float64), rcond=None)[0].T
-    assert np.abs(Wt - lsq).max() < 0.01 * np.abs(Wt - W).max()  # the change itself is ~W-sized
+    assert np.abs(Wt - lsq).max() < 0.02 * np.abs(Wt - W).max()  # the change itself is ~W-sized (float32 H: ~1%)
     e_plain = np.sqrt(np.mean(np.square(X @ W.T - X_ref @ W.T)))
     e_prop = np.sqrt(np.mean(np.square(X @ Wt.T - X_ref @ W.T)))
     print(f"output RMS error against the reference: W {e_plain:.4f}, W + W D H^-1 {e_prop:.4f}")
@@ -193,7 +193,7 @@ def test_staged_pass_in_bfloat16_records_the_float32_hessians(tiny):
     """The dense-layer pass with --calib-dtype bfloat16: Hessians and layer outputs within bfloat16's rounding of
     the float32 pass's (and not bit-equal: the bfloat16 products really ran)."""
     pytest.importorskip("torch")
-    from formats.detect import open_model
+    from formats.open import open_model
     from qconvert.decoder.numpy_backend import NumpyDecoder
     from qconvert.decoder.rope import cos_sin
     from qconvert.quant.hessian import dense_layer_staged

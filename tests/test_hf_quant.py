@@ -5,14 +5,15 @@ llama.cpp's converter, transformers + compressed-tensors, and llama.cpp."""
 import numpy as np
 import pytest
 import torch
+from conftest import qconvert
 from gguf import GGUFReader
 from gguf.quants import dequantize
-
-from conftest import qconvert
-from formats.detect import open_model
-from formats.names import hf_to_gguf
-from qconvert.peers import hf_logits, kl_stats, llama_convert, llama_logits
 from quant_layouts import awq_checkpoint, ct_checkpoint, dense_checkpoint, expected, gptq_checkpoint
+
+from formats.model.names import hf_to_gguf
+from formats.open import open_model
+from qconvert.decoder import products
+from qconvert.testing.peers import hf_logits, kl_stats, llama_convert, llama_logits
 
 CASES = {"gptq": {}, "gptq-v2-asym": {"v2": True, "sym": False}, "gptq-act": {"act_order": True}, "awq": None}
 
@@ -43,7 +44,7 @@ def test_reads_the_exact_weights_and_decodes_natively(quantised, kind):
             t = src.tensors[module + ".weight"]
             assert np.array_equal(t.numpy(), want), module
             x = rng.standard_normal((3, want.shape[1])).astype(np.float32)
-            np.testing.assert_allclose(t.packed().matmul(x), x @ want.T, rtol=2e-5, atol=2e-5 * np.abs(x @ want.T).max())
+            np.testing.assert_allclose(products.matmul(t.packed(), x), x @ want.T, rtol=2e-5, atol=2e-5 * np.abs(x @ want.T).max())
         label = src.tensors["model.layers.0.mlp.up_proj.weight"].packed().stype
     assert label == {"gptq": "int4 g128 sym", "gptq-v2-asym": "int4 g128 asym zint", "awq": "int4 g128 asym zint",
                      "gptq-act": "int4 g128 sym"}[kind], label  # asymmetric: the codes with their zeros, as stored

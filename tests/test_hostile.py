@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 
 from formats.errors import QConvertError
-from qconvert.fuzz import gguf_mut
-from qconvert.fuzz.mutate import st_join, st_split
+from qconvert.testing.fuzz import gguf_mut
+from qconvert.testing.fuzz.mutate import st_join, st_split
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def seeds(tmp_path_factory):
-    from qconvert.fuzz.seeds import make_seeds
+    from qconvert.testing.fuzz.seeds import make_seeds
     return make_seeds(tmp_path_factory.mktemp("fuzzseeds"))
 
 
@@ -100,7 +100,7 @@ GGUF_CASES = [
 
 @pytest.mark.parametrize("name,make,want", GGUF_CASES, ids=[c[0] for c in GGUF_CASES])
 def test_gguf_checklist(seeds, tmp_path, name, make, want):
-    from formats.detect import open_model
+    from formats.open import open_model
     seed = Path(seeds["gguf_q8"]).read_bytes()
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(make(seed, gguf_mut.parse(seed)))
@@ -112,7 +112,7 @@ def test_gguf_checklist(seeds, tmp_path, name, make, want):
 
 def test_gguf_values_checked_after_parsing(seeds, tmp_path):
     """Fields that parse but lie: a bos id outside the vocabulary, zero heads, NaN eps."""
-    from formats.detect import open_model
+    from formats.open import open_model
     for key, vt, raw, want in [("tokenizer.ggml.bos_token_id", 4, struct.pack("<I", 10 ** 6), "bos token id"),
                                ("qwen2.attention.head_count", 4, struct.pack("<I", 0), "num_attention_heads"),
                                ("qwen2.attention.layer_norm_rms_epsilon", 6, struct.pack("<f", float("nan")), "rms_norm_eps")]:
@@ -166,7 +166,7 @@ def _entry_offsets(b: bytes) -> list[int]:
 
 @pytest.mark.parametrize("name,edit,want", ST_CASES, ids=[c[0] for c in ST_CASES])
 def test_safetensors_checklist(seeds, tmp_path, name, edit, want):
-    from formats.hf import open_hf
+    from formats.hf.read import open_hf
     d = _st(seeds, tmp_path, edit)
     with pytest.raises(QConvertError) as e:
         open_hf(str(d)).close()
@@ -179,8 +179,8 @@ def test_safetensors_checklist(seeds, tmp_path, name, edit, want):
 def test_index_paths_stay_inside_the_folder(seeds, tmp_path, shard, want):
     import shutil
 
-    from formats.hf import open_hf
-    from formats.safetensors_io import read_header
+    from formats.hf.read import open_hf
+    from formats.hf.safetensors_io import read_header
     d = tmp_path / "m"
     shutil.copytree(seeds["hf"], d)
     if shard == "symlink":
@@ -202,7 +202,7 @@ def test_index_paths_stay_inside_the_folder(seeds, tmp_path, shard, want):
 def test_config_types_and_ranges(seeds, tmp_path, edit, want):
     import shutil
 
-    from formats.hf import open_hf
+    from formats.hf.read import open_hf
     d = tmp_path / "m"
     shutil.copytree(seeds["hf"], d)
     c = json.loads((d / "config.json").read_text())
@@ -215,7 +215,7 @@ def test_config_types_and_ranges(seeds, tmp_path, edit, want):
 def test_config_size_and_nesting_limits(seeds, tmp_path):
     import shutil
 
-    from formats.hf import open_hf
+    from formats.hf.read import open_hf
     d = tmp_path / "m"
     shutil.copytree(seeds["hf"], d)
     c = (d / "config.json").read_text()
@@ -239,7 +239,7 @@ def test_huge_string_in_a_sparse_file_is_refused_before_it_is_read(seeds, tmp_pa
     """A length that fits in a (sparse) file but is no real metadata string: refused without reading it."""
     import resource
 
-    from formats.gguf_file import read_header
+    from formats.gguf.header import read_header
     b = Path(seeds["gguf_q8"]).read_bytes()
     lay = gguf_mut.parse(b)
     bad = tmp_path / "sparse.gguf"

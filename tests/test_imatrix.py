@@ -7,14 +7,14 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-
 from conftest import qconvert
-from formats import kernels
+
 from formats.errors import QConvertError
-from formats.gguf_file import read_header
-from formats.imatrix import Imatrix, ImatrixEntry, read_imatrix, write_imatrix
-from qconvert.peers import llama_quantize
+from formats.ggml import codec
+from formats.gguf.header import read_header
+from formats.gguf.imatrix import Imatrix, ImatrixEntry, read_imatrix, write_imatrix
 from qconvert.quant.mixtures import MIXTURES
+from qconvert.testing.peers import llama_quantize
 
 WEIGHTED = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
 
@@ -56,15 +56,15 @@ def test_weighted_encoders_bit_identical_to_ggml(qtype):
         ref = np.zeros(x.size // block * size, np.uint8)
         lib.ggml_quantize_chunk(int(q), x.ctypes.data, ref.ctypes.data, 0, x.shape[0], x.shape[1],
                                 None if w is None else w.ctypes.data)
-        ours = kernels.from_f32(x, qtype, imatrix=w)
+        ours = codec.from_f32(x, qtype, imatrix=w)
         bad = np.flatnonzero((ours.reshape(-1, size) != ref.reshape(-1, size)).any(1))
         assert bad.size == 0, f"{qtype}: {bad.size} blocks differ, first {bad[:5]}"
         if w is not None:
             weighted = ours
-    dq = kernels.to_f32(weighted, qtype)
+    dq = codec.to_f32(weighted, qtype)
     assert np.array_equal(dq, gguf.quants.dequantize(weighted, q).reshape(-1))  # our decoder = the gguf package's
     # the weights matter: the weighted error is lower than that of the unweighted fit
-    plain = kernels.to_f32(kernels.from_f32(x, qtype), qtype).reshape(x.shape)
+    plain = codec.to_f32(codec.from_f32(x, qtype), qtype).reshape(x.shape)
     err = lambda y: float((((y.reshape(x.shape) - x) ** 2) * im).sum())  # noqa: E731
     assert err(dq) < err(plain)
 
@@ -120,8 +120,8 @@ def test_imatrix_matches_transformers_activations(tiny, h256_f16_and_imatrix):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from formats.detect import open_model
-    from formats.names import hf_to_gguf
+    from formats.model.names import hf_to_gguf
+    from formats.open import open_model
     from qconvert.corpus import CALIB_MODULES, stdlib_text, windows
     from qconvert.quant.imatrix import compute_imatrix
     from qconvert.text import encode
@@ -152,7 +152,7 @@ def test_imatrix_matches_transformers_activations(tiny, h256_f16_and_imatrix):
 def test_imatrix_moe_counts_per_expert(tiny, tmp_path):
     """MoE: one row per expert, counting only the tokens routed to it (top-k per token); shared expert and
     router see every token."""
-    from formats.detect import open_model
+    from formats.open import open_model
     from qconvert.quant.imatrix import compute_imatrix
 
     with open_model(str(tiny("moe"))) as s:
@@ -192,7 +192,7 @@ def test_gguf_with_imatrix_equals_llama_quantize(h256_f16_and_imatrix, tmp_path,
         x = np.frombuffer(f16.read_bytes(), np.uint8)
         t16 = next(u for u in read_header(f16)[1] if u.name == name)
         x = x[t16.offset:t16.offset + t16.nbytes].view(np.float16).astype(np.float32)
-        err = [float(((kernels.to_f32(np.frombuffer(r[u.offset:u.offset + u.nbytes], np.uint8), u.type) - x) ** 2).sum())
+        err = [float(((codec.to_f32(np.frombuffer(r[u.offset:u.offset + u.nbytes], np.uint8), u.type) - x) ** 2).sum())
                for r, u in ((ra, t), (rb, B[name]))]
         assert err[0] <= err[1], (name, err)
     kv = read_header(ours)[0]

@@ -3,9 +3,9 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import qconvert
-from formats.int4 import dequant_rows, pack, unpack
+
+from formats.int4.layout import dequant_rows, pack, unpack
 from qconvert.quant.groupwise import QuantSpec, dequantize, group_values, quantize
 
 
@@ -106,9 +106,9 @@ def test_other_bit_widths(bits):
 
 def test_int4_folder_end_to_end(tiny, tmp_path, sample_tokens):
     """quantize -> inspect / verify / gguf-to-hf read it; the numpy decoder and transformers agree on it."""
-    from formats.detect import open_model
+    from formats.open import open_model
     from qconvert.decoder import make_decoder
-    from qconvert.peers import hf_logits, kl_stats
+    from qconvert.testing.peers import hf_logits, kl_stats
     out = tmp_path / "int4"
     import re
     r = qconvert("quantize", str(tiny("moe")), str(out), "--group-size", "64", "--mix", "uniform", "--scale-bits",

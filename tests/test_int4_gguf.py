@@ -1,17 +1,17 @@
-"""int4 folders -> GGUF by repacking the codes into Q4_0 / Q4_1 / Q8_0 blocks (formats/int4_gguf.py)."""
+"""int4 folders -> GGUF by repacking the codes into Q4_0 / Q4_1 / Q8_0 blocks (formats/int4/to_gguf.py)."""
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import qconvert
-from formats import kernels
-from formats.dtypes import row_nbytes
+
 from formats.errors import QConvertError
-from formats.gguf_file import read_header
-from formats.int4 import dequant_rows, pack
-from formats.int4_gguf import exact_reason, repack
+from formats.ggml import codec
+from formats.ggml.dtypes import row_nbytes
+from formats.gguf.header import read_header
+from formats.int4.layout import dequant_rows, pack
+from formats.int4.to_gguf import exact_reason, repack
 from qconvert.quant.groupwise import quantize
 
 MAPPED = re.compile(r"int4 -> GGUF: (\d+) of (\d+) quantised tensors mapped exactly")
@@ -41,7 +41,7 @@ def test_repack_equals_int4_dequant(bits, sym, group, cols, t):
     assert raw.dtype == np.uint8 and raw.shape == (24, row_nbytes(t, cols))
     ref = dequant_rows(g.q, g.scales, g.offsets, bits, group)
     for use_c in (True, False):  # our C codec and the gguf package's numpy codec
-        got = kernels.to_f32(raw, t, use_c=use_c).reshape(24, cols)
+        got = codec.to_f32(raw, t, use_c=use_c).reshape(24, cols)
         if sym and t in ("Q4_1", "Q5_1"):
             # d*q + m with m = -8d is the same number as s*(q-8), but gives +0.0 where s*(q-8) gives -0.0
             # (negative s, q = 8): equal values, zeros may differ in sign.
@@ -125,8 +125,8 @@ def _to_gguf(d: Path, out: Path, *args: str) -> tuple[str, int, int]:
 
 def _compare(d: Path, gguf: Path) -> dict[str, tuple[str, bool, float]]:
     """canonical name -> (GGUF type, bit-identical to the int4 dequantisation, relative RMS difference)."""
-    from formats.detect import open_model
-    from formats.gguf import open_gguf
+    from formats.gguf.read import open_gguf
+    from formats.open import open_model
 
     out = {}
     with open_model(str(d)) as a, open_gguf(gguf) as b:
@@ -180,9 +180,9 @@ def test_auto_maps_bit_for_bit(int4_dir, tmp_path, variant, sym):
     ("tied", ("--head-bits", "4"), 5e-4),
 ])
 def test_llama_cpp_agrees_with_int4_decoder(int4_dir, tmp_path, sample_tokens, variant, flags, bound):
-    from formats.detect import open_model
+    from formats.open import open_model
     from qconvert.decoder import make_decoder
-    from qconvert.peers import kl_stats, llama_logits
+    from qconvert.testing.peers import kl_stats, llama_logits
 
     d = int4_dir(variant, "--group-size", "64", *flags)
     out = tmp_path / "m.gguf"
@@ -201,7 +201,7 @@ def test_llama_cpp_agrees_with_int4_decoder(int4_dir, tmp_path, sample_tokens, v
 
 def test_row_not_in_blocks_is_requantised(int4_dir, tmp_path, monkeypatch):
     """intermediate 80: down_proj rows of 80 (g64: a short last group of 16) cannot be Q4 blocks -> F16."""
-    from qconvert import tiny as tiny_mod
+    from qconvert.testing import tiny as tiny_mod
 
     v = dict(tiny_mod.VARIANTS["tied"], intermediate_size=80)
     monkeypatch.setitem(tiny_mod.VARIANTS, "ff80", v)
@@ -256,9 +256,9 @@ def test_default_mix_maps_with_rounded_scales(int4_dir, tmp_path, sample_tokens)
     """The default int4 (--mix roles, 8-bit scale codes): 4-bit matrices still map onto Q4_1 with their codes
     kept (scales rounded to f16, and said so), 5-bit ones onto Q5_1; 8-bit asymmetric k/v are requantised. llama.cpp on the
     result stays close to our decoder on the int4 folder."""
-    from formats.detect import open_model
+    from formats.open import open_model
     from qconvert.decoder import make_decoder
-    from qconvert.peers import kl_stats, llama_logits
+    from qconvert.testing.peers import kl_stats, llama_logits
 
     d = int4_dir("untied_yarn", "--mix", "roles")
     out = tmp_path / "m.gguf"
@@ -282,7 +282,7 @@ def test_gguf_roles_type_follows_the_int4_plan(tiny, tmp_path):
     than every matrix in Q4_1. (An untied embedding gets the plan's 3 bits: Q3_K, or Q4_0 on short rows.)"""
     import json
 
-    from formats.gguf_file import read_header
+    from formats.gguf.header import read_header
     src = tiny("tied")
     kl = {}
     for t in ("roles", "q4_1"):

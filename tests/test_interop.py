@@ -1,8 +1,8 @@
 """llama.cpp runs our GGUFs with the logits transformers computes on the source checkpoint."""
 import pytest
-
 from conftest import VARIANTS, qconvert
-from qconvert.peers import hf_logits, kl_stats, llama_convert, llama_logits
+
+from qconvert.testing.peers import hf_logits, kl_stats, llama_convert, llama_logits
 
 BOUNDS = {"f32": 1e-5, "f16": 5e-5, "bf16": 1.5e-3}
 
@@ -48,8 +48,8 @@ def test_q8_0_matches_llama_cpp_converter(tiny, tmp_path, sample_tokens, referen
 @pytest.mark.parametrize("qtype", ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"])
 def test_block_quants_byte_identical_to_llama_quantize(tiny, tmp_path, qtype):
     """From the same F16 GGUF, our tensors equal llama-quantize's (llama_model_quantize, pure, no imatrix)."""
-    from formats.gguf_file import read_header
-    from qconvert.peers import llama_quantize
+    from formats.gguf.header import read_header
+    from qconvert.testing.peers import llama_quantize
     f16 = tmp_path / "f16.gguf"
     qconvert("hf-to-gguf", str(tiny("h256")), str(f16), "--outtype", "f16")
     ours, theirs = tmp_path / "ours.gguf", tmp_path / "theirs.gguf"

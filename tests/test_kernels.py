@@ -5,9 +5,9 @@ from gguf import GGMLQuantizationType as GQ
 from gguf import quants
 from gguf.constants import GGML_QUANT_SIZES
 
-from formats import kernels
+from formats.ggml import codec
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason="C kernels not built")
+pytestmark = pytest.mark.skipif(not codec.available(), reason="C kernels not built")
 
 
 def _floats(n: int) -> np.ndarray:
@@ -21,15 +21,15 @@ def _floats(n: int) -> np.ndarray:
 def test_float_conversions_bit_exact(t):
     x = _floats(1 << 16)
     with np.errstate(over="ignore"):
-        a, b = kernels.from_f32(x, t), kernels.from_f32(x, t, use_c=False)
+        a, b = codec.from_f32(x, t), codec.from_f32(x, t, use_c=False)
     assert a.view(np.uint16).tolist() == b.view(np.uint16).tolist()
-    assert np.array_equal(kernels.to_f32(a, t), kernels.to_f32(b, t, use_c=False))
+    assert np.array_equal(codec.to_f32(a, t), codec.to_f32(b, t, use_c=False))
 
 
 def test_bf16_to_f16_direct_equals_via_f32():
-    u = kernels.from_f32(_floats(1 << 16), "BF16")
+    u = codec.from_f32(_floats(1 << 16), "BF16")
     with np.errstate(over="ignore"):
-        assert np.array_equal(kernels.convert(u, "BF16", "F16"), kernels.convert(u, "BF16", "F16", use_c=False))
+        assert np.array_equal(codec.convert(u, "BF16", "F16"), codec.convert(u, "BF16", "F16", use_c=False))
 
 
 @pytest.mark.parametrize("t", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])  # K-quants: see test_kquants.py
@@ -39,18 +39,18 @@ def test_block_quantize_matches_gguf_package(t):
     x[32:64] = np.linspace(-1, 1, 32)  # ties in magnitude: the first extreme wins
     x[64:96] = -x[32:64]
     x = x[np.isfinite(x) & (np.abs(x) < 1e4)][: 1 << 14].reshape(-1, 256)
-    ours = kernels.from_f32(x, t)
+    ours = codec.from_f32(x, t)
     ref = quants.quantize(x, GQ[t]).reshape(-1)
     assert ours.tobytes() == ref.tobytes()
 
 
-@pytest.mark.parametrize("t", sorted(kernels.C_DEQUANT))
+@pytest.mark.parametrize("t", sorted(codec.C_DEQUANT))
 def test_dequant_matches_gguf_package(t):
     block, size = GGML_QUANT_SIZES[GQ[t]]
     rng = np.random.default_rng(2)
     raw = rng.integers(0, 256, size=(512, size), dtype=np.uint8)
     raw[:, 1::2] &= 0x3B  # keep every f16 field finite
-    ours = kernels.to_f32(raw, t)
+    ours = codec.to_f32(raw, t)
     ref = quants.dequantize(raw, GQ[t]).reshape(-1)
     assert ours.shape == ref.shape == (512 * block,)
     assert np.array_equal(ours, ref)
@@ -61,6 +61,6 @@ def test_k_quant_round_trip_error(t):
     """Encoding then decoding stays within a fraction of the block range (a wrong packing breaks this)."""
     rng = np.random.default_rng(3)
     x = rng.standard_normal(256 * 64).astype(np.float32)
-    y = kernels.to_f32(kernels.from_f32(x, t), t)
+    y = codec.to_f32(codec.from_f32(x, t), t)
     rel = np.sqrt(((y - x) ** 2).mean()) / x.std()
     assert rel < {"Q4_K": 0.12, "Q5_K": 0.06, "Q6_K": 0.03}[t], rel

@@ -2,14 +2,15 @@
 import gguf
 import numpy as np
 import pytest
-
 from conftest import qconvert
-from formats import kernels
-from formats.gguf_file import read_header
-from formats.config import ModelConfig
-from qconvert import peers, proxy, tiny as tiny_mod
-from qconvert.peers import kl_stats, llama_logits, llama_quantize, llama_quantize_types
+
+from formats.ggml import codec
+from formats.gguf.header import read_header
+from formats.model.config import ModelConfig
 from qconvert.quant.mixtures import MIXTURES, mixture_types
+from qconvert.testing import proxy
+from qconvert.testing import tiny as tiny_mod
+from qconvert.testing.peers import kl_stats, llama_logits, llama_quantize, llama_quantize_types
 
 
 def _tensors(path):
@@ -36,11 +37,11 @@ def test_k_quant_error_matches_llama_quantize(f16_h256, tmp_path, qtype, ftype, 
         if ti.type != "F16" or theirs[name][0].type != qtype:
             continue
         x = np.frombuffer(data, np.float16).astype(np.float32)
-        ours = kernels.from_f32(x, qtype)
+        ours = codec.from_f32(x, qtype)
         ref = np.frombuffer(theirs[name][1], np.uint8)
-        assert np.array_equal(kernels.to_f32(ours, qtype), kernels.to_f32(ours, qtype, use_c=False))
-        ours_err += float(((kernels.to_f32(ours, qtype) - x) ** 2).sum())
-        theirs_err += float(((kernels.to_f32(ref, qtype) - x) ** 2).sum())
+        assert np.array_equal(codec.to_f32(ours, qtype), codec.to_f32(ours, qtype, use_c=False))
+        ours_err += float(((codec.to_f32(ours, qtype) - x) ** 2).sum())
+        theirs_err += float(((codec.to_f32(ref, qtype) - x) ** 2).sum())
         n += 1
         identical += ours.tobytes() == ref.tobytes()
     assert n == 16
@@ -73,7 +74,7 @@ def test_encoders_bit_identical_to_ggml_reference(qtype):
     ref = np.zeros(x.size // block * size, np.uint8)
     getattr(lib, f"quantize_row_{qtype.lower().replace('_k', '_K')}_ref")(
         ctypes.c_void_p(x.ctypes.data), ctypes.c_void_p(ref.ctypes.data), ctypes.c_int64(x.size))
-    ours = kernels.from_f32(x, qtype)
+    ours = codec.from_f32(x, qtype)
     bad = np.flatnonzero((ours.reshape(-1, size) != ref.reshape(-1, size)).any(1))
     assert bad.size == 0, f"{qtype}: {bad.size} of {x.size // block} blocks differ, first {bad[:5]}"
 
@@ -91,8 +92,8 @@ def test_k_quant_bytes_decode_the_same_in_gguf_package():
     x[5, ::2] = 0
     x = np.concatenate([x.reshape(-1), (rng.standard_normal(4096) * 1e-6).astype(np.float32)])
     for qtype in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"):
-        raw = kernels.from_f32(x, qtype)
-        ours = kernels.to_f32(raw, qtype)
+        raw = codec.from_f32(x, qtype)
+        ours = codec.to_f32(raw, qtype)
         theirs = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype]).reshape(-1)
         assert theirs.shape == x.shape and np.array_equal(ours, theirs), qtype
         rel = float(((ours - x) ** 2).sum() / (x ** 2).sum())

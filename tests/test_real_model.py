@@ -1,8 +1,8 @@
 """The real Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF from PyPI) against transformers and llama.cpp."""
 import pytest
-
 from conftest import SAMPLE, qconvert
-from qconvert.peers import hf_logits, kl_stats, llama_logits, llama_tokenize
+
+from qconvert.testing.peers import hf_logits, kl_stats, llama_logits, llama_tokenize
 
 pytestmark = pytest.mark.real
 

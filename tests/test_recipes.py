@@ -3,10 +3,10 @@ import json
 import re
 
 import pytest
-
 from conftest import qconvert
-from formats.config import ModelConfig
-from formats.names import canonical_names, canonical_shape
+
+from formats.model.config import ModelConfig
+from formats.model.names import canonical_names, canonical_shape
 from qconvert.quant.groupwise import QuantSpec
 from qconvert.quant.recipes import describe_plan, ffn_layer_order, plan, role_of
 

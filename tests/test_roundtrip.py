@@ -4,11 +4,11 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import VARIANTS, qconvert
 from safetensors.numpy import load_file
 
-from conftest import VARIANTS, qconvert
-from formats.detect import open_model
-from formats.gguf_file import read_header
+from formats.gguf.header import read_header
+from formats.open import open_model
 
 
 def _load_all(d):
@@ -80,7 +80,7 @@ def test_tied_model_has_no_output_tensor(tiny, tmp_path):
 
 
 def test_transformers_5_style_config_converts(tiny, tmp_path):
-    from qconvert.tiny import hf_config
+    from qconvert.testing.tiny import hf_config
     d = tmp_path / "v5"
     shutil.copytree(tiny("untied_yarn"), d)
     (d / "config.json").write_text(json.dumps(hf_config("untied_yarn", "float32", style=5)))
@@ -96,7 +96,9 @@ def test_hub_id_from_offline_cache(tiny, tmp_path, monkeypatch):
     shutil.copytree(tiny("tied"), snap)
     (cache / "models--qwen-test--tiny" / "refs").mkdir(parents=True)
     (cache / "models--qwen-test--tiny" / "refs" / "main").write_text("a" * 40)
-    import subprocess, sys, os
+    import os
+    import subprocess
+    import sys
     from pathlib import Path
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache))
     exe = Path(sys.executable).parent / "qconvert"
@@ -123,7 +125,7 @@ def test_inspect_json(tiny, tmp_path):
 
 def test_f16_and_sharded_input(tiny_root, tmp_path):
     """A sharded f16 checkpoint (index.json) converts bit-exactly to f16 GGUF and back."""
-    from qconvert.tiny import make_tiny
+    from qconvert.testing.tiny import make_tiny
     src = make_tiny(tmp_path / "sharded", "moe", "f16", shard_bytes=8 << 20)
     assert len(list(src.glob("*.safetensors"))) > 1
     qconvert("hf-to-gguf", str(src), str(tmp_path / "m.gguf"), "--outtype", "auto")
@@ -140,7 +142,7 @@ def test_transformers_loads_our_hf_output(tiny, tmp_path, sample_tokens, variant
     import torch
     from transformers import AutoModelForCausalLM
 
-    from qconvert.peers import hf_logits
+    from qconvert.testing.peers import hf_logits
     qconvert("hf-to-gguf", str(tiny(variant)), str(tmp_path / "m.gguf"), "--outtype", "f32")
     qconvert("gguf-to-hf", str(tmp_path / "m.gguf"), str(tmp_path / "hf"), "--dtype", "f32")
     model, info = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32,

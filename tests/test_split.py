@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import qconvert
-from formats.gguf_file import read_header
-from formats.gguf_split import SPLIT_KEYS
-from qconvert.peers import llama_logits
+
+from formats.gguf.header import read_header
+from formats.gguf.split import SPLIT_KEYS
+from qconvert.testing.peers import llama_logits
 
 
 def _tensors(path: Path) -> dict[str, tuple[str, tuple, bytes]]:
@@ -93,7 +93,7 @@ def test_split_errors_are_one_line(tiny, tmp_path):
 
 
 def _gguf_split(*args: str) -> None:
-    from qconvert.peers import llama_tool
+    from qconvert.testing.peers import llama_tool
     r = subprocess.run([str(llama_tool("llama-gguf-split")), *args], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-500:] + r.stderr[-500:]
 
@@ -117,7 +117,7 @@ def test_llama_gguf_split_interop(tiny, moe_gguf, tmp_path):
 def test_real_model_split_200m(real_gguf, tmp_path):
     """The real 0.5B: our 200M split loads in llama.cpp with identical logits, merges back to our unsplit file,
     and llama-gguf-split's own 200M split converts to the same HF folder as the original."""
-    from qconvert.peers import llama_tokenize
+    from qconvert.testing.peers import llama_tokenize
     ours = tmp_path / "ours.gguf"
     qconvert("hf-to-gguf", str(real_gguf), str(ours), "--outtype", "q8_0")
     qconvert("hf-to-gguf", str(real_gguf), str(tmp_path / "s.gguf"), "--outtype", "q8_0", "--split-max-size", "200M")

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, qconvert
-from formats import mapped
-from formats.detect import open_model
+
+from formats.files import mapped
+from formats.open import open_model
 from qconvert.decoder.numpy_backend import NumpyDecoder
 
 

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from formats.errors import QConvertError
-from formats.tokenizer import TokenizerData
+from formats.model.tokenizer import TokenizerData
 from qconvert.template import render_template
 from qconvert.text import render_chat
 
@@ -25,7 +25,7 @@ STOPPED = "chat template stopped after 2 s"
 
 
 def chatml() -> str:
-    from qconvert.fuzz.seeds import micro_tokenizer
+    from qconvert.testing.fuzz.seeds import micro_tokenizer
     return micro_tokenizer()[1]["chat_template"]
 
 

@@ -4,9 +4,8 @@ import shutil
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file, save_file
-
 from conftest import qconvert
+from safetensors.numpy import load_file, save_file
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +83,7 @@ def test_generate_streams_and_reports_speed(tiny):
 
 def test_chat_template_is_sandboxed():
     from formats.errors import QConvertError
-    from formats.tokenizer import TokenizerData
+    from formats.model.tokenizer import TokenizerData
     from qconvert.text import render_chat
     tok = TokenizerData(tokens=["a"], token_types=[1], merges=[],
                         chat_template="{{ ''.__class__.__mro__[1].__subclasses__() }}")
@@ -106,7 +105,7 @@ def test_generate_matches_transformers_greedy(real_hf):
     with torch.no_grad():
         ref = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
     del model
-    from formats.detect import open_model
+    from formats.open import open_model
     from qconvert.decoder import make_decoder
     from qconvert.generate import greedy
     with open_model(str(real_hf)) as src:

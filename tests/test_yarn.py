@@ -10,11 +10,11 @@ import shutil
 
 import numpy as np
 import pytest
-
 from conftest import qconvert
-from formats.detect import open_model
+
+from formats.open import open_model
 from qconvert.decoder import make_decoder
-from qconvert.peers import hf_logits, kl_stats, llama_logits
+from qconvert.testing.peers import hf_logits, kl_stats, llama_logits
 
 N = 256
 

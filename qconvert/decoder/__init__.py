@@ -1,7 +1,7 @@
 """Reference Qwen2 / Qwen2-MoE decoders: numpy (fp32, CPU) and torch (fp32/bf16, CPU or CUDA)."""
 from __future__ import annotations
 
-from formats.source import Source
+from formats.model.source import Source
 
 
 def make_decoder(src: Source, backend: str = "numpy", device: str = "cpu", dtype: str = "float32",

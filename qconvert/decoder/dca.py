@@ -35,8 +35,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from formats.config import ModelConfig
 from formats.errors import QConvertError
+from formats.model.config import ModelConfig
 from qconvert.decoder.rope import cos_sin
 
 

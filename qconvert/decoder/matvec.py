@@ -1,48 +1,22 @@
 """Weight matrices for the numpy decoder, kept in the bytes they are stored in, and fused element-wise ops.
 
 Every matrix (F32 / F16 / BF16, every GGML block type, our int4 codes) stays as stored, memory-mapped
-(formats/codecs.py); products are float32. Decoding (few rows of x) computes dot products straight from
-the packed blocks in C on two threads; prefill dequantises a row block at a time and uses BLAS.
+(formats/model/stored.py); products (qconvert/decoder/products.py) are float32. Decoding (few rows of x)
+computes dot products straight from the packed blocks in C; prefill dequantises a row block at a time and
+uses BLAS.
 """
 from __future__ import annotations
 
-import ctypes
-import importlib.util
-import os
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 
-from formats.codecs import PackedMatrix
-from formats.mapped import release
-from formats.tensor import LazyTensor
+from formats import threads
+from formats.files.mapped import release
+from formats.model.stored import PackedMatrix
+from formats.model.tensor import LazyTensor
+from qconvert.decoder import products
+from qconvert.decoder.native import LIB as _LIB
 
-_spec = importlib.util.find_spec("qconvert.decoder._matvec")
-_path = os.environ.get("QCONVERT_MATVEC_LIB") or (_spec.origin if _spec is not None else None)  # scripts/fuzz.py --asan
-_LIB = ctypes.CDLL(_path) if _path else None
-if _LIB is not None:
-    _LIB.qc_matvec16.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                 ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
-    _LIB.qc_matvec16.restype = None
-    _LIB.qc_softmax_causal.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 5
-    _LIB.qc_softmax_causal.restype = None
-    _LIB.qc_silu_mul.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-                                 ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
-    _LIB.qc_silu_mul.restype = None
-THREADS = max(1, min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2))
-_POOL = ThreadPoolExecutor(THREADS) if THREADS > 1 else None
-
-
-def on_two_threads(fn, n: int) -> None:
-    """Run ``fn(start, stop)`` over [0, n) split in two halves, one on the pool (numpy and the C
-    kernels release the GIL, so both halves run at once)."""
-    if _POOL is None or n < 64:
-        fn(0, n)
-        return
-    mid = n // 2
-    fut = _POOL.submit(fn, mid, n)
-    fn(0, mid)
-    fut.result()
+MIN_ROWS = 32  # fewer rows per thread are not worth a split of the element-wise ops
 
 
 def softmax_causal(scores: np.ndarray, b: int, pos0: int) -> np.ndarray:
@@ -58,7 +32,7 @@ def softmax_causal(scores: np.ndarray, b: int, pos0: int) -> np.ndarray:
         return scores
     assert scores.dtype == np.float32 and scores.flags.c_contiguous
     rows = scores.size // S
-    on_two_threads(lambda r0, r1: _LIB.qc_softmax_causal(scores.ctypes.data, r0, r1, S, b, pos0), rows)
+    threads.split(lambda r0, r1: _LIB.qc_softmax_causal(scores.ctypes.data, r0, r1, S, b, pos0), rows, MIN_ROWS)
     return scores
 
 
@@ -69,13 +43,13 @@ def silu_mul(g: np.ndarray, u: np.ndarray) -> np.ndarray:
     T, f = g.shape
     out = np.empty((T, f), np.float32)
     ldg, ldu = g.strides[0] // 4, u.strides[0] // 4
-    on_two_threads(lambda r0, r1: _LIB.qc_silu_mul(g.ctypes.data, ldg, u.ctypes.data, ldu, f,
-                                                   out.ctypes.data, r0, r1), T)
+    threads.split(lambda r0, r1: _LIB.qc_silu_mul(g.ctypes.data, ldg, u.ctypes.data, ldu, f,
+                                                  out.ctypes.data, r0, r1), T, MIN_ROWS)
     return out
 
 
 class Matrix:
-    """W [rows, cols] in its stored bytes (formats.codecs.PackedMatrix); ``matrix(x)`` returns x @ W.T in float32.
+    """W [rows, cols] in its stored bytes (formats.model.stored.PackedMatrix); ``matrix(x)`` returns x @ W.T in float32.
 
     Several tensors with the same column count may be stacked into one matrix (q/k/v, gate/up) so one call
     serves them all (each part writes its columns of one output); ``splits`` gives their row counts. Nothing
@@ -113,7 +87,7 @@ class Matrix:
 
     def rows_f32(self, idx: np.ndarray) -> np.ndarray:
         """Selected rows as float32 (embedding lookup); only those rows are read."""
-        return self.parts[0].take(np.asarray(idx, dtype=np.int64))
+        return products.take(self.parts[0], np.asarray(idx, dtype=np.int64))
 
     def f32(self) -> np.ndarray:
         """W as float32 [rows, cols]: the stored array itself for a ``from_f32`` matrix (no copy), else
@@ -130,18 +104,18 @@ class Matrix:
         for p in self.parts:
             a, b = max(start, r), min(stop, r + p.rows)
             if a < b:
-                out.append(p.dequant(a - r, b - r))
+                out.append(products.dequant(p, a - r, b - r))
             r += p.rows
         return out[0] if len(out) == 1 else np.concatenate(out)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if len(self.parts) == 1:
-            return self.parts[0].matmul(x)
+            return products.matmul(self.parts[0], x)
         out = np.empty((x.shape[0], self.rows), np.float32)
         r = 0
         for p in self.parts:
-            p.matmul(x, out=out[:, r:r + p.rows])
+            products.matmul(p, x, out=out[:, r:r + p.rows])
             r += p.rows
         return out
 

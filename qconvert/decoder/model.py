@@ -5,8 +5,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from formats.config import ModelConfig
-from formats.source import Source
+from formats.model.config import ModelConfig
+from formats.model.source import Source
 
 
 @dataclass

@@ -11,13 +11,12 @@ from typing import Iterator
 
 import numpy as np
 
-from formats.config import ModelConfig
-from formats.source import Source
+from formats.model.config import ModelConfig
+from formats.model.source import Source
 from qconvert.decoder.dca import DualChunk
 from qconvert.decoder.matvec import Matrix, silu_mul, softmax_causal
 from qconvert.decoder.model import LayerNames, lm_head_name, load_f32
 from qconvert.decoder.rope import cos_sin, inv_freq_and_scale
-
 
 ATTN_BLOCK = 128
 

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from formats.config import ModelConfig
+from formats.model.config import ModelConfig
 
 
 def inv_freq_and_scale(cfg: ModelConfig) -> tuple[np.ndarray, float]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from formats.errors import QConvertError
-from formats.source import Source
+from formats.model.source import Source
 from qconvert.decoder.dca import DualChunk
 from qconvert.decoder.model import LayerNames, lm_head_name, load_f32
 from qconvert.decoder.rope import inv_freq_and_scale

@@ -12,15 +12,16 @@ unchanged. Linear algebra runs in torch when it is installed (numpy otherwise).
 """
 from __future__ import annotations
 
-import ctypes
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, MutableMapping
 
 import numpy as np
 
 from formats.errors import QConvertError
-from formats.source import Source
-from qconvert.quant.groupwise import GroupQuant, QuantSpec, dequantize, group_values, quantize, scheme, stored_form
+from formats.model.source import Source
+from qconvert.quant import native
+from qconvert.quant.groupwise import (METHODS, GroupQuant, QuantSpec, dequantize, group_values, quantize, scheme,
+                                      stored_form)
 from qconvert.quant.hessian import Hessian, dense_layer_staged, fast_bfloat16, has_torch
 
 BLOCK = 128  # columns per lazy-update block
@@ -129,17 +130,9 @@ def gptq_matrix(W: np.ndarray, H: np.ndarray, spec: QuantSpec = QuantSpec(), met
 
 def _c_sweep(W, U, Q, scales, offsets, steps, spec, method, block, pool) -> bool:
     """The column sweep in C (``qc_gptq_block``, rows split over two threads); False when unavailable."""
-    from formats import kernels
-    from qconvert.quant.groupwise import METHODS
-    lib = kernels._LIB
-    if lib is None or not hasattr(lib, "qc_gptq_block"):
+    lib = native.LIB
+    if lib is None:
         return False
-    if not getattr(lib, "_gptq_ready", False):
-        i64, p = ctypes.c_int64, ctypes.c_void_p
-        lib.qc_gptq_block.argtypes = [p, i64, p, i64, i64, i64, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                      ctypes.c_int, p, i64, p, p, p, i64, i64, p]
-        lib.qc_gptq_block.restype = None
-        lib._gptq_ready = True
     rows, cols = W.shape
     ng = scales.shape[1]
     group_size = spec.group_size

@@ -6,7 +6,7 @@ is spread over the columns not yet quantised through the inverse Hessian. When t
 block (32 values, or a 256-value K-quant / IQ4_XS super-block), the block's scales are fitted on the
 error-updated weights by the type's own encoder, importance-weighted (the imatrix file's weights, or the
 Hessian's diagonal / tokens, which is the same statistic); the block's columns are then rounded one by one
-onto that block's grid (value = d * G(code) + m per sub-block; formats/kernels.py ``block_grid``) and the
+onto that block's grid (value = d * G(code) + m per sub-block; formats/ggml/codec.py ``block_grid``) and the
 codes are written into the encoder's blocks in place of its own (``pack_codes``).
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as GQ
 from gguf.constants import GGML_QUANT_SIZES
 
-from formats import kernels
+from formats.ggml import codec
 from qconvert.quant.gptq import _diag, _undead, inverse_hessian_factor
 
 IQ4_GRID = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.float32)
@@ -59,8 +59,8 @@ def gptq_ggml_matrix(W: np.ndarray, H: np.ndarray, qtype: str, importance: np.nd
     qw = np.ascontiguousarray(hdiag if importance is None else importance, dtype=np.float32)
     perm = np.argsort(-hdiag, kind="stable") if act_order else None
     if act_order:  # static groups: every block's grid from the original weights
-        raw = kernels.from_f32(W, qtype, imatrix=qw).reshape(rows, -1)
-        d_all, m_all, sub = kernels.block_grid(raw, qtype)
+        raw = codec.from_f32(W, qtype, imatrix=qw).reshape(rows, -1)
+        d_all, m_all, sub = codec.block_grid(raw, qtype)
         d_all, m_all = d_all.reshape(rows, -1), m_all.reshape(rows, -1)
         H = _undead(np.array(H, dtype=np.float32, copy=True))[perm][:, perm]
         W, U = W[:, perm], inverse_hessian_factor(H, damp)
@@ -81,9 +81,9 @@ def gptq_ggml_matrix(W: np.ndarray, H: np.ndarray, qtype: str, importance: np.nd
             else:
                 col = c
                 if c % block == 0:  # a new block: its scales from the error-updated weights
-                    blk = kernels.from_f32(np.ascontiguousarray(W[:, c:c + block]), qtype, imatrix=qw[c:c + block])
+                    blk = codec.from_f32(np.ascontiguousarray(W[:, c:c + block]), qtype, imatrix=qw[c:c + block])
                     raw[:, c // block * size:(c // block + 1) * size] = blk.reshape(rows, size)
-                    d_b, m_b, sub = kernels.block_grid(blk, qtype)
+                    d_b, m_b, sub = codec.block_grid(blk, qtype)
                     d_b, m_b = d_b.reshape(rows, -1), m_b.reshape(rows, -1)
                 d, m = d_b[:, (c % block) // sub], m_b[:, (c % block) // sub]
             w = W[:, c]
@@ -94,5 +94,5 @@ def gptq_ggml_matrix(W: np.ndarray, H: np.ndarray, qtype: str, importance: np.nd
             E[:, c - i1] = err
         if i2 < cols:
             W[:, i2:] -= E @ U[i1:i2, i2:]
-    raw = kernels.pack_codes(raw, qtype, codes).reshape(rows, -1)
+    raw = codec.pack_codes(raw, qtype, codes).reshape(rows, -1)
     return raw, dq

@@ -10,29 +10,15 @@ per-row f16 step (``scale_bits=8``, "double quantisation": half the overhead, so
 """
 from __future__ import annotations
 
-import ctypes
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from formats import kernels
 from formats.errors import QConvertError
-from formats.int4 import GroupQuant, QuantSpec, group_values  # noqa: F401  (the stored form lives in formats/)
+from formats.int4.layout import GroupQuant, QuantSpec, group_values  # noqa: F401  (the stored form lives in formats/)
+from qconvert.quant import native
 
 METHODS = {"rtn": 0, "search": 1}
-
-
-def _lib():
-    lib = kernels._LIB
-    if lib is None:
-        raise QConvertError("the compiled kernels are missing; reinstall qconvert (pip install -e .)")
-    if not getattr(lib, "_gq_ready", False):
-        p = ctypes.c_void_p
-        lib.qc_group_quant.argtypes = [p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                       ctypes.c_int, p, p, p, p, ctypes.c_int, p]
-        lib.qc_group_quant.restype = None
-        lib._gq_ready = True
-    return lib
 
 
 def codes_from_c(raw: np.ndarray, sym_scale: bool) -> np.ndarray:
@@ -67,7 +53,7 @@ def quantize(w: np.ndarray, bits: int = 4, group_size: int = 128, sym: bool = Fa
         raise QConvertError("row steps only apply to 8-bit scale codes (scale_bits=8)")
     if spec.scale_bits == 8:
         steps = np.array(steps, dtype=np.uint16) if fixed else np.zeros((rows, 2), np.uint16)
-    lib = _lib()
+    lib = native.lib()
     errs = np.zeros(2, np.float64)
 
     def run(r0: int, r1: int, part: int) -> None:

@@ -5,7 +5,7 @@ runs its chunks). Every decoder-layer matrix records, per input column, the sum 
 multiplies and the number of tokens: q/k/v share one input and get three equal entries, as do gate/up;
 each MoE expert counts only the tokens routed to it, in its row of the stacked ``ffn_*_exps`` entry. The
 embedding (a lookup) and the output head are not recorded (llama-imatrix's default). Entries are named by
-GGUF tensor, so the file is interchangeable with llama-imatrix's (formats/imatrix.py).
+GGUF tensor, so the file is interchangeable with llama-imatrix's (formats/gguf/imatrix.py).
 """
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from typing import Callable
 
 import numpy as np
 
-from formats.imatrix import Imatrix, ImatrixEntry
-from formats.names import hf_to_gguf
-from formats.source import Source
+from formats.gguf.imatrix import Imatrix, ImatrixEntry
+from formats.model.names import hf_to_gguf
+from formats.model.source import Source
 
 
 class _Squares:

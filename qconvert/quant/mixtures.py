@@ -14,8 +14,8 @@ from __future__ import annotations
 import re
 from typing import Callable
 
-from formats.config import ModelConfig
-from formats.names import KEEP_F32_SUFFIXES, canonical_shape, gguf_layout
+from formats.model.config import ModelConfig
+from formats.model.names import KEEP_F32_SUFFIXES, canonical_shape, gguf_layout
 
 MIXTURES = {  # name -> (base type, llama_ftype)
     "q2_k": ("Q2_K", 10), "q3_k_s": ("Q3_K", 11), "q3_k_m": ("Q3_K", 12), "q3_k_l": ("Q3_K", 13),

@@ -16,8 +16,8 @@ import re
 from dataclasses import replace
 from typing import Callable
 
-from formats.config import ModelConfig
 from formats.errors import QConvertError
+from formats.model.config import ModelConfig
 from qconvert.quant.groupwise import QuantSpec
 
 MIXES = ("roles", "uniform")

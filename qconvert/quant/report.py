@@ -46,7 +46,7 @@ def plot_errors(errors: dict[str, float], out: Path, title: str) -> None:
     ax.set_title(title, fontsize=9)
     ax.legend(loc="upper right", fontsize=7, ncol=2)
     fig.tight_layout()
-    from formats.output import atomic_file
+    from formats.files.atomic import atomic_file
     with atomic_file(Path(out), force=True) as tmp:  # replaced, never half-written
         fig.savefig(tmp, format=Path(out).suffix.lstrip(".").lower() or "png")
     plt.close(fig)

@@ -8,9 +8,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from formats.imatrix import Imatrix
-from formats.names import canonical_names, canonical_shape
-from formats.source import Source
+from formats.gguf.imatrix import Imatrix
+from formats.model.names import canonical_names, canonical_shape
+from formats.model.source import Source
 from qconvert.quant.groupwise import GroupQuant, QuantSpec, quantize
 from qconvert.quant.recipes import head_name, plan
 from qconvert.quant.spill import SpillDict
@@ -46,7 +46,7 @@ def quantize_int4(src: Source, out: Path, base: QuantSpec = QuantSpec(), method:
                   calib: CalibOptions = CalibOptions(), force: bool = False, quiet: bool = False,
                   echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Quantise ``src`` into the int4 folder ``out``; the writer's summary plus ``upgrades`` (the mix steps)."""
-    from formats.int4 import write_int4
+    from formats.int4.write import write_int4
 
     specs, upgrades = plan(src.config, matrix_shapes(src), base, head_bits, mix, target_bpw)
     summary = {"bits": base.bits, "group_size": base.group_size, "scheme": "sym" if base.sym else "asym",
@@ -73,7 +73,7 @@ def _gptq(src: Source, specs: dict, calib: CalibOptions, quiet: bool, echo: Call
           quantise: Callable | None = None, skip: set[str] | None = None, store: SpillDict | None = None) -> dict:
     """GPTQ results for every decoder-layer matrix (the head, and ``skip``, are left to the plain quantiser),
     into ``store`` (results on disk) if given; ``quantise``: gptq_model's sweep (default: the int4 groups)."""
-    from formats.progress import bar
+    from formats.files.progress import bar
     from qconvert.corpus import CALIB_MODULES, stdlib_text, tokens_digest, windows
     from qconvert.quant.gptq import gptq_model
     from qconvert.text import encode
@@ -98,8 +98,8 @@ def quantize_gguf_gptq(src: Source, out: Path, gtype: str, imatrix: Imatrix | No
     llama-quantize mixture (qconvert/quant/gptq_ggml.py); the embedding and head are encoded plainly. The block
     fits use ``imatrix`` where it has an entry, else the calibration Hessian's diagonal; ``calib.act_order``
     fits every block up front and sweeps columns by decreasing Hessian diagonal. Returns the types."""
-    from formats.gguf import FILE_TYPE, tensor_type, write_gguf
-    from formats.names import gguf_layout, hf_to_gguf
+    from formats.gguf.write import FILE_TYPE, tensor_type, write_gguf
+    from formats.model.names import gguf_layout, hf_to_gguf
     from qconvert.quant.gptq_ggml import GPTQ_TYPES, gptq_ggml_matrix
     from qconvert.quant.mixtures import MIXTURES, ROLES, ROLES_FILE_TYPE, mixture_types
 

@@ -19,7 +19,7 @@ import numpy as np
 def sweep_spills(folder: Path) -> None:
     """Remove ``.qconvert-spill-PID-*`` folders in ``folder`` whose process is gone (a run killed, e.g. by the
     out-of-memory killer, before it could clean up: a 7B model's spill is 6.5 GB)."""
-    from formats.output import _alive
+    from formats.files.atomic import _alive
 
     for c in Path(folder).glob(".qconvert-spill-*-*"):
         pid = c.name[len(".qconvert-spill-"):].split("-", 1)[0]

@@ -1,0 +1,91 @@
+/* Element-wise kernels for qconvert's (de)quantisation glue, called through ctypes.
+ *
+ * Float conversions are bit-exact with round-to-nearest-even (the same results as numpy's casts);
+ * GGML block decoders follow the block layouts documented in ggml (ggml-common.h) and produce the
+ * same float32 values as the gguf package's dequantize. Every function works on contiguous buffers
+ * and holds no state, so callers may run them on several threads at once.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+
+#include "half.h"
+#include "blocks.h"
+
+#ifdef QC_X86
+__attribute__((target("avx,f16c"))) static void f32_to_f16_f16c(const float *s, uint16_t *d, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(d + i), _mm256_cvtps_ph(_mm256_loadu_ps(s + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < n; i++) d[i] = f2h(s[i]);
+}
+__attribute__((target("avx2,f16c"))) static void bf16_to_f16_f16c(const uint16_t *s, uint16_t *d, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256i w = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(s + i))), 16);
+        _mm_storeu_si128((__m128i *)(d + i), _mm256_cvtps_ph(_mm256_castsi256_ps(w), _MM_FROUND_TO_NEAREST_INT));
+    }
+    for (; i < n; i++) d[i] = f2h(bits_f32((uint32_t)s[i] << 16));
+}
+#endif
+
+void qc_f16_to_f32(const uint16_t *s, float *d, int64_t n) { f16_row_to_f32(s, d, n); }
+void qc_f32_to_f16(const float *s, uint16_t *d, int64_t n) {
+#ifdef QC_X86
+    if (has_f16c()) { f32_to_f16_f16c(s, d, n); return; }
+#endif
+    for (int64_t i = 0; i < n; i++) d[i] = f2h(s[i]);
+}
+void qc_bf16_to_f32(const uint16_t *s, float *d, int64_t n) { for (int64_t i = 0; i < n; i++) d[i] = bits_f32((uint32_t)s[i] << 16); }
+void qc_f32_to_bf16(const float *s, uint16_t *d, int64_t n) { for (int64_t i = 0; i < n; i++) d[i] = f2bf(s[i]); }
+void qc_bf16_to_f16(const uint16_t *s, uint16_t *d, int64_t n) {
+#ifdef QC_X86
+    if (has_f16c()) { bf16_to_f16_f16c(s, d, n); return; }
+#endif
+    for (int64_t i = 0; i < n; i++) d[i] = f2h(bits_f32((uint32_t)s[i] << 16));
+}
+void qc_f16_to_bf16(const uint16_t *s, uint16_t *d, int64_t n) { for (int64_t i = 0; i < n; i++) d[i] = f2bf(h2f(s[i])); }
+
+
+/* type ids are GGMLQuantizationType values; returns 0 on success, -1 for an unhandled type */
+int qc_dequant(int type, const uint8_t *src, float *dst, int64_t n_blocks) { return ggml_dequant(type, src, dst, n_blocks); }
+
+static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_kernels",
+    "C kernels for qconvert, called through ctypes (see formats/ggml/codec.py).", -1, NULL};
+PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&moddef); }
+
+/* int4 layout bit packing (formats/int4/layout.py: pack / unpack): every 8 codes of a row fill `bits` bytes,
+ * little-endian, code k at bits k*bits..; a row is padded with zero codes to a multiple of 8 and stored in
+ * ceil(cols * bits / 8) bytes. */
+void qc_pack_bits(const uint8_t *q, int64_t rows, int64_t cols, int bits, uint8_t *out) {
+    const int64_t rb = (cols * bits + 7) / 8;
+    for (int64_t r = 0; r < rows; r++) {
+        const uint8_t *c = q + r * cols;
+        uint8_t *o = out + r * rb;
+        for (int64_t j = 0; j < cols; j += 8) {
+            uint64_t v = 0;
+            const int n = cols - j < 8 ? (int)(cols - j) : 8;
+            for (int k = 0; k < n; k++) v |= (uint64_t)c[j + k] << (k * bits);
+            const int64_t o0 = j / 8 * bits;
+            for (int b = 0; b < bits && o0 + b < rb; b++) o[o0 + b] = (uint8_t)(v >> (8 * b));
+        }
+    }
+}
+
+void qc_unpack_bits(const uint8_t *in, int64_t rows, int64_t cols, int bits, uint8_t *q) {
+    const int64_t rb = (cols * bits + 7) / 8;
+    const uint64_t mask = (1u << bits) - 1;
+    for (int64_t r = 0; r < rows; r++) {
+        const uint8_t *s = in + r * rb;
+        uint8_t *c = q + r * cols;
+        for (int64_t j = 0; j < cols; j += 8) {
+            uint64_t v = 0;
+            const int64_t o0 = j / 8 * bits;
+            for (int b = 0; b < bits && o0 + b < rb; b++) v |= (uint64_t)s[o0 + b] << (8 * b);
+            const int n = cols - j < 8 ? (int)(cols - j) : 8;
+            for (int k = 0; k < n; k++) c[j + k] = (uint8_t)((v >> (k * bits)) & mask);
+        }
+    }
+}

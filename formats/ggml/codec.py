@@ -1,0 +1,215 @@
+"""GGML block codecs: the C library ``formats.ggml._kernels`` (_kernels.c, _encode.c, _encode_w.c), with numpy
+fallbacks.
+
+``convert(raw, src, dst)`` turns raw rows of one stored type into raw rows of another; the C path is
+bit-identical to the numpy / gguf-package path (tests check this) and releases the GIL, so callers
+may convert chunks on several threads.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+from gguf import GGMLQuantizationType as GQ
+from gguf.constants import GGML_QUANT_SIZES
+
+from formats.ggml import dtypes
+from formats.native import I64, INT, P, load
+
+_F = [P, P, I64]
+SIGNATURES = {
+    **{f"qc_{a}_to_{b}": (_F, None) for a, b in (("f16", "f32"), ("f32", "f16"), ("bf16", "f32"), ("f32", "bf16"),
+                                                 ("bf16", "f16"), ("f16", "bf16"))},
+    "qc_dequant": ([INT, P, P, I64], INT),
+    "qc_quant": ([INT, P, P, I64], INT),
+    "qc_quant_w": ([INT, P, P, I64, I64, P], INT),
+    "qc_dequant_iq4": ([INT, P, P, I64], INT),
+    "qc_grid": ([INT, P, I64, P, P], INT),
+    "qc_pack_codes": ([INT, P, I64, P], INT),
+    "qc_pack_bits": ([P, I64, I64, INT, P], None),
+    "qc_unpack_bits": ([P, I64, I64, INT, P], None),
+}
+_LIB = load("formats.ggml._kernels", SIGNATURES)
+
+
+def pack_bits(q: np.ndarray, bits: int) -> np.ndarray | None:
+    """C bit packing of codes [rows, cols] (formats/int4/layout.py: pack); None without the kernels."""
+    if _LIB is None:
+        return None
+    q = np.ascontiguousarray(q, dtype=np.uint8)
+    rows, cols = q.shape
+    out = np.empty((rows, -(-cols * bits // 8)), np.uint8)
+    _LIB.qc_pack_bits(_ptr(q), rows, cols, bits, _ptr(out))
+    return out
+
+
+def unpack_bits(b: np.ndarray, bits: int, cols: int) -> np.ndarray | None:
+    """C unpacking (formats/int4/layout.py: unpack); None without the kernels."""
+    if _LIB is None:
+        return None
+    b = np.ascontiguousarray(b, dtype=np.uint8)
+    out = np.empty((b.shape[0], cols), np.uint8)
+    _LIB.qc_unpack_bits(_ptr(b), b.shape[0], cols, bits, _ptr(out))
+    return out
+
+
+def _keep_chunk_buffers() -> None:
+    """Let glibc reuse freed chunk buffers instead of mapping fresh pages for every chunk.
+
+    Streaming converts tensors in chunks of a few MB; by default each such buffer is a new mmap whose
+    page faults cost more than the conversion itself. Buffers below 64 MB now come from the heap.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 << 20)   # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 128 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+_keep_chunk_buffers()
+C_DEQUANT = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
+C_QUANT = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
+IQ4 = {"IQ4_NL", "IQ4_XS"}  # formats/ggml/_encode_w.c: encoders and decoders
+WEIGHTED = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"}
+"""Types whose encoder uses an importance matrix (llama-quantize's set; Q8_0 and float types ignore it)."""
+_FLOAT_DT = {"F32": np.float32, "F16": np.uint16, "BF16": np.uint16}
+
+
+def available() -> bool:
+    """True when the compiled kernels are loaded."""
+    return _LIB is not None
+
+
+def _ptr(a: np.ndarray) -> int:
+    return a.ctypes.data
+
+
+def _elems(raw: np.ndarray, t: str) -> tuple[np.ndarray, int]:
+    """Contiguous raw buffer and its number of values."""
+    raw = np.ascontiguousarray(raw)
+    if t in _FLOAT_DT:
+        return raw, raw.nbytes // np.dtype(_FLOAT_DT[t]).itemsize
+    block, size = GGML_QUANT_SIZES[GQ[t]]
+    return raw, raw.nbytes // size * block
+
+
+def to_f32(raw: np.ndarray, t: str, use_c: bool = True) -> np.ndarray:
+    """Raw values of type ``t`` (any shape, rows last) -> flat float32."""
+    raw, n = _elems(raw, t)
+    if t == "F32":
+        return raw.view(np.float32).reshape(-1)
+    if use_c and _LIB is not None and (t in ("F16", "BF16") or t in C_DEQUANT):
+        out = np.empty(n, np.float32)
+        if t == "F16":
+            _LIB.qc_f16_to_f32(_ptr(raw), _ptr(out), n)
+        elif t == "BF16":
+            _LIB.qc_bf16_to_f32(_ptr(raw), _ptr(out), n)
+        else:
+            nb = raw.nbytes // GGML_QUANT_SIZES[GQ[t]][1]
+            _LIB.qc_dequant(int(GQ[t]), _ptr(raw), _ptr(out), nb)
+        return out
+    if use_c and t in IQ4 and _LIB is not None:
+        out = np.empty(n, np.float32)
+        _LIB.qc_dequant_iq4(int(GQ[t]), _ptr(raw), _ptr(out), raw.nbytes // GGML_QUANT_SIZES[GQ[t]][1])
+        return out
+    block, size = GGML_QUANT_SIZES[GQ[t]]
+    if t in ("F16", "BF16"):
+        return dtypes.decode_rows(raw.reshape(-1), t).reshape(-1)
+    return dtypes.decode_rows(raw.view(np.uint8).reshape(-1, size), t).reshape(-1)
+
+
+def from_f32(x: np.ndarray, t: str, use_c: bool = True, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """float32 values -> flat raw values of type ``t`` (uint8 for block types, uint16 for F16/BF16).
+
+    ``imatrix``: importance weights of the columns (x is then whole rows of ``len(imatrix)`` values), used
+    by the types in ``WEIGHTED`` exactly as llama-quantize --imatrix uses them; other types ignore it.
+    The IQ4 types and the weighted fits need the compiled kernels.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    n = x.size
+    if t == "F32":
+        return x
+    if t in IQ4 or (imatrix is not None and t in WEIGHTED):
+        return _from_f32_weighted(x, t, imatrix)
+    if use_c and _LIB is not None and (t in ("F16", "BF16") or t in C_QUANT):
+        if t in C_QUANT:
+            block, size = GGML_QUANT_SIZES[GQ[t]]
+            out = np.empty(n // block * size, np.uint8)
+            _LIB.qc_quant(int(GQ[t]), _ptr(x), _ptr(out), n // block)
+        else:
+            out = np.empty(n, np.uint16)
+            (_LIB.qc_f32_to_f16 if t == "F16" else _LIB.qc_f32_to_bf16)(_ptr(x), _ptr(out), n)
+        return out
+    if t == "F16":
+        return x.astype(np.float16).view(np.uint16)
+    if t == "BF16":
+        return dtypes.f32_to_bf16(x)
+    block = GGML_QUANT_SIZES[GQ[t]][0]
+    return dtypes.encode_rows(x.reshape(-1, block), t).reshape(-1)
+
+
+def _from_f32_weighted(x: np.ndarray, t: str, imatrix: np.ndarray | None) -> np.ndarray:
+    if _LIB is None:
+        raise RuntimeError(f"{t} encoding{' with an importance matrix' if imatrix is not None else ''} needs the "
+                           "compiled kernels (formats.ggml._kernels); reinstall qconvert with a C compiler")
+    block, size = GGML_QUANT_SIZES[GQ[t]]
+    cols = x.size if imatrix is None else imatrix.size
+    if cols == 0 or x.size % cols or cols % block:
+        raise ValueError(f"{t}: {x.size} values are not whole rows of {cols} (a multiple of {block})")
+    qw = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
+    out = np.empty(x.size // block * size, np.uint8)
+    rc = _LIB.qc_quant_w(int(GQ[t]), _ptr(x), _ptr(out), x.size // cols, cols, None if qw is None else _ptr(qw))
+    if rc != 0:
+        raise ValueError(f"no importance-weighted encoder for {t}")
+    return out
+
+
+GRID_TYPES = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"}
+"""Block types whose sub-block grids ``block_grid`` reads and whose codes ``pack_codes`` rewrites."""
+
+
+def _need_grid(t: str) -> None:
+    if _LIB is None:
+        raise RuntimeError("GGML block grids need the compiled kernels (formats.ggml._kernels)")
+    if t not in GRID_TYPES:
+        raise ValueError(f"no block grid for {t}")
+
+
+def block_grid(raw: np.ndarray, t: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """Sub-block parameters of GGML blocks: (d, m) [n_sub] with value = d * G(code) + m, and the sub-block
+    length. G(code) = code for the affine types (codes 0..nmax, Q8_0's stored + 128), the IQ4 grid for IQ4."""
+    _need_grid(t)
+    raw = np.ascontiguousarray(raw).view(np.uint8)
+    block, size = GGML_QUANT_SIZES[GQ[t]]
+    nb = raw.size // size
+    subs = 1 if block == 32 else (16 if t in ("Q2_K", "Q3_K", "Q6_K") else 8)
+    d, m = np.empty(nb * subs, np.float32), np.empty(nb * subs, np.float32)
+    _LIB.qc_grid(int(GQ[t]), _ptr(raw), nb, _ptr(d), _ptr(m))
+    return d, m, block // subs
+
+
+def pack_codes(raw: np.ndarray, t: str, codes: np.ndarray) -> np.ndarray:
+    """A copy of GGML blocks ``raw`` with their codes replaced by ``codes`` (one uint8 per value, as
+    ``block_grid`` numbers them) and their scale bytes kept."""
+    _need_grid(t)
+    out = np.array(raw, dtype=np.uint8, copy=True).reshape(-1)
+    codes = np.ascontiguousarray(codes, dtype=np.uint8).reshape(-1)
+    block, size = GGML_QUANT_SIZES[GQ[t]]
+    if codes.size != out.size // size * block:
+        raise ValueError(f"{codes.size} codes for {out.size // size} {t} blocks")
+    _LIB.qc_pack_codes(int(GQ[t]), _ptr(out), out.size // size, _ptr(codes))
+    return out
+
+
+def convert(raw: np.ndarray, src: str, dst: str, use_c: bool = True, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """Raw values of type ``src`` -> flat raw values of type ``dst`` (a copy-free view when equal); ``imatrix``:
+    column importance for the encoder (see ``from_f32``)."""
+    if src == dst:
+        return np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
+    if use_c and _LIB is not None and (src, dst) in (("BF16", "F16"), ("F16", "BF16")):
+        raw, n = _elems(raw, src)
+        out = np.empty(n, np.uint16)
+        (_LIB.qc_bf16_to_f16 if src == "BF16" else _LIB.qc_f16_to_bf16)(_ptr(raw), _ptr(out), n)
+        return out.view(np.uint8)
+    return from_f32(to_f32(raw, src, use_c), dst, use_c, imatrix).view(np.uint8)

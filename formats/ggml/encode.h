@@ -1,0 +1,57 @@
+/* Helpers shared by the GGML block encoders (formats/ggml/_encode.c: plain; _encode_w.c: importance-weighted
+ * and IQ4) and the int4 group search (qconvert/quant/_kernels.c), each compiled into its own library. */
+#ifndef QC_QUANT_H
+#define QC_QUANT_H
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+#include "half.h"
+
+static inline void put16(uint8_t *p, float v) { const uint16_t h = f2h(v); memcpy(p, &h, 2); }
+/* round half to even for |v| < 2^22: adding 1.5 * 2^23 leaves the integer in the mantissa */
+static inline int rnd(float v) {
+    const float t = v + 12582912.f;
+    int32_t i; memcpy(&i, &t, 4);
+    return (i & 0x007fffff) - 0x00400000;
+}
+static inline int clampi(int v, int lo, int hi) { return v < lo ? lo : v > hi ? hi : v; }
+
+float qc_fit_scale_min(int n, int nmax, const float *x, const float *w, uint8_t *L, float *m_out,
+                       float rmin, float rdelta, int nstep);
+void qc_pack_scale_min_k4(uint8_t *sc, int j, int ls, int lm);
+void qc_pack_2bit(const uint8_t *L, uint8_t *qs);
+void qc_pack_k45(int five, const uint8_t *L, uint8_t *b);
+void qc_pack_q6k(const uint8_t *L, uint8_t *b);
+void qc_q6k(const float *x, uint8_t *b, int64_t nb, const float *qw);
+/* symmetric: x ~ scale * (L - nmax), L in [0, 2 nmax - 1], weights w (NULL: x^2): the scale from the value
+ * of largest magnitude, then 18 nearby grids, each with its weighted least-squares scale; the grid with the
+ * largest explained sum wins. Same operation order as ggml's make_qx_quants (bit-identical results). */
+static inline float qc_fit_sym(int n, int nmax, const float *x, const float *w, int8_t *L) {
+    float amax = 0, max = 0;
+    for (int i = 0; i < n; i++) { const float a = fabsf(x[i]); if (a > amax) { amax = a; max = x[i]; } }
+    if (amax < 1e-15f) { memset(L, 0, n); return 0.0f; }
+    float is = -nmax / max, sxl = 0, sl2 = 0;
+    for (int i = 0; i < n; i++) {
+        const int l = clampi(rnd(is * x[i]), -nmax, nmax - 1);
+        const float wi = w ? w[i] : x[i] * x[i];
+        L[i] = (int8_t)(l + nmax);
+        sxl += wi * x[i] * l; sl2 += wi * l * l;
+    }
+    float scale = sl2 ? sxl / sl2 : 0.0f, best = scale * sxl;
+    for (int k = -9; k <= 9; k++) {
+        if (!k) continue;
+        is = -(nmax + 0.1f * k) / max;
+        sxl = sl2 = 0;
+        for (int i = 0; i < n; i++) {
+            const int l = clampi(rnd(is * x[i]), -nmax, nmax - 1);
+            const float wi = w ? w[i] : x[i] * x[i];
+            sxl += wi * x[i] * l; sl2 += wi * l * l;
+        }
+        if (sl2 > 0 && sxl * sxl > best * sl2) {
+            for (int i = 0; i < n; i++) L[i] = (int8_t)(clampi(rnd(is * x[i]), -nmax, nmax - 1) + nmax);
+            scale = sxl / sl2; best = scale * sxl;
+        }
+    }
+    return scale;
+}
+#endif

@@ -1,0 +1,152 @@
+"""Products and dequantisation over stored matrices (formats/model/stored.py ``PackedMatrix``).
+
+``matmul(m, x)`` = x @ W.T in float32 for every storage type, read from the stored bytes: a few rows of x
+(decoding, at most ``DECODE_ROWS``) go through the C dot kernels (_dot.c: GGML blocks, _dot_int.c: integer
+codes), which dequantise in registers and split the rows over the caller and one C worker thread
+(_dot_par.c); more rows (prefill) dequantise a block of rows at a time into a reused float32 buffer and use
+numpy's BLAS. ``dequant`` gives exactly formats.ggml.codec.to_f32's / formats.int4.layout.dequant_rows'
+values (tests/test_codecs.py); without the compiled kernels everything runs through those numpy paths.
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+from gguf import GGMLQuantizationType as GQ
+
+from formats import threads
+from formats.ggml import codec
+from formats.int4.layout import dequant_rows, unpack, unpack_v1
+from formats.model.stored import PackedMatrix
+from qconvert.decoder.native import LIB as _LIB
+
+DECODE_ROWS = 8          # up to this many rows of x use the C dot kernels; more use BLAS on dequantised blocks
+BLOCK_VALUES = 16 << 20  # most float32 values dequantised at a time for the BLAS path (per thread)
+MIN_SPLIT = 1 << 16      # fewer weights than this run on one thread (scripts/bench_codecs.py measures the split)
+C_THREADS = 2            # the C dot kernels split rows over the caller and one worker (_dot_par.c)
+_LOCAL = threading.local()
+
+
+def _buffer(n: int) -> np.ndarray:
+    """This thread's reused float32 scratch buffer of at least ``n`` values (grown on demand)."""
+    buf = getattr(_LOCAL, "buf", None)
+    if buf is None or buf.size < n:
+        buf = _LOCAL.buf = np.empty(n, np.float32)
+    return buf[:n]
+
+
+def _ptr(a: np.ndarray | None) -> int | None:
+    return None if a is None else a.ctypes.data
+
+
+def _dequant_c(m: PackedMatrix, r0: int, r1: int, out: np.ndarray) -> None:
+    """C dequantisation of rows [r0, r1) into contiguous float32 ``out`` [r1 - r0, cols]."""
+    if m.is_int:
+        rc = _LIB.qc_dequant_int(_ptr(m.qweight), m.qweight.strides[0], _ptr(m.scales),
+                                 _ptr(m.offsets), _ptr(m.steps), m.bits, m.group,
+                                 m.flags, m.cols, r0, r1, _ptr(out))
+    else:
+        rc = _LIB.qc_dequant_ggml(int(GQ[m.ggml_type]), _ptr(m.data), m.data.strides[0], m.cols,
+                                  r0, r1, _ptr(out))
+    if rc:
+        raise ValueError(f"the C kernels cannot dequantise {m.stype}")
+
+
+def _dequant_numpy(m: PackedMatrix, r0: int, r1: int) -> np.ndarray:
+    if not m.is_int:
+        return codec.to_f32(m.data[r0:r1], m.ggml_type, use_c=False).reshape(r1 - r0, m.cols)
+    codes = (unpack_v1 if m.version == 1 else unpack)(m.qweight[r0:r1], m.bits, m.cols)
+    of = None if m.offsets is None else m.offsets[r0:r1]
+    if m.flags & 2:
+        of = unpack(of, m.bits, m.scales.shape[1])
+    return dequant_rows(codes, m.scales[r0:r1], of, m.bits, m.group,
+                        None if m.steps is None else m.steps[r0:r1])
+
+
+def dequant(m: PackedMatrix, r0: int = 0, r1: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+    """Rows [r0, r1) as float32 [r1 - r0, cols] (into ``out`` when given: C-contiguous float32); the
+    exact values of formats.ggml.codec.to_f32 / formats.int4.layout.dequant_rows."""
+    if m.col_perm is None:
+        return _dequant_stored(m, r0, r1, out)
+    w = _dequant_stored(m, r0, r1)
+    if out is None:
+        out = np.empty_like(w)
+    out[:, m.col_perm] = w
+    return out
+
+
+def _dequant_stored(m: PackedMatrix, r0: int = 0, r1: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+    r1 = m.rows if r1 is None else r1
+    if not 0 <= r0 <= r1 <= m.rows:
+        raise IndexError(f"rows [{r0}, {r1}) out of range for {m.rows} rows")
+    n = r1 - r0
+    if out is None:
+        out = np.empty((n, m.cols), np.float32)
+    elif out.shape != (n, m.cols) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be C-contiguous float32 {(n, m.cols)}")
+    if _LIB is None:
+        out[...] = _dequant_numpy(m, r0, r1)
+    else:
+        _dequant_c(m, r0, r1, out) if n * m.cols < MIN_SPLIT else threads.split(
+            lambda a, b: _dequant_c(m, r0 + a, r0 + b, out[a:b]), n)
+    return out
+
+
+def take(m: PackedMatrix, idx: np.ndarray) -> np.ndarray:
+    """Rows ``idx`` (1-D integers) as float32 [len(idx), cols] (an embedding lookup: only they are read)."""
+    idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+    return dequant(m.subset(idx))
+
+
+def _dot(m: PackedMatrix, x: np.ndarray, y: np.ndarray, ldy: int, r0: int, r1: int, threads: int = 1) -> None:
+    """C dot kernels: y's columns [r0, r1) (y: row stride ``ldy`` floats) = x @ W[r0:r1].T, the rows split
+    over the caller and the kernels' worker thread when ``threads`` is 2 (_dot_par.c)."""
+    T = x.shape[0]
+    yp = y.ctypes.data + 4 * r0
+    if m.is_int:
+        rc = _LIB.qc_matmul_int(_ptr(m.qweight), m.qweight.strides[0], _ptr(m.scales),
+                                _ptr(m.offsets), _ptr(m.steps), m.bits, m.group,
+                                m.flags, _ptr(x), T, m.cols, yp, ldy, r0, r1,
+                                threads)
+    else:
+        rc = _LIB.qc_matmul_ggml(int(GQ[m.ggml_type]), _ptr(m.data), m.data.strides[0], _ptr(x), T,
+                                 m.cols, yp, ldy, r0, r1, threads)
+    if rc:
+        raise ValueError(f"the C kernels cannot multiply by {m.stype}")
+
+
+def matmul(m: PackedMatrix, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """x [T, cols] (or [cols]) -> x @ W.T, float32 [T, rows] (or [rows]).
+
+    ``out``: a preallocated float32 [T, rows] (or [rows]) array to write into; any row stride (e.g. a
+    column slice of a wider output holding stacked q/k/v), unit column stride."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    vec = x.ndim == 1
+    x = x.reshape(1, -1) if vec else x
+    T = x.shape[0]
+    if x.shape[1] != m.cols:
+        raise ValueError(f"x has {x.shape[1]} columns; the matrix has {m.cols}")
+    if m.col_perm is not None:
+        x = np.ascontiguousarray(x[:, m.col_perm])
+    if out is None:
+        out = np.empty(m.rows if vec else (T, m.rows), np.float32)
+    o2 = out[None, :] if out.ndim == 1 else out
+    if o2.shape != (T, m.rows) or o2.dtype != np.float32 or (T > 0 and m.rows > 1 and o2.strides[1] != 4) \
+            or o2.strides[0] % 4:
+        raise ValueError(f"out must be float32 {(T, m.rows)} with unit column stride")
+    if T == 0 or m.rows == 0:
+        return out
+    if _LIB is None:
+        o2[...] = x @ _dequant_numpy(m, 0, m.rows).T  # stored order, as x is
+    elif T <= DECODE_ROWS:
+        ldy = o2.strides[0] // 4 if T > 1 else m.rows
+        split = threads.count() > 1 and m.rows * m.cols >= MIN_SPLIT
+        _dot(m, x, o2, ldy, 0, m.rows, C_THREADS if split else 1)
+    else:
+        step = max(1, min(m.rows, BLOCK_VALUES // max(1, m.cols)))
+        for r0 in range(0, m.rows, step):
+            r1 = min(m.rows, r0 + step)
+            w = _buffer((r1 - r0) * m.cols).reshape(r1 - r0, m.cols)
+            _dequant_stored(m, r0, r1, out=w)
+            np.matmul(x, w.T, out=o2[:, r0:r1])
+    return out

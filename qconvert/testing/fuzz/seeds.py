@@ -1,0 +1,118 @@
+"""Valid seed files for the fuzzer: a micro Qwen2 checkpoint (HF, GGUF, int4) with a 320-token byte-level BPE
+tokenizer cut from the real Qwen2 one, so one case converts in milliseconds; plus the real 0.5B GGUF's header
+(tensor data left as a file hole) when that file is cached."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qconvert.testing.tiny import DATA
+
+N_BPE = 300  # 256 byte symbols + the first 44 merges of the real vocabulary
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+VOCAB = 320
+CHATML = (DATA / "tokenizer_config.json")
+SEEDS_VERSION = "seeds 1\n"  # bump when the seeds change: cached seed folders are then rebuilt
+
+
+def micro_tokenizer() -> tuple[dict[str, Any], dict[str, Any]]:
+    """(tokenizer.json, tokenizer_config.json) of a small valid Qwen2-style tokenizer."""
+    tj = json.load(gzip.open(DATA / "tokenizer.json.gz"))
+    vocab = {t: i for t, i in tj["model"]["vocab"].items() if i < N_BPE}
+    tj["model"]["vocab"] = vocab
+    tj["model"]["merges"] = tj["model"]["merges"][:N_BPE - 256]
+    tj["added_tokens"] = [dict(a, id=N_BPE + k) for k, a in enumerate(tj["added_tokens"][:len(SPECIALS)])]
+    tc = json.loads(CHATML.read_text())
+    tc["added_tokens_decoder"] = {str(a["id"]): {k: v for k, v in a.items() if k != "id"} for a in tj["added_tokens"]}
+    return tj, tc
+
+
+def micro_hf(out: Path, dtype: str = "f32", seed: int = 0) -> Path:
+    """A valid micro HF checkpoint (1 layer, hidden 32, tied) written with the safetensors package."""
+    from safetensors.numpy import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    h, f, heads, kv, hd = 32, 64, 2, 1, 16
+    ts = {"model.embed_tokens.weight": rng.normal(0, 1, (VOCAB, h)), "model.norm.weight": rng.normal(1, .1, h)}
+    p = "model.layers.0."
+    for n, shape in [("self_attn.q_proj.weight", (heads * hd, h)), ("self_attn.k_proj.weight", (kv * hd, h)),
+                     ("self_attn.v_proj.weight", (kv * hd, h)), ("self_attn.o_proj.weight", (h, heads * hd)),
+                     ("mlp.gate_proj.weight", (f, h)), ("mlp.up_proj.weight", (f, h)), ("mlp.down_proj.weight", (h, f))]:
+        ts[p + n] = rng.normal(0, 1 / np.sqrt(shape[1]), shape)
+    for n, k in [("self_attn.q_proj.bias", heads * hd), ("self_attn.k_proj.bias", kv * hd),
+                 ("self_attn.v_proj.bias", kv * hd)]:
+        ts[p + n] = rng.normal(0, .1, k)
+    for n in ("input_layernorm.weight", "post_attention_layernorm.weight"):
+        ts[p + n] = rng.normal(1, .1, h)
+    np_dt = {"f32": np.float32, "f16": np.float16}[dtype]
+    save_file({k: np.ascontiguousarray(v.astype(np_dt)) for k, v in ts.items()}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+    cfg = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": VOCAB, "hidden_size": h,
+           "intermediate_size": f, "num_hidden_layers": 1, "num_attention_heads": heads, "num_key_value_heads": kv,
+           "max_position_embeddings": 4096, "rope_theta": 1e6, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+           "bos_token_id": N_BPE, "eos_token_id": N_BPE + 2, "torch_dtype": "float32" if dtype == "f32" else "float16",
+           "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024},
+           "use_sliding_window": False, "sliding_window": 4096, "max_window_layers": 1, "hidden_act": "silu"}
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": N_BPE, "eos_token_id": N_BPE + 2}))
+    tj, tc = micro_tokenizer()
+    (out / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False))
+    (out / "tokenizer_config.json").write_text(json.dumps(tc, indent=2, ensure_ascii=False))
+    return out
+
+
+def real_header_gguf(out: Path) -> Path | None:
+    """The cached real 0.5B Q4_K_M GGUF's header with its data as a file hole (a few MB on disk), or None."""
+    from qconvert.testing.fetch import REAL_MODEL_NAME, cache_dir
+
+    real = cache_dir() / REAL_MODEL_NAME
+    if not real.is_file():
+        return None
+    from formats.gguf.header import read_header
+    _, infos = read_header(real)
+    start = min(t.offset for t in infos)
+    with open(real, "rb") as f, open(out, "wb") as g:
+        g.write(f.read(start))
+        g.truncate(real.stat().st_size)
+    return out
+
+
+def make_seeds(root: Path) -> dict[str, Path]:
+    """Every seed under ``root`` (made once): hf, hf16, gguf_f16, gguf_q8, gguf_q4k, int4, int4_16 folders/files."""
+    import subprocess
+    import sys
+
+    from formats.gguf.write import write_gguf
+    from formats.hf.read import open_hf
+
+    root = Path(root)
+    marker = root / ".done"
+    seeds = {"hf": root / "hf", "hf16": root / "hf16", "gguf_f16": root / "f16.gguf", "gguf_q8": root / "q8.gguf",
+             "gguf_q4": root / "q4_1.gguf", "int4": root / "int4", "int4_16": root / "int4_16"}
+    if marker.is_file() and marker.read_text() == SEEDS_VERSION:
+        real = root / "real-header.gguf"
+        return {**seeds, **({"gguf_real": real} if real.is_file() else {})}
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    micro_hf(seeds["hf"])
+    micro_hf(seeds["hf16"], "f16", seed=1)
+    for key, t in (("gguf_f16", "f16"), ("gguf_q8", "q8_0"), ("gguf_q4", "q4_1")):
+        with open_hf(str(seeds["hf"])) as src:
+            write_gguf(src, seeds[key], t, progress=False)
+    cli = [sys.executable, "-c", "from qconvert.cli import main; main()", "quantize"]
+    subprocess.run([*cli, str(seeds["hf"]), str(seeds["int4"]), "--method", "rtn", "--quiet"], check=True,
+                   capture_output=True)
+    subprocess.run([*cli, str(seeds["hf16"]), str(seeds["int4_16"]), "--method", "rtn", "--quiet", "--bits", "3",
+                    "--scale-bits", "16", "--sym", "--mix", "uniform"], check=True, capture_output=True)
+    real = real_header_gguf(root / "real-header.gguf")
+    marker.write_text(SEEDS_VERSION)
+    os.sync()
+    return {**seeds, **({"gguf_real": real} if real else {})}
