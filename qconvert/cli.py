@@ -1,108 +1,49 @@
-"""The ``qconvert`` command line. User mistakes print one ``error:`` line and exit 1."""
+"""The ``qconvert`` command line: each command's options go to one library call (qconvert/convert.py and its
+neighbours). User mistakes print one ``error:`` line and exit 1."""
 from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import click
 
+from formats import threads
 from formats.errors import QConvertError
 from formats.gguf.write import OUTTYPES
-from qconvert.quant.mixtures import MIXTURES, ROLES, ROLES_FILE_TYPE
-from qconvert.quant.recipes import MIXES, describe_plan
+from qconvert.quant.mixtures import MIXTURES, ROLES
+from qconvert.quant.recipes import MIXES
+
+FILE = click.Path(path_type=Path, dir_okay=False, exists=True)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
-    """Move Qwen2-family weights between HF safetensors and GGUF, and check the result."""
+    """Move Qwen2-family weights between HF safetensors, GGUF and int4, and check the result."""
 
 
-def _size(s: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    s = s.strip().upper().rstrip("B")
-    try:
-        return int(float(s[:-1]) * units[s[-1]]) if s and s[-1] in units else int(s)
-    except ValueError:
-        raise QConvertError(f"cannot read size {s!r}; write e.g. 2G, 500M or a byte count") from None
+def _common(*names: str):
+    """The options several commands share: --force, --quiet, --threads, --imatrix, the decoder backend."""
+    opts = {
+        "force": click.option("--force", is_flag=True, help="replace the output if it exists"),
+        "quiet": click.option("--quiet", is_flag=True, help="no progress bar"),
+        "imatrix": click.option("--imatrix", type=FILE, help="importance matrix (llama-imatrix's GGUF or legacy .dat, "
+                                "or `qconvert imatrix`): weights every block's fit as llama-quantize --imatrix does"),
+        "backend": lambda f: click.option("--backend", type=click.Choice(["numpy", "torch"]), default="numpy",
+                                          show_default=True)(click.option(
+            "--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)(click.option(
+                "--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+                help="torch backend weight dtype")(f))),
+    }
+    threads_opt = click.option("--threads", type=click.IntRange(min=1), default=None, expose_value=False,
+                               callback=lambda ctx, p, v: threads.set_count(v), is_eager=True,
+                               help="threads for every kernel (default: the CPUs this process may use)")
 
-
-def _available_memory() -> int:
-    """Bytes of RAM available now (MemAvailable, capped by a cgroup memory limit if one is set)."""
-    avail = 8 << 30
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    avail = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:  # this process's memory cgroup: v1 (hierarchy "memory") or v2 (the unified "0::" line)
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        lines = []
-    for line in lines:
-        _, ctrl, rel = line.split(":", 2)
-        limit = (Path("/sys/fs/cgroup/memory") / rel.lstrip("/") / "memory.limit_in_bytes" if "memory" in ctrl.split(",")
-                 else Path("/sys/fs/cgroup") / rel.lstrip("/") / "memory.max" if ctrl == "" else None)
-        try:
-            v = limit.read_text().strip() if limit else ""
-        except OSError:
-            continue
-        if v.isdigit():
-            avail = min(avail, int(v))
-    return avail
-
-
-def _write_gguf(src, out: Path, outtype: str, force: bool, progress: bool, name: str | None = None,
-                split: tuple[int | None, int | None] = (None, None), files: list[Path] | None = None,
-                imatrix: Path | None = None) -> dict:
-    """Write a GGUF with a plain output type or a llama-quantize mixture (``imatrix``: an importance-matrix
-    file for the encoders, as llama-quantize --imatrix).
-
-    From an int4 folder or a GPTQ / AWQ / compressed-tensors checkpoint, ``auto`` / ``q4_0`` / ``q4_1`` /
-    ``q8_0`` repack the stored codes into GGML blocks where that is exact and requantise the rest
-    (formats/int4/to_gguf.py); one line reports which.
-    """
-    from formats.gguf.imatrix import read_imatrix
-    from formats.gguf.write import write_gguf
-
-    im = read_imatrix(imatrix) if imatrix is not None else None
-    if im is not None:
-        click.echo(f"imatrix: {len(im.entries)} entries from {imatrix} ({im.chunk_count} chunks"
-                   + (f" of {im.datasets[0]}" if im.datasets else "") + ")")
-
-    if src.kind == "int4" or src.stored:
-        from formats.int4.to_gguf import EXACT_OUTTYPES, plan_int4_gguf
-        if outtype in EXACT_OUTTYPES or outtype in MIXTURES:
-            if outtype in MIXTURES:
-                from qconvert.quant.mixtures import mixture_types
-                plan = plan_int4_gguf(src, outtype, mixture_types(src.config, outtype, im is not None),
-                                      MIXTURES[outtype][1])
-            else:
-                plan = plan_int4_gguf(src, outtype)
-            types = write_gguf(src, out, force=force, progress=progress, name=name, types=plan.types,
-                               file_type=plan.file_type, raw_chunks=plan.raw_chunks, split_max_size=split[0],
-                               split_max_tensors=split[1], files=files, imatrix=im)
-            click.echo(plan.summary())
-            return types
-        click.echo(f"{src.quantization or 'int4'} -> GGUF: no tensor mapped exactly; every matrix dequantised and re-encoded as {outtype} "
-                   f"(exact mapping of the codes needs --outtype {', '.join(EXACT_OUTTYPES)})")
-    if outtype in MIXTURES or outtype == ROLES:
-        from qconvert.quant.mixtures import mixture_types
-        return write_gguf(src, out, force=force, progress=progress, name=name,
-                          types=mixture_types(src.config, outtype, im is not None),
-                          file_type=MIXTURES[outtype][1] if outtype in MIXTURES else ROLES_FILE_TYPE,
-                          split_max_size=split[0], split_max_tensors=split[1], files=files, imatrix=im)
-    return write_gguf(src, out, outtype, force=force, progress=progress, name=name, split_max_size=split[0],
-                      split_max_tensors=split[1], files=files, imatrix=im)
-
-
-def _imatrix_option(f):
-    return click.option("--imatrix", type=click.Path(path_type=Path, dir_okay=False, exists=True),
-                        help="importance matrix (llama-imatrix's GGUF or legacy .dat, or `qconvert imatrix`): "
-                             "weights every block's fit as llama-quantize --imatrix does")(f)
+    def wrap(f):
+        for n in reversed(names):
+            f = opts[n](f)
+        return threads_opt(f)
+    return wrap
 
 
 @cli.command("hf-to-gguf")
@@ -122,31 +63,12 @@ def _imatrix_option(f):
               "most this much tensor data each, e.g. 2G or 200M (1000-based, as llama-gguf-split)")
 @click.option("--split-max-tensors", type=click.IntRange(min=1), default=None,
               help="write llama.cpp split files of at most this many tensors each")
-@_imatrix_option
-@click.option("--force", is_flag=True, help="overwrite OUT if it exists")
-@click.option("--quiet", is_flag=True, help="no progress bar")
-def hf_to_gguf(src: str, out: Path, outtype: str, name: str | None, split_max_size: str | None,
-               split_max_tensors: int | None, imatrix: Path | None, force: bool, quiet: bool) -> None:
+@_common("imatrix", "force", "quiet")
+def hf_to_gguf(src, out, outtype, name, split_max_size, split_max_tensors, imatrix, force, quiet) -> None:
     """Convert an HF checkpoint (folder or Hub id), an int4 folder or a GGUF (a split one: its first part) to a
     GGUF file, or to llama.cpp split files."""
-    from formats.files.atomic import check_target
-    from formats.gguf.split import parse_size
-    from formats.open import open_model
-
-    split = (parse_size(split_max_size) if split_max_size else None, split_max_tensors)
-    if not any(split):
-        check_target(out, force)
-    t0 = time.perf_counter()
-    with open_model(src) as s:
-        files: list[Path] = []
-        types = _write_gguf(s, out, outtype, force, not quiet, name, split, files, imatrix)
-    counts: dict[str, int] = {}
-    for t in types.values():
-        counts[t] = counts.get(t, 0) + 1
-    size = sum(f.stat().st_size for f in files)
-    where = f"{files[0]} .. {files[-1].name} ({len(files)} parts, " if len(files) > 1 else f"{out} ("
-    click.echo(f"wrote {where}{size / 2**20:.1f} MiB, {len(types)} tensors {counts}) "
-               f"in {time.perf_counter() - t0:.1f}s")
+    from qconvert.convert import hf_to_gguf as run
+    click.echo(run(src, out, outtype, click.echo, name, split_max_size, split_max_tensors, imatrix, force, not quiet))
 
 
 @cli.command("gguf-to-hf")
@@ -154,20 +76,11 @@ def hf_to_gguf(src: str, out: Path, outtype: str, name: str | None, split_max_si
 @click.argument("outdir", type=click.Path(path_type=Path))
 @click.option("--dtype", type=click.Choice(["bf16", "f16", "f32"]), default="bf16", show_default=True)
 @click.option("--max-shard-size", default="4G", show_default=True, help="largest safetensors shard")
-@click.option("--force", is_flag=True, help="replace OUTDIR if it exists")
-@click.option("--quiet", is_flag=True, help="no progress bar")
-def gguf_to_hf(src: Path, outdir: Path, dtype: str, max_shard_size: str, force: bool, quiet: bool) -> None:
+@_common("force", "quiet")
+def gguf_to_hf(src, outdir, dtype, max_shard_size, force, quiet) -> None:
     """Dequantise a GGUF into an HF folder that transformers loads."""
-    from formats.files.atomic import check_target
-    from formats.hf.write import write_hf
-    from formats.open import open_model
-
-    check_target(outdir, force)
-    t0 = time.perf_counter()
-    with open_model(str(src)) as s:
-        shards = write_hf(s, outdir, dtype, _size(max_shard_size), force=force, progress=not quiet)
-    size = sum(p.stat().st_size for p in shards)
-    click.echo(f"wrote {outdir} ({len(shards)} shard(s), {size / 2**20:.1f} MiB {dtype}) in {time.perf_counter() - t0:.1f}s")
+    from qconvert.convert import gguf_to_hf as run
+    click.echo(run(str(src), outdir, dtype, max_shard_size, force, not quiet))
 
 
 @cli.command("inspect")
@@ -208,8 +121,8 @@ def inspect_cmd(model: str, as_json: bool, show_all: bool) -> None:
                    "compressed-tensors store, so `qconvert export` keeps every value")
 @click.option("--head-bits", type=click.IntRange(2, 8), default=8, show_default=True,
               help="int4 format: bits of the output head (lm_head, or the tied embedding)")
-@click.option("--calib", type=click.Path(path_type=Path, dir_okay=False, exists=True),
-              help="gptq: calibration text file (default: a fixed set of Python standard-library modules)")
+@click.option("--calib", type=FILE, help="gptq: calibration text file (default: a fixed set of Python "
+              "standard-library modules)")
 @click.option("--calib-samples", type=click.IntRange(1), default=64, show_default=True,
               help="gptq: number of calibration windows")
 @click.option("--calib-ctx", type=click.IntRange(16), default=512, show_default=True, help="gptq: tokens per window")
@@ -232,64 +145,24 @@ def inspect_cmd(model: str, as_json: bool, show_all: bool) -> None:
               help="gguf format: q8_0, q4_0, q4_1, q5_0, q5_1 (every matrix), roles (the int4 --mix roles plan's "
                    "bits on GGML types: 4 -> Q4_1, 5 -> Q5_1, 8 -> Q8_0, ...) or a llama-quantize mixture ("
                    + ", ".join(MIXTURES) + ")")
-@_imatrix_option
-@click.option("--force", is_flag=True, help="replace OUT if it exists")
-@click.option("--quiet", is_flag=True, help="no progress bar")
-def quantize_cmd(src: str, out: Path, fmt: str, bits: int, group_size: str, scale_bits: str, mix: str,
-                 target_bpw: float | None, method: str, sym: bool, zero_point: str, head_bits: int, calib: Path | None,
-                 calib_samples: int, calib_ctx: int, act_order: bool, sequential: bool, damp: float,
-                 propagate: float, calib_dtype: str, report_png: Path | None,
-                 gtype: str, imatrix: Path | None, force: bool, quiet: bool) -> None:
+@_common("imatrix", "force", "quiet")
+def quantize_cmd(src, out, fmt, bits, group_size, scale_bits, mix, target_bpw, method, sym, zero_point, head_bits,
+                 calib, calib_samples, calib_ctx, act_order, sequential, damp, propagate, calib_dtype, report_png,
+                 gtype, imatrix, force, quiet) -> None:
     """Quantise a model (HF folder, Hub id or GGUF) to the int4 layout or to a GGUF type / mixture."""
-    from formats.files.atomic import check_target
-    from formats.open import open_model
-
-    check_target(out, force)
-    t0 = time.perf_counter()
-    if imatrix is not None and fmt != "gguf":
-        raise QConvertError("--imatrix applies to --format gguf; the int4 format's data-aware method is --method gptq")
+    from qconvert.convert import quantize_folder, quantize_gguf
+    from qconvert.quant.groupwise import QuantSpec
     from qconvert.quant.run import CalibOptions
+
     calib_opts = CalibOptions(calib, calib_samples, calib_ctx, act_order, damp, sequential, propagate, calib_dtype)
     if fmt == "gguf":
-        if gtype not in MIXTURES and gtype not in ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", ROLES):
-            raise QConvertError(f"--type {gtype} is not a GGUF quantisation qconvert writes; see --help")
-        if method not in ("search", "gptq"):
-            raise QConvertError(f"--method {method} is not available for --format gguf: the GGML encoders are "
-                                "used (default), or gptq onto their blocks (--method gptq)")
-        with open_model(src) as s:
-            if method == "gptq":
-                from formats.gguf.imatrix import read_imatrix
-                from qconvert.quant.run import quantize_gguf_gptq
-                im = read_imatrix(imatrix) if imatrix is not None else None
-                types = quantize_gguf_gptq(s, out, gtype, im, calib_opts, force, quiet, click.echo)
-            else:
-                types = _write_gguf(s, out, gtype, force, not quiet, imatrix=imatrix)
-        n = sum(1 for t in types.values() if t != "F32")
-        click.echo(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {n} quantised tensors, {gtype}) "
-                   f"in {time.perf_counter() - t0:.1f}s")
+        click.echo(quantize_gguf(src, out, gtype, method, calib_opts, click.echo, imatrix, force, quiet))
         return
-    from qconvert.quant.groupwise import QuantSpec
-    from qconvert.quant.report import layer_table, plot_errors
-    from qconvert.quant.run import quantize_int4
+    if imatrix is not None:
+        raise QConvertError("--imatrix applies to --format gguf; the int4 format's data-aware method is --method gptq")
     base = QuantSpec(bits, int(group_size), sym, int(scale_bits), zero_int=zero_point == "int")
-    with open_model(src) as s:
-        st = quantize_int4(s, out, base, method, mix, head_bits, target_bpw, calib_opts, force, quiet, click.echo)
-    errs = st["errors"]
-    worst = sorted(errs.items(), key=lambda kv: -kv[1])[:3]
-    title = f"{base.label()} ({method}, mix {mix})"
-    click.echo(f"wrote {out}: {title}, "
-               f"{st['bits_per_weight']:.3f} bits per weight on {st['quantised_params'] / 1e6:.1f}M quantised weights "
-               f"(head {st['head'][0]} at {st['head'][1]} bits), "
-               f"{st['dir_bytes'] / 2**20:.1f} MiB, {time.perf_counter() - t0:.1f}s")
-    if st["upgrades"]:
-        click.echo("mix: " + describe_plan(st["upgrades"]))
-    if not quiet:
-        click.echo("relative RMS error per layer and matrix:\n" + layer_table(errs))
-    click.echo(f"relative RMS error per matrix: mean {sum(errs.values()) / len(errs):.4f}; worst "
-               + ", ".join(f"{n} {e:.4f}" for n, e in worst))
-    if report_png:
-        plot_errors(errs, report_png, f"{src}: {title}")
-        click.echo(f"wrote {report_png}")
+    quantize_folder(src, out, base, method, mix, head_bits, target_bpw, calib_opts, click.echo, report_png, force,
+                    quiet)
 
 
 @cli.command("export")
@@ -308,144 +181,34 @@ def quantize_cmd(src: str, out: Path, fmt: str, bits: int, group_size: str, scal
               help="... and this method (gptq: default calibration text)")
 @click.option("--widen", is_flag=True, help="store matrices whose bit width the format lacks at the next width it has "
               "(exact; e.g. GPTQ 5 -> 8 bits); AWQ leaves 5-8-bit matrices unquantised (F16, modules_to_not_convert)")
-@click.option("--force", is_flag=True, help="replace OUT if it exists")
-@click.option("--quiet", is_flag=True, help="no progress bar")
-def export_cmd(src: str, out: Path, to: str, bits: int, group_size: str, sym: bool, mix: str, method: str,
-               widen: bool, force: bool, quiet: bool) -> None:
+@_common("force", "quiet")
+def export_cmd(src, out, to, bits, group_size, sym, mix, method, widen, force, quiet) -> None:
     """Write a quantised HF checkpoint that vLLM, SGLang and transformers load. SRC: an int4 folder (its codes are
     kept: symmetric and --zero-point int groups exactly, float offsets re-rounded to integer zeros, the change
     reported), or any model, quantised first on the format's own grid (f16 scales, integer zeros) so nothing
     is rounded on the way."""
-    import shutil
-
-    from formats.files.atomic import check_target
-    from formats.hf.quantized_write import write_export
-    from formats.open import open_model
+    from qconvert.convert import export
     from qconvert.quant.groupwise import QuantSpec
-    from qconvert.quant.run import quantize_int4
 
-    check_target(out, force)
-    t0 = time.perf_counter()
-    tmp = out.parent / f".{out.name}.int4-tmp"
-    try:
-        with open_model(src) as s:
-            if s.kind == "int4":
-                line = write_export(s, out, to, force, not quiet, widen=widen)
-            else:
-                spec = QuantSpec(bits, int(group_size), sym, 16, zero_int=not sym)
-                quantize_int4(s, tmp, spec, method, mix, 8, None, force=True, quiet=quiet, echo=click.echo)
-                click.echo(f"quantised {src}: {spec.label()} ({method}, mix {mix})")
-                with open_model(str(tmp)) as q:
-                    line = write_export(q, out, to, force, not quiet, floats=s, widen=widen)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    size = sum(p.stat().st_size for p in out.iterdir())
-    click.echo(line)
-    click.echo(f"wrote {out} ({size / 2**20:.1f} MiB) in {time.perf_counter() - t0:.1f}s; check it with "
-               f"`qconvert verify {src} {out}`")
+    spec = QuantSpec(bits, int(group_size), sym, 16, zero_int=not sym)
+    click.echo(export(src, out, to, click.echo, spec, method, mix, widen, force, quiet))
 
 
 @cli.command("imatrix")
 @click.argument("model")
-@click.option("--calib", type=click.Path(path_type=Path, dir_okay=False, exists=True),
-              help="calibration text file (default: a fixed set of Python standard-library modules)")
+@click.option("--calib", type=FILE, help="calibration text file (default: a fixed set of Python standard-library "
+              "modules)")
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path, dir_okay=False), required=True,
               help="imatrix file to write (llama-imatrix's GGUF layout)")
 @click.option("--ctx", type=click.IntRange(16), default=512, show_default=True,
               help="tokens per chunk; each chunk runs from an empty cache (llama-imatrix's -c)")
 @click.option("--chunks", type=click.IntRange(1), default=None, help="use at most this many chunks (default: all)")
-@click.option("--force", is_flag=True, help="replace OUT if it exists")
-@click.option("--quiet", is_flag=True, help="no progress bar")
-def imatrix_cmd(model: str, calib: Path | None, out: Path, ctx: int, chunks: int | None, force: bool,
-                quiet: bool) -> None:
+@_common("force", "quiet")
+def imatrix_cmd(model, calib, out, ctx, chunks, force, quiet) -> None:
     """Compute an importance matrix (per input column of every layer matrix, the mean squared activation over
     the calibration text), written in llama.cpp's imatrix format for `--imatrix` here or in llama-quantize."""
-    from formats.files.atomic import check_target
-    from formats.files.progress import bar
-    from formats.gguf.imatrix import write_imatrix
-    from formats.open import open_model
-    from qconvert.corpus import CALIB_MODULES, stdlib_text, tokens_digest, windows
-    from qconvert.quant.imatrix import compute_imatrix
-    from qconvert.text import encode
-
-    check_target(out, force)
-    t0 = time.perf_counter()
-    text = calib.read_text(encoding="utf-8", errors="replace") if calib else stdlib_text(CALIB_MODULES)
-    with open_model(model) as s:
-        ids = encode(s.tokenizer, text)
-        ws = windows(ids, chunks or len(ids) // ctx, ctx)
-        with bar(len(ws), "imatrix chunks", not quiet) as pb:
-            im = compute_imatrix(s, ws, str(calib) if calib else "python-stdlib:" + ",".join(CALIB_MODULES),
-                                 on_window=lambda k, n: pb.update(1))
-    write_imatrix(im, out, force)
-    click.echo(f"wrote {out}: {len(im.entries)} entries from {len(ws)} x {ctx} tokens (ids {tokens_digest(ws)}) "
-               f"in {time.perf_counter() - t0:.1f}s")
-
-
-def _backend_options(f):
-    f = click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
-                     help="torch backend weight dtype")(f)
-    f = click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)(f)
-    f = click.option("--backend", type=click.Choice(["numpy", "torch"]), default="numpy", show_default=True)(f)
-    return f
-
-
-def _tokens(src, text: Path | None, token_ids: Path | None, ctx: int) -> "list[int]":
-    from qconvert.text import encode
-
-    if token_ids is not None:
-        try:
-            ids = json.loads(token_ids.read_text())
-        except (OSError, ValueError) as e:
-            raise QConvertError(f"{token_ids}: cannot read token ids ({e}); expected a JSON list of integers") from None
-        if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
-            raise QConvertError(f"{token_ids}: expected a JSON list of integers")
-        bad = [i for i in ids if not 0 <= i < src.config.vocab_size]
-        if bad:
-            raise QConvertError(f"{token_ids}: token id {bad[0]} outside the vocabulary (0..{src.config.vocab_size - 1})")
-    else:
-        path = text or Path(__file__).parent / "data" / "verify.txt"
-        try:
-            body = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise QConvertError(f"{path}: cannot read text ({e})") from None
-        ids = encode(src.tokenizer, body)
-    if len(ids) < 2:
-        raise QConvertError("need at least 2 tokens; give a longer --text")
-    return ids[:ctx]
-
-
-def _logit_chunks(location: str, tokens, backend: str, device: str, dtype: str):
-    """The model's logits for ``tokens``, [≤128, vocab] float32 at a time; the decoder streams its weights
-    layer by layer, so memory stays at about one layer whatever the model's size."""
-    import numpy as np
-
-    from formats.open import open_model
-    from qconvert.decoder import make_decoder
-
-    with open_model(location) as src:
-        dec = make_decoder(src, backend, device, dtype, stream=True)
-        for chunk in dec.logit_chunks(tokens):
-            yield np.asarray(chunk, dtype=np.float32)
-        del dec
-
-
-def _write_npz_streamed(path: Path, ids, chunks) -> tuple[int, int]:
-    """An .npz with ``token_ids`` and ``logits`` whose logits are appended chunk by chunk (np.load reads it)."""
-    import zipfile
-
-    import numpy as np
-
-    first = next(chunks)
-    n, vocab = len(ids), first.shape[1]
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
-        with z.open("token_ids.npy", "w") as f:
-            np.lib.format.write_array(f, np.asarray(ids, dtype=np.int32))
-        with z.open("logits.npy", "w", force_zip64=True) as f:
-            np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (n, vocab)})
-            for c in (first, *chunks):
-                f.write(np.ascontiguousarray(c, dtype="<f4").tobytes())
-    return n, vocab
+    from qconvert.quant.imatrix import imatrix_file
+    click.echo(imatrix_file(model, out, calib, ctx, chunks, force, not quiet))
 
 
 @cli.command("logits")
@@ -455,22 +218,11 @@ def _write_npz_streamed(path: Path, ids, chunks) -> tuple[int, int]:
 @click.option("--ctx", default=512, show_default=True, help="use the first N tokens")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="output .npz (token_ids, logits)")
 @click.option("--force", is_flag=True, help="overwrite --out")
-@_backend_options
-def logits_cmd(model: str, text: Path | None, token_ids: Path | None, ctx: int, out: Path, force: bool,
-               backend: str, device: str, dtype: str) -> None:
+@_common("backend")
+def logits_cmd(model, text, token_ids, ctx, out, force, backend, device, dtype) -> None:
     """Write the model's logits for the first N tokens of a text (or of given token ids)."""
-    from formats.files.atomic import atomic_file, check_target
-    from formats.open import open_model
-
-    if text is not None and token_ids is not None:
-        raise QConvertError("give either --text or --token-ids, not both")
-    check_target(out, force)
-    with open_model(model) as src:
-        ids = _tokens(src, text, token_ids, ctx)
-    t0 = time.perf_counter()
-    with atomic_file(out, force) as tmp:
-        n, vocab = _write_npz_streamed(tmp, ids, _logit_chunks(model, ids, backend, device, dtype))
-    click.echo(f"wrote {out}: {n} tokens x {vocab} logits ({backend}, {time.perf_counter() - t0:.1f}s)")
+    from qconvert.logits import write_logits
+    click.echo(write_logits(model, out, text, token_ids, ctx, force, backend, device, dtype))
 
 
 @cli.command("verify")
@@ -482,53 +234,17 @@ def logits_cmd(model: str, text: Path | None, token_ids: Path | None, ctx: int, 
 @click.option("--min-top1", type=float, default=None, help="bound on top-1 agreement (default by candidate type)")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="write the report as JSON")
 @click.option("--plot", type=click.Path(path_type=Path), help="write KL per position as a PNG")
-@_backend_options
-def verify_cmd(ref: str, cand: str, text: Path | None, ctx: int, max_kld: float | None, min_top1: float | None,
-               json_out: Path | None, plot: Path | None, backend: str, device: str, dtype: str) -> None:
+@_common("backend")
+def verify_cmd(ref, cand, text, ctx, max_kld, min_top1, json_out, plot, backend, device, dtype) -> None:
     """Run REF and CAND on the same tokens; exit 1 when KL or top-1 misses its bound."""
-    import os
-    import tempfile
+    from qconvert import verify
 
-    import numpy as np
-
-    from formats.open import open_model
-    from qconvert.verify import Comparison, candidate_kind
-    from qconvert.verify import plot as plot_kl
-
-    with open_model(ref) as r, open_model(cand) as c:
-        if r.tokenizer.tokens[: r.tokenizer.n_real] != c.tokenizer.tokens[: c.tokenizer.n_real]:
-            raise QConvertError(f"{ref} and {cand} have different vocabularies; they are not the same model")
-        ids = _tokens(r, text, None, ctx)
-        kind = candidate_kind({t.quant or t.stype for t in c.tensors.values()})
-    # one model at a time: the reference's logits go to a temporary file, then the candidate's are compared
-    # with them chunk by chunk, so memory holds one layer of one model and a chunk of logits
-    cmp = Comparison(np.asarray(ids))
-    with tempfile.TemporaryFile(prefix="qconvert-ref-logits-") as tf:
-        widths = []
-        for ch in _logit_chunks(ref, ids, backend, device, dtype):
-            tf.write(ch.tobytes())
-            widths.append(ch.shape)
-        pos = 0
-        for ch in _logit_chunks(cand, ids, backend, device, dtype):
-            if ch.shape[1] != widths[0][1]:
-                raise QConvertError(f"{ref} has {widths[0][1]} logits per token, {cand} has {ch.shape[1]}; "
-                                    "they are not the same model")
-            nbytes = ch.size * 4
-            r = np.frombuffer(os.pread(tf.fileno(), nbytes, pos), dtype=np.float32).reshape(ch.shape)
-            cmp.add(r, ch)
-            pos += nbytes
-    rep, kl = cmp.report(kind, max_kld, min_top1)
-    click.echo(f"tokens {rep.n_tokens}  candidate {kind}\n"
-               f"KL mean {rep.mean_kl:.3e}  p99 {rep.p99_kl:.3e}  max {rep.max_kl:.3e}   (bound {rep.max_kld:g})\n"
-               f"top-1 agreement {rep.top1 * 100:.2f}%   (bound {rep.min_top1 * 100:g}%)\n"
-               f"perplexity ref {rep.ppl_ref:.4f}  cand {rep.ppl_cand:.4f}\n"
-               f"max |dlogit| {rep.max_abs_dlogit:.4g}\n{'PASS' if rep.passed else 'FAIL'}")
+    rep, kl = verify.verify_models(ref, cand, text, ctx, max_kld, min_top1, backend, device, dtype)
+    click.echo(verify.render(rep))
     if json_out:
-        from formats.files.atomic import atomic_file
-        with atomic_file(json_out, force=True) as tmp:  # a report: replaced, but never half-written
-            tmp.write_text(json.dumps(rep.as_dict(), indent=2) + "\n")
+        verify.write_json(rep, json_out)
     if plot:
-        plot_kl(kl, plot, f"{Path(cand).name} vs {Path(ref).name}: mean KL {rep.mean_kl:.2e}")
+        verify.plot(kl, plot, f"{Path(cand).name} vs {Path(ref).name}: mean KL {rep.mean_kl:.2e}")
     if not rep.passed:
         sys.exit(1)
 
@@ -543,42 +259,18 @@ def verify_cmd(ref: str, cand: str, text: Path | None, ctx: int, max_kld: float 
 @click.option("--max-memory", default=None, help="weights stay resident while the model's stored size fits this "
               "(e.g. 8G); larger models stream a layer at a time per token (slow but bounded). Default: 80% of "
               "the RAM available now")
-@_backend_options
-def generate_cmd(model: str, prompt: str, chat: bool, system: str | None, max_new_tokens: int, ignore_eos: bool,
-                 max_memory: str | None, backend: str, device: str, dtype: str) -> None:
+@_common("backend")
+def generate_cmd(model, prompt, chat, system, max_new_tokens, ignore_eos, max_memory, backend, device, dtype) -> None:
     """Greedy generation, streamed; ends with prefill and decode tokens/s."""
-    from formats.model.tokenizer import CONTROL
-    from formats.open import open_model
-    from qconvert.decoder import make_decoder
-    from qconvert.generate import Streamer, greedy
-    from qconvert.text import load_tokenizer, render_chat
+    from qconvert.convert import memory_budget
+    from qconvert.generate import generate
 
-    with open_model(model) as src:
-        tok = src.tokenizer
-        if chat:
-            msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-            prompt = render_chat(tok, msgs)
-        t = load_tokenizer(tok)
-        ids = t.encode(prompt, add_special_tokens=False).ids
-        budget = _size(max_memory) if max_memory else int(0.8 * _available_memory())
-        stored = sum(x.nbytes for x in src.tensors.values())
-        stream = stored > budget
-        if stream:
-            click.echo(f"[weights {stored / 2**30:.1f} GiB > memory budget {budget / 2**30:.1f} GiB: streaming "
-                       "layer by layer]", err=True)
-        dec = make_decoder(src, backend, device, dtype, stream=stream)
-        stop = set() if ignore_eos else {i for i in (tok.eos_id, tok.pad_id) if i is not None}
-        if chat and not ignore_eos:
-            stop |= {i for i, s in enumerate(tok.tokens[: tok.n_real]) if s in ("<|im_end|>", "<|endoftext|>")
-                     and tok.token_types[i] == CONTROL}
+    def write(s: str) -> None:
+        click.echo(s, nl=False)
+        sys.stdout.flush()
 
-        def write(s: str) -> None:
-            click.echo(s, nl=False)
-            sys.stdout.flush()
-
-        res = greedy(dec, ids, max_new_tokens, stop, Streamer(t, write))
-    click.echo(f"\n[{len(ids)} prompt tokens: prefill {res['prefill_tok_s']:.1f} tok/s; {len(res['tokens'])} new "
-               f"tokens: decode {res['decode_tok_s']:.1f} tok/s; {backend} on {device}]")
+    click.echo(generate(model, prompt, write, lambda s: click.echo(s, err=True), chat, system, max_new_tokens,
+                        ignore_eos, memory_budget(max_memory), backend, device, dtype))
 
 
 def main() -> None:
@@ -603,5 +295,3 @@ def main() -> None:
         where = f"{e.filename}: " if e.filename else ""
         click.echo(f"error: {where}{e.strerror or e}; check the path, permissions and free space", err=True)
         sys.exit(1)
-
-

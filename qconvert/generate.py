@@ -6,6 +6,11 @@ from typing import Callable
 
 import numpy as np
 
+from formats.model.tokenizer import CONTROL
+from formats.open import open_model
+from qconvert.decoder import make_decoder
+from qconvert.text import load_tokenizer, render_chat
+
 
 def greedy(dec, prompt_ids: list[int], max_new: int, stop_ids: set[int], on_token: Callable[[int], None]) -> dict:
     """Generate up to ``max_new`` tokens greedily; returns token ids and prefill / decode speeds."""
@@ -40,3 +45,31 @@ class Streamer:
         if not text.endswith("\ufffd"):
             self.write(text[self.shown:])
             self.shown = len(text)
+
+
+def generate(location: str, prompt: str, write: Callable[[str], None], note: Callable[[str], None],
+             chat: bool = False, system: str | None = None, max_new_tokens: int = 128, ignore_eos: bool = False,
+             memory_budget: int = 8 << 30, backend: str = "numpy", device: str = "cpu", dtype: str = "float32") -> str:
+    """Greedy generation from ``prompt`` (``chat``: as a user turn of the model's chat template), text streamed to
+    ``write``. Weights stay resident while the model's stored size fits ``memory_budget`` bytes; a larger model
+    streams a layer at a time per token (``note`` says so). The closing speed line."""
+    with open_model(location) as src:
+        tok = src.tokenizer
+        if chat:
+            msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            prompt = render_chat(tok, msgs)
+        t = load_tokenizer(tok)
+        ids = t.encode(prompt, add_special_tokens=False).ids
+        stored = sum(x.nbytes for x in src.tensors.values())
+        stream = stored > memory_budget
+        if stream:
+            note(f"[weights {stored / 2**30:.1f} GiB > memory budget {memory_budget / 2**30:.1f} GiB: streaming "
+                 "layer by layer]")
+        dec = make_decoder(src, backend, device, dtype, stream=stream)
+        stop = set() if ignore_eos else {i for i in (tok.eos_id, tok.pad_id) if i is not None}
+        if chat and not ignore_eos:
+            stop |= {i for i, s in enumerate(tok.tokens[: tok.n_real]) if s in ("<|im_end|>", "<|endoftext|>")
+                     and tok.token_types[i] == CONTROL}
+        res = greedy(dec, ids, max_new_tokens, stop, Streamer(t, write))
+    return (f"\n[{len(ids)} prompt tokens: prefill {res['prefill_tok_s']:.1f} tok/s; {len(res['tokens'])} new "
+            f"tokens: decode {res['decode_tok_s']:.1f} tok/s; {backend} on {device}]")

@@ -1,6 +1,7 @@
 """``qconvert inspect``: a model's metadata and tensor table, as text or JSON."""
 from __future__ import annotations
 
+import re
 from collections import Counter
 from typing import Any
 
@@ -12,7 +13,7 @@ def describe(src: Source) -> dict[str, Any]:
     cfg = src.config
     tok = src.tokenizer
     tensors = [{"name": n, "shape": list(t.shape), "type": t.quant or t.stype, "nbytes": t.nbytes}
-               for n, t in src.tensors.items()]
+               for n, t in sorted(src.tensors.items(), key=lambda kv: natural_key(kv[0]))]
     cfg_d = cfg.to_hf_dict()
     return {
         "path": src.path, "format": src.kind, "arch": cfg.arch, "config": cfg_d, "parts": src.parts,
@@ -63,6 +64,11 @@ def render(d: dict[str, Any], max_rows: int | None = None) -> str:
     if max_rows is not None and len(d["tensors"]) > max_rows:
         lines.append(f"  ... {len(d['tensors']) - max_rows} more (use --all)")
     return "\n".join(lines)
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key that orders the numbers inside a name by value: layers.2 before layers.10."""
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
 
 
 def _numel(shape: list[int]) -> int:

@@ -5,10 +5,18 @@ identical; a quantised one gets the room quantisation needs. They are documented
 """
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from formats.errors import QConvertError
+from formats.files.atomic import atomic_file
+from formats.open import open_model
+from qconvert.logits import logit_chunks, tokens
 
 FLOAT_TYPES = {"F32", "F16", "BF16"}
 BOUNDS = {"float": (2e-3, 0.97), "quantised": (0.1, 0.85)}  # (max mean KL, min top-1)
@@ -131,7 +139,49 @@ def plot(kl: np.ndarray, out: Path, title: str) -> None:
     ax.set_title(title, fontsize=9)
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
-    from formats.files.atomic import atomic_file
     with atomic_file(Path(out), force=True) as tmp:  # replaced, never half-written
         fig.savefig(tmp, format=Path(out).suffix.lstrip(".").lower() or "png")
     plt.close(fig)
+
+
+def verify_models(ref: str, cand: str, text: Path | None = None, ctx: int = 512, max_kld: float | None = None,
+                  min_top1: float | None = None, backend: str = "numpy", device: str = "cpu",
+                  dtype: str = "float32") -> tuple[Report, np.ndarray]:
+    """Both models on the same tokens, one model at a time: the reference's logits go to a temporary file, then
+    the candidate's are compared with them chunk by chunk, so memory holds one layer of one model and a chunk
+    of logits. The Report and the per-position KL."""
+    with open_model(ref) as r, open_model(cand) as c:
+        if r.tokenizer.tokens[: r.tokenizer.n_real] != c.tokenizer.tokens[: c.tokenizer.n_real]:
+            raise QConvertError(f"{ref} and {cand} have different vocabularies; they are not the same model")
+        ids = tokens(r, text, None, ctx)
+        kind = candidate_kind({t.quant or t.stype for t in c.tensors.values()})
+    cmp = Comparison(np.asarray(ids))
+    with tempfile.TemporaryFile(prefix="qconvert-ref-logits-") as tf:
+        width = 0
+        for ch in logit_chunks(ref, ids, backend, device, dtype):
+            tf.write(ch.tobytes())
+            width = ch.shape[1]
+        pos = 0
+        for ch in logit_chunks(cand, ids, backend, device, dtype):
+            if ch.shape[1] != width:
+                raise QConvertError(f"{ref} has {width} logits per token, {cand} has {ch.shape[1]}; "
+                                    "they are not the same model")
+            nbytes = ch.size * 4
+            cmp.add(np.frombuffer(os.pread(tf.fileno(), nbytes, pos), dtype=np.float32).reshape(ch.shape), ch)
+            pos += nbytes
+    return cmp.report(kind, max_kld, min_top1)
+
+
+def render(rep: Report) -> str:
+    """The lines ``qconvert verify`` prints."""
+    return (f"tokens {rep.n_tokens}  candidate {rep.kind}\n"
+            f"KL mean {rep.mean_kl:.3e}  p99 {rep.p99_kl:.3e}  max {rep.max_kl:.3e}   (bound {rep.max_kld:g})\n"
+            f"top-1 agreement {rep.top1 * 100:.2f}%   (bound {rep.min_top1 * 100:g}%)\n"
+            f"perplexity ref {rep.ppl_ref:.4f}  cand {rep.ppl_cand:.4f}\n"
+            f"max |dlogit| {rep.max_abs_dlogit:.4g}\n{'PASS' if rep.passed else 'FAIL'}")
+
+
+def write_json(rep: Report, out: Path) -> None:
+    """The report as JSON (replaced, but never half-written)."""
+    with atomic_file(out, force=True) as tmp:
+        tmp.write_text(json.dumps(rep.as_dict(), indent=2) + "\n")

@@ -123,6 +123,16 @@ def test_inspect_json(tiny, tmp_path):
     assert d["types"] == {"Q8_0": 16, "F32": 11}  # 7 matrices x 2 layers + embedding + output; 5 x 2 + 1 1-D in F32
 
 
+def test_inspect_orders_layers_by_number():
+    """Layer 2 comes before layer 10 (names compare their numbers by value, not as strings)."""
+    from qconvert.inspect_model import natural_key
+    names = ["model.layers.10.mlp.up_proj.weight", "model.norm.weight", "model.layers.2.mlp.up_proj.weight",
+             "model.layers.1.self_attn.q_proj.weight", "blk.11.attn_q.weight", "blk.9.attn_q.weight"]
+    assert sorted(names, key=natural_key) == [
+        "blk.9.attn_q.weight", "blk.11.attn_q.weight", "model.layers.1.self_attn.q_proj.weight",
+        "model.layers.2.mlp.up_proj.weight", "model.layers.10.mlp.up_proj.weight", "model.norm.weight"]
+
+
 def test_f16_and_sharded_input(tiny_root, tmp_path):
     """A sharded f16 checkpoint (index.json) converts bit-exactly to f16 GGUF and back."""
     from qconvert.testing.tiny import make_tiny

@@ -9,13 +9,20 @@ GGUF tensor, so the file is interchangeable with llama-imatrix's (formats/gguf/i
 """
 from __future__ import annotations
 
+import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from formats.gguf.imatrix import Imatrix, ImatrixEntry
+from formats.files.atomic import check_target
+from formats.files.progress import bar
+from formats.gguf.imatrix import Imatrix, ImatrixEntry, write_imatrix
 from formats.model.names import hf_to_gguf
 from formats.model.source import Source
+from formats.open import open_model
+from qconvert.corpus import CALIB_MODULES, stdlib_text, tokens_digest, windows
+from qconvert.text import encode
 
 
 class _Squares:
@@ -79,3 +86,21 @@ def cosine_by_tensor(a: Imatrix, b: Imatrix) -> dict[str, float]:
         if x.shape == y.shape:
             out[name] = float(x @ y / max(np.linalg.norm(x) * np.linalg.norm(y), 1e-300))
     return out
+
+
+def imatrix_file(location: str, out: Path, calib: Path | None = None, ctx: int = 512, chunks: int | None = None,
+                 force: bool = False, progress: bool = True) -> str:
+    """The importance matrix of a model over the calibration text (default: qconvert/corpus.py's standard-library
+    modules), written in llama.cpp's imatrix GGUF layout; the summary line."""
+    check_target(out, force)
+    t0 = time.perf_counter()
+    text = calib.read_text(encoding="utf-8", errors="replace") if calib else stdlib_text(CALIB_MODULES)
+    with open_model(location) as s:
+        ids = encode(s.tokenizer, text)
+        ws = windows(ids, chunks or len(ids) // ctx, ctx)
+        with bar(len(ws), "imatrix chunks", progress) as pb:
+            im = compute_imatrix(s, ws, str(calib) if calib else "python-stdlib:" + ",".join(CALIB_MODULES),
+                                 on_window=lambda k, n: pb.update(1))
+    write_imatrix(im, out, force)
+    return f"wrote {out}: {len(im.entries)} entries from {len(ws)} x {ctx} tokens (ids {tokens_digest(ws)}) " \
+           f"in {time.perf_counter() - t0:.1f}s"
