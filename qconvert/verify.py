@@ -51,19 +51,6 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-def kl_per_position(ref: np.ndarray, cand: np.ndarray) -> np.ndarray:
-    """KL(ref || cand) at every position, from raw logits [n, vocab]."""
-    lp, lq = log_softmax(ref), log_softmax(cand)
-    return (np.exp(lp) * (lp - lq)).sum(-1)
-
-
-def perplexity(logits: np.ndarray, tokens: np.ndarray) -> float:
-    """exp(mean next-token negative log-likelihood)."""
-    lp = log_softmax(logits[:-1])
-    nll = -lp[np.arange(len(tokens) - 1), tokens[1:]]
-    return float(np.exp(nll.mean()))
-
-
 def candidate_kind(types: set[str]) -> str:
     """'float' when every tensor is F32/F16/BF16, else 'quantised'."""
     return "float" if types <= FLOAT_TYPES else "quantised"
@@ -113,15 +100,6 @@ class Comparison:
                      ppl_cand=float(np.exp(self.nll_cand / max(1, n - 1))), max_abs_dlogit=self.max_abs, kind=kind,
                      max_kld=max_kld, min_top1=min_top1, passed=bool(kl.mean() <= max_kld and top1 >= min_top1))
         return rep, kl
-
-
-def compare(ref: np.ndarray, cand: np.ndarray, tokens: np.ndarray, kind: str,
-            max_kld: float | None = None, min_top1: float | None = None) -> tuple[Report, np.ndarray]:
-    """Report and per-position KL of candidate logits against reference logits (both [n, vocab] in memory)."""
-    c = Comparison(tokens)
-    for t0 in range(0, len(ref), 128):
-        c.add(ref[t0:t0 + 128], cand[t0:t0 + 128])
-    return c.report(kind, max_kld, min_top1)
 
 
 def plot(kl: np.ndarray, out: Path, title: str) -> None:

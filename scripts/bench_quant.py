@@ -84,7 +84,7 @@ def int4_stats(d: Path) -> tuple[float, int]:
     """(bits per weight without the head, directory bytes) of an int4 folder, from its header."""
     import json
 
-    from formats.hf.safetensors_io import read_header as st_header
+    from formats.container.safetensors_io import read_header as st_header
     header, _ = st_header(d / "model.int4.safetensors")
     qinfo = json.loads(header["__metadata__"]["tensors"])
     cfgd = json.loads((d / "config.json").read_text())

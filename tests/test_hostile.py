@@ -179,8 +179,8 @@ def test_safetensors_checklist(seeds, tmp_path, name, edit, want):
 def test_index_paths_stay_inside_the_folder(seeds, tmp_path, shard, want):
     import shutil
 
+    from formats.container.safetensors_io import read_header
     from formats.hf.read import open_hf
-    from formats.hf.safetensors_io import read_header
     d = tmp_path / "m"
     shutil.copytree(seeds["hf"], d)
     if shard == "symlink":

@@ -29,11 +29,6 @@ def f32_to_bf16(x: np.ndarray) -> np.ndarray:
     return r
 
 
-def type_name(t: str | GQ) -> str:
-    """Normalise a type to its GGML name ("F32", "BF16", "Q8_0", ...)."""
-    return t.name if isinstance(t, GQ) else t
-
-
 def row_nbytes(t: str, n: int) -> int:
     """Bytes used by one row of ``n`` values stored as type ``t``."""
     block, size = GGML_QUANT_SIZES[GQ[t]]

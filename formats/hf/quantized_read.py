@@ -20,9 +20,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from formats.container.safetensors_io import SafetensorsFile
 from formats.errors import QConvertError
 from formats.files.mapped import release
-from formats.hf.safetensors_io import SafetensorsFile
 from formats.int4.layout import pack, row_bytes, unpack
 from formats.model.stored import CodeMatrix, PackedMatrix
 from formats.model.tensor import LazyTensor

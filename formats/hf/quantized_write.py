@@ -28,11 +28,11 @@ from typing import Any
 
 import numpy as np
 
+from formats.container.safetensors_io import SafetensorsWriter
 from formats.errors import QConvertError
 from formats.files.atomic import atomic_dir
 from formats.files.progress import bar
 from formats.hf.quantized_read import LAYOUTS, Layout
-from formats.hf.safetensors_io import SafetensorsWriter
 from formats.int4.layout import pack, unpack
 from formats.int4.read import StoredMatrix, stored_matrices
 from formats.model.names import canonical_names, canonical_shape

@@ -9,10 +9,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from formats.container.safetensors_io import SafetensorsFile
 from formats.errors import QConvertError
 from formats.files import jsonio
 from formats.hf import quantized_read as hf_quant
-from formats.hf.safetensors_io import SafetensorsFile
 from formats.model.config import ModelConfig
 from formats.model.names import canonical_names, canonical_shape
 from formats.model.source import Source

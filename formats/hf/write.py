@@ -8,11 +8,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from formats.container.safetensors_io import SafetensorsWriter
 from formats.errors import QConvertError
 from formats.files.atomic import atomic_dir
 from formats.files.progress import bar
 from formats.ggml.dtypes import HF_DTYPES, TORCH_NAMES
-from formats.hf.safetensors_io import SafetensorsWriter
 from formats.model.names import canonical_names, canonical_shape
 from formats.model.source import Source
 from formats.model.tensor import stream_converted

@@ -10,9 +10,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from formats.container.safetensors_io import SafetensorsFile
 from formats.errors import QConvertError
 from formats.files import jsonio
-from formats.hf.safetensors_io import SafetensorsFile
 from formats.int4.layout import (FILENAME, FORMAT, PLAIN_VERSION, VERSION, dequant_rows, group_values, offsets_part,
                                  offsets_shape, pack, row_bytes, tensor_choices, unpack, unpack_v1)
 from formats.model.config import ModelConfig

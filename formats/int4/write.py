@@ -11,10 +11,10 @@ from typing import Any, Callable
 
 import numpy as np
 
+from formats.container.safetensors_io import SafetensorsWriter
 from formats.errors import QConvertError
 from formats.files.atomic import atomic_dir
 from formats.files.progress import bar
-from formats.hf.safetensors_io import SafetensorsWriter
 from formats.int4.layout import (FILENAME, FORMAT, PLAIN_VERSION, ZEROS_VERSION, Quantiser, QuantSpec, dequant_rows,
                                  offsets_part, offsets_shape, pack, row_bytes)
 from formats.model.names import canonical_names, canonical_shape

@@ -9,13 +9,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from formats.errors import QConvertError
-from formats.files import jsonio
 
 HF_MODEL_TYPES = {"qwen2": "qwen2", "qwen2_moe": "qwen2moe"}  # HF model_type -> GGUF arch
 HF_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen2moe": "Qwen2MoeForCausalLM"}
@@ -128,11 +126,6 @@ class ModelConfig:
             raise _located(e, where) from None
         except (TypeError, ValueError, OverflowError) as e:
             raise QConvertError(f"{where}: a value has the wrong type ({e}); fix config.json") from None
-
-    @classmethod
-    def from_hf_json(cls, path: str | Path) -> "ModelConfig":
-        """Read ``config.json``."""
-        return cls.from_hf_dict(jsonio.load(path, "config"), str(path))
 
     def to_hf_dict(self) -> dict[str, Any]:
         """HF ``config.json`` content (transformers-4 style, loadable by transformers 4 and 5)."""

@@ -78,16 +78,6 @@ def compute_imatrix(src: Source, windows: list[np.ndarray], dataset: str = "",
     return Imatrix(entries, [dataset] if dataset else [], len(windows), ctx)
 
 
-def cosine_by_tensor(a: Imatrix, b: Imatrix) -> dict[str, float]:
-    """Per shared entry, the cosine similarity of the two files' importance weights (sums / counts)."""
-    out = {}
-    for name in sorted(set(a.entries) & set(b.entries)):
-        x, y = a.entries[name].weights().ravel().astype(np.float64), b.entries[name].weights().ravel().astype(np.float64)
-        if x.shape == y.shape:
-            out[name] = float(x @ y / max(np.linalg.norm(x) * np.linalg.norm(y), 1e-300))
-    return out
-
-
 def imatrix_file(location: str, out: Path, calib: Path | None = None, ctx: int = 512, chunks: int | None = None,
                  force: bool = False, progress: bool = True) -> str:
     """The importance matrix of a model over the calibration text (default: qconvert/corpus.py's standard-library

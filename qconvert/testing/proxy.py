@@ -24,9 +24,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from formats.container.safetensors_io import SafetensorsWriter
 from formats.errors import QConvertError
 from formats.ggml import codec
-from formats.hf.safetensors_io import SafetensorsWriter
 from qconvert.testing.tiny import write_tokenizer
 
 CHUNK = 1 << 24            # values generated per chunk

@@ -1,0 +1,80 @@
+"""formats/threads.py: the thread count follows affinity and the cgroup CPU quota; splits cover every row once,
+so results do not depend on the thread count."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from formats import threads
+
+
+@pytest.fixture(autouse=True)
+def _default_count():
+    yield
+    threads.set_count(None)
+
+
+def test_cgroup_quota_caps_the_count(tmp_path, monkeypatch):
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("150000 100000\n")  # 1.5 CPUs -> 2 threads
+    assert threads._quota(v2) == 2
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert threads._quota(v2) is None
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert threads._quota(v1) == 1
+    assert threads.available(v1) == 1
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert threads._quota(v1) is None
+    assert threads.available(v1) == len(os.sched_getaffinity(0))
+
+
+def test_override_and_environment(monkeypatch):
+    monkeypatch.setenv("QCONVERT_THREADS", "3")
+    assert threads.count() == 3
+    threads.set_count(5)
+    assert threads.count() == 5
+    threads.set_count(None)
+    monkeypatch.delenv("QCONVERT_THREADS")
+    assert threads.count() == threads.available()
+    with pytest.raises(ValueError):
+        threads.set_count(0)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity on this platform")
+def test_affinity_gives_one_thread_under_taskset():
+    code = "from formats import threads; print(threads.count())"
+    r = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], capture_output=True, text=True,
+                       env={k: v for k, v in os.environ.items() if k != "QCONVERT_THREADS"})
+    assert r.returncode == 0 and r.stdout.strip() == "1", r.stderr
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3, 8])
+def test_split_covers_every_row_once_and_products_do_not_depend_on_it(n_threads):
+    from formats.model.stored import PackedMatrix
+    from qconvert.decoder import products
+
+    threads.set_count(n_threads)
+    seen = np.zeros(1000, np.int64)
+
+    def mark(a: int, b: int) -> None:
+        seen[a:b] += 1
+
+    threads.split(mark, 1000, min_rows=7)
+    assert (seen == 1).all()
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((512, 256)).astype(np.float32)
+    m = PackedMatrix.ggml("F32", w.view(np.uint8).reshape(512, -1), 256)
+    x = rng.standard_normal((40, 256)).astype(np.float32)
+    threads.set_count(1)
+    ref = products.matmul(m, x)
+    threads.set_count(n_threads)
+    assert np.array_equal(products.matmul(m, x), ref)
+    assert np.array_equal(products.dequant(m), w)
