@@ -69,9 +69,11 @@ def real_hf(real_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if os.environ.get("QCONVERT_SLOW") == "1":
-        return
-    skip = pytest.mark.skip(reason="slow real-model check: set QCONVERT_SLOW=1")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+    """``heavy`` tests run when QCONVERT_HEAVY=1 (CI's second pass, .ci/run); ``slow`` ones when QCONVERT_SLOW=1."""
+    for mark, env in (("heavy", "QCONVERT_HEAVY"), ("slow", "QCONVERT_SLOW")):
+        if os.environ.get(env) == "1":
+            continue
+        skip = pytest.mark.skip(reason=f"{mark} check: set {env}=1")
+        for item in items:
+            if mark in item.keywords:
+                item.add_marker(skip)

@@ -326,6 +326,7 @@ def test_integer_zero_points_export_exactly(tiny, tmp_path):
             assert np.array_equal(dequantize(ours[g].data, ours[g].tensor_type).reshape(t.shape), t.numpy()), n
 
 
+@pytest.mark.heavy
 def test_export_from_a_float_model_quantises_on_the_formats_grid(tiny, tmp_path):
     """export SRC with a float SRC: quantised with integer zeros and f16 scales first, so the export is exact;
     the embedding / head are the source's own (F16), and no temporary folder is left behind."""

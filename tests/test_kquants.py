@@ -107,7 +107,7 @@ _EXTRA_VARIANTS = {  # llama.cpp's special cases: an 80-layer dense Qwen2 ("70B"
 }
 
 
-@pytest.mark.parametrize("variant,mixes", [("h256", _MIXES), ("moe", _MIXES), ("untied_yarn", ("q2_k",)),
+@pytest.mark.parametrize("variant,mixes", [pytest.param("h256", _MIXES, marks=pytest.mark.heavy), ("moe", _MIXES), ("untied_yarn", ("q2_k",)),
                                            ("l80", ("q2_k", "q3_k_s", "q3_k_m", "q4_k_s")),
                                            ("moe8", ("q2_k", "q3_k_l", "q4_k_m"))])
 def test_mixture_types_equal_llama_quantize(tiny, tmp_path, monkeypatch, variant, mixes):

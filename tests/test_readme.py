@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from qconvert.testing.tiny import make_tiny
+
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 MAX_LINES = 200
@@ -47,14 +49,6 @@ def readme_commands(text: str) -> list[str]:
     return [ln.strip() for block in bash_blocks(text) for ln in block if ln.strip().startswith("qconvert ")]
 
 
-def _make_tiny():
-    try:
-        from qconvert.testing.tiny import make_tiny
-    except ImportError:  # the module's old place, while the layout moves
-        from qconvert.tiny import make_tiny
-    return make_tiny
-
-
 def _calib_text() -> str:
     """A few thousand tokens of Python source: enough windows of 512 for imatrix and GPTQ."""
     import json.decoder
@@ -64,7 +58,6 @@ def _calib_text() -> str:
 
 
 def _prepare(work: Path, env: dict[str, str]) -> None:
-    make_tiny = _make_tiny()
     hf = make_tiny(work / HF_DIR, "tied", "f32")
     # the Hub id: the same files as a snapshot in a Hugging Face cache (HF_HOME/hub/models--ORG--NAME)
     repo = work / "hf-home" / "hub" / ("models--" + HUB_ID.replace("/", "--"))

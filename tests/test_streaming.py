@@ -101,6 +101,7 @@ def _peak_rss_mb(cmd: list[str]) -> tuple[int, float]:
 
 
 @pytest.mark.real
+@pytest.mark.heavy
 def test_real_verify_bf16_vs_int4_peak_rss(real_gguf, tmp_path):
     """Issue 9: verify of the real 0.5B, bf16 vs our default int4, 512 tokens, at most 1.0 GB peak RSS."""
     hf, int4 = tmp_path / "hf", tmp_path / "int4"
@@ -143,6 +144,7 @@ def _logits_in_steps(dec, ids, step):
 
 
 @pytest.mark.real
+@pytest.mark.heavy
 def test_real_native_products_equal_dequantised(real_gguf, tmp_path):
     """Issue 9: the real Q4_K_M GGUF and our default int4 folder, native kernels (positions fed 8 at a time, so
     every product takes the packed-bytes dot kernel) vs float32 copies: max |dlogit| <= 1e-3 on 256 tokens."""
