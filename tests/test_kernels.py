@@ -64,3 +64,21 @@ def test_k_quant_round_trip_error(t):
     y = codec.to_f32(codec.from_f32(x, t), t)
     rel = np.sqrt(((y - x) ** 2).mean()) / x.std()
     assert rel < {"Q4_K": 0.12, "Q5_K": 0.06, "Q6_K": 0.03}[t], rel
+
+
+def test_c_type_table_matches_gguf_constants():
+    """formats/ggml/types.h, through qc_type_size: every type it knows has gguf-py's (block, bytes), and it
+    knows every type the C code handles; ids it does not know answer -1."""
+    import ctypes
+    block, size = ctypes.c_int64(-7), ctypes.c_int64(-7)
+    known = {}
+    for t in GQ:
+        if codec._LIB.qc_type_size(int(t), ctypes.byref(block), ctypes.byref(size)) == 0:
+            known[t.name] = (block.value, size.value)
+            assert known[t.name] == GGML_QUANT_SIZES[t], t.name
+    handled = {"F32", "F16", "BF16", "IQ4_NL", "IQ4_XS"} | codec.C_DEQUANT | codec.C_QUANT | codec.GRID_TYPES
+    assert len(handled) >= 15 and handled <= set(known), sorted(handled - set(known))
+    block.value = size.value = -7
+    for bad in (-1, 4, 9, 15, 31, 1 << 20):
+        assert codec._LIB.qc_type_size(bad, ctypes.byref(block), ctypes.byref(size)) == -1
+    assert (block.value, size.value) == (-7, -7)

@@ -1,19 +1,23 @@
-/* GGML block encoders for qconvert, called through ctypes via formats/_kernels (same shared library).
- * 32-value types are bit-identical to ggml's reference quantisers; K-quants use the same weighted
- * least-squares search (see the comment above q_k45). */
+/* GGML block encoders of formats.ggml._kernels (bound in formats/ggml/codec.py), without an importance
+ * matrix. The 32-value types are bit-identical to ggml's reference quantisers (tests/test_kernels.py); the
+ * K-quants use the same weighted least-squares searches in the same float operation order, so they are
+ * bit-identical to llama.cpp's too (tests/test_kquants.py). The helpers declared in encode.h are defined
+ * here and shared with _encode_w.c and _grid.c (same library). */
+#define QC_GGML_ENCODERS  /* encode.h: this library's shared encoder functions */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
 #include "half.h"
 #include "encode.h"
+#include "types.h"
 
 /* ---- quantisers for the 32-value block types, bit-identical to ggml's reference (no importance
  * matrix): the scale comes from the block's extreme values, values are truncated after adding the
  * offset, and the scale is stored as f16 while the unrounded scale is used to quantise. ---- */
 
 static void q_q8_0(const float *x, uint8_t *b, int64_t nb) {
-    for (int64_t i = 0; i < nb; i++, x += 32, b += 34) {
+    for (int64_t i = 0; i < nb; i++, x += QC_Q8_0_BLOCK, b += QC_Q8_0_BYTES) {
         float amax = 0.0f;
         for (int j = 0; j < 32; j++) { const float v = fabsf(x[j]); if (v > amax) amax = v; }
         const float d = amax / 127.0f, id = d ? 1.0f / d : 0.0f;
@@ -28,7 +32,7 @@ static inline float signed_max(const float *x) {
     return max;
 }
 static void q_q4_0(const float *x, uint8_t *b, int64_t nb) {
-    for (int64_t i = 0; i < nb; i++, x += 32, b += 18) {
+    for (int64_t i = 0; i < nb; i++, x += QC_Q4_0_BLOCK, b += QC_Q4_0_BYTES) {
         const float d = signed_max(x) / -8, id = d ? 1.0f / d : 0.0f;
         put16(b, d);
         for (int j = 0; j < 16; j++) {
@@ -43,7 +47,7 @@ static inline void min_max(const float *x, float *mn, float *mx) {
     *mn = lo; *mx = hi;
 }
 static void q_q4_1(const float *x, uint8_t *b, int64_t nb) {
-    for (int64_t i = 0; i < nb; i++, x += 32, b += 20) {
+    for (int64_t i = 0; i < nb; i++, x += QC_Q4_1_BLOCK, b += QC_Q4_1_BYTES) {
         float mn, mx; min_max(x, &mn, &mx);
         const float d = (mx - mn) / 15, id = d ? 1.0f / d : 0.0f;
         put16(b, d); put16(b + 2, mn);
@@ -54,7 +58,7 @@ static void q_q4_1(const float *x, uint8_t *b, int64_t nb) {
     }
 }
 static void q_q5_0(const float *x, uint8_t *b, int64_t nb) {
-    for (int64_t i = 0; i < nb; i++, x += 32, b += 22) {
+    for (int64_t i = 0; i < nb; i++, x += QC_Q5_0_BLOCK, b += QC_Q5_0_BYTES) {
         const float d = signed_max(x) / -16, id = d ? 1.0f / d : 0.0f;
         put16(b, d);
         uint32_t qh = 0;
@@ -69,7 +73,7 @@ static void q_q5_0(const float *x, uint8_t *b, int64_t nb) {
     }
 }
 static void q_q5_1(const float *x, uint8_t *b, int64_t nb) {
-    for (int64_t i = 0; i < nb; i++, x += 32, b += 24) {
+    for (int64_t i = 0; i < nb; i++, x += QC_Q5_1_BLOCK, b += QC_Q5_1_BYTES) {
         float mn, mx; min_max(x, &mn, &mx);
         const float d = (mx - mn) / 31, id = d ? 1.0f / d : 0.0f;
         put16(b, d); put16(b + 2, mn);
@@ -137,8 +141,8 @@ void qc_pack_scale_min_k4(uint8_t *sc, int j, int ls, int lm) {
 
 /* Q4_K (nmax 15) and Q5_K (nmax 31): 8 sub-blocks of 32 with 6-bit scales and mins */
 static void q_k45(int five, const float *x, uint8_t *b, int64_t nb) {
-    const int nmax = five ? 31 : 15, bsize = five ? 176 : 144;
-    for (int64_t i = 0; i < nb; i++, x += 256, b += bsize) {
+    const int nmax = five ? 31 : 15, bsize = five ? QC_Q5_K_BYTES : QC_Q4_K_BYTES;
+    for (int64_t i = 0; i < nb; i++, x += QC_QK_K, b += bsize) {
         uint8_t L[256]; float w[32], scales[8], mins[8], max_scale = 0, max_min = 0;
         memset(b, 0, bsize);
         for (int j = 0; j < 8; j++) {
@@ -185,9 +189,9 @@ void qc_pack_k45(int five, const uint8_t *L, uint8_t *b) {
 /* Q6_K: 16 sub-blocks of 16 with signed 8-bit scales, 6-bit values. qw: importance weights of the 256
  * columns of each super-block, used as they are (NULL: x^2), as ggml does. */
 void qc_q6k(const float *x, uint8_t *b, int64_t nb, const float *qw) {
-    for (int64_t i = 0; i < nb; i++, x += 256, b += 210, qw = qw ? qw + 256 : NULL) {
+    for (int64_t i = 0; i < nb; i++, x += QC_Q6_K_BLOCK, b += QC_Q6_K_BYTES, qw = qw ? qw + QC_Q6_K_BLOCK : NULL) {
         int8_t L[256]; float scales[16], max_scale = 0, max_abs = 0;
-        memset(b, 0, 210);
+        memset(b, 0, QC_Q6_K_BYTES);
         for (int j = 0; j < 16; j++) {
             scales[j] = qc_fit_sym(16, 32, x + 16 * j, qw ? qw + 16 * j : NULL, L + 16 * j);
             if (fabsf(scales[j]) > max_abs) { max_abs = fabsf(scales[j]); max_scale = scales[j]; }
@@ -240,13 +244,13 @@ static float q2_sub_err(const float *x, float dl, float ml, uint8_t *L) {
 }
 
 /* Q2_K: 16 sub-blocks of 16, x ~ d * sc * L - dmin * m with L in [0, 3] and 4-bit sc, m. The per
- * sub-block fit is the weighted search of fit_scale_min; once the super-block scales are rounded to f16,
+ * sub-block fit is the weighted search of qc_fit_scale_min; once the super-block scales are rounded to f16,
  * each sub-block picks, among the 4-bit (sc, m) pairs next to the rounded ones, the pair whose re-coded
  * values have the smallest squared error. */
 static void q_q2_k(const float *x, uint8_t *b, int64_t nb) {
-    for (int64_t i = 0; i < nb; i++, x += 256, b += 84) {
+    for (int64_t i = 0; i < nb; i++, x += QC_Q2_K_BLOCK, b += QC_Q2_K_BYTES) {
         uint8_t L[256], La[16]; float w[16], scales[16], mins[16], max_scale = 0, max_min = 0;
-        memset(b, 0, 84);
+        memset(b, 0, QC_Q2_K_BYTES);
         for (int j = 0; j < 16; j++) {
             const float *xs = x + 16 * j;
             for (int l = 0; l < 16; l++) w[l] = fabsf(xs[l]);
@@ -289,9 +293,9 @@ static float q3_sub_err(const float *x, float dl, uint8_t *L) {
  * come from qc_fit_sym; after the super-block scale is rounded to f16, each sub-block takes the 6-bit
  * scale next to the rounded one whose re-coded values have the smallest squared error. */
 static void q_q3_k(const float *x, uint8_t *b, int64_t nb) {
-    for (int64_t i = 0; i < nb; i++, x += 256, b += 110) {
+    for (int64_t i = 0; i < nb; i++, x += QC_Q3_K_BLOCK, b += QC_Q3_K_BYTES) {
         uint8_t L[256], La[16]; int8_t Ls[16]; float scales[16], max_scale = 0, max_abs = 0;
-        memset(b, 0, 110);
+        memset(b, 0, QC_Q3_K_BYTES);
         for (int j = 0; j < 16; j++) {
             scales[j] = qc_fit_sym(16, 4, x + 16 * j, NULL, Ls);
             if (fabsf(scales[j]) > max_abs) { max_abs = fabsf(scales[j]); max_scale = scales[j]; }
@@ -325,18 +329,16 @@ static void q_q3_k(const float *x, uint8_t *b, int64_t nb) {
 /* type ids are GGMLQuantizationType values; returns 0 on success, -1 for an unhandled type */
 int qc_quant(int type, const float *x, uint8_t *out, int64_t n_blocks) {
     switch (type) {
-        case 2: q_q4_0(x, out, n_blocks); return 0;
-        case 3: q_q4_1(x, out, n_blocks); return 0;
-        case 6: q_q5_0(x, out, n_blocks); return 0;
-        case 7: q_q5_1(x, out, n_blocks); return 0;
-        case 8: q_q8_0(x, out, n_blocks); return 0;
-        case 10: q_q2_k(x, out, n_blocks); return 0;
-        case 11: q_q3_k(x, out, n_blocks); return 0;
-        case 12: q_k45(0, x, out, n_blocks); return 0;
-        case 13: q_k45(1, x, out, n_blocks); return 0;
-        case 14: qc_q6k(x, out, n_blocks, NULL); return 0;
+        case QC_Q4_0: q_q4_0(x, out, n_blocks); return 0;
+        case QC_Q4_1: q_q4_1(x, out, n_blocks); return 0;
+        case QC_Q5_0: q_q5_0(x, out, n_blocks); return 0;
+        case QC_Q5_1: q_q5_1(x, out, n_blocks); return 0;
+        case QC_Q8_0: q_q8_0(x, out, n_blocks); return 0;
+        case QC_Q2_K: q_q2_k(x, out, n_blocks); return 0;
+        case QC_Q3_K: q_q3_k(x, out, n_blocks); return 0;
+        case QC_Q4_K: q_k45(0, x, out, n_blocks); return 0;
+        case QC_Q5_K: q_k45(1, x, out, n_blocks); return 0;
+        case QC_Q6_K: qc_q6k(x, out, n_blocks, NULL); return 0;
         default: return -1;
     }
 }
-
-

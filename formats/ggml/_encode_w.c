@@ -1,5 +1,6 @@
-/* GGML block encoders with an importance matrix (per input column: the mean squared activation over
- * calibration text, formats/gguf/imatrix.py), and the non-linear 4-bit types IQ4_NL / IQ4_XS.
+/* GGML block encoders of formats.ggml._kernels (bound in formats/ggml/codec.py) with an importance matrix (per
+ * input column: the mean squared activation over calibration text, formats/gguf/imatrix.py), and the
+ * encoders and decoders of the non-linear 4-bit types IQ4_NL / IQ4_XS.
  *
  * With an importance matrix every block's fit minimises sum_j w_j (x_j - q_j)^2 with, for column j,
  * w_j = imatrix_j * sqrt(sigma2 + x_j^2) (sigma2: the mean square of the row, or twice that of the
@@ -7,10 +8,12 @@
  * order are those of llama-quantize --imatrix (ggml's quantize_row_*_impl), so the results are
  * bit-identical to it (tests/test_imatrix.py). Q8_0 ignores the importance matrix, as ggml does.
  */
+#define QC_GGML_ENCODERS  /* encode.h: this library's shared encoder functions */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 #include "encode.h"
+#include "types.h"
 
 /* sum of squares, in index order (the order fixes the float result) */
 static float sum_sq(const float *x, int64_t n) {
@@ -66,12 +69,13 @@ static float fit_qp(int n, int nmax, const float *x, uint8_t *L, const float *w)
     return sl2 > 0.0f ? slx / sl2 : 0.0f;
 }
 
-/* 32-value types on one row: Q4_0 / Q5_0 (symmetric, nmax 8 / 16), Q4_1 / Q5_1 (scale and min) */
+/* 32-value types on one row (one block length, QC_Q4_0_BLOCK): Q4_0 / Q5_0 (symmetric, nmax 8 / 16), Q4_1 /
+ * Q5_1 (scale and min) */
 static void q_legacy_w(int type, const float *x, uint8_t *b, int64_t cols, const float *qw) {
     const float sigma2 = sum_sq(x, cols) / cols;
-    const int asym = type == 3 || type == 7, five = type == 6 || type == 7;
-    const int size = 18 + 2 * asym + 4 * five;
-    for (int64_t ib = 0; ib < cols / 32; ib++, x += 32, qw += 32, b += size) {
+    const int asym = type == QC_Q4_1 || type == QC_Q5_1, five = type == QC_Q5_0 || type == QC_Q5_1;
+    const int size = five ? (asym ? QC_Q5_1_BYTES : QC_Q5_0_BYTES) : (asym ? QC_Q4_1_BYTES : QC_Q4_0_BYTES);
+    for (int64_t ib = 0; ib < cols / QC_Q4_0_BLOCK; ib++, x += QC_Q4_0_BLOCK, qw += QC_Q4_0_BLOCK, b += size) {
         float w[32]; uint8_t L[32];
         importance(x, qw, sigma2, 32, w);
         if (asym) {
@@ -94,9 +98,9 @@ static void q_legacy_w(int type, const float *x, uint8_t *b, int64_t cols, const
 
 /* Q2_K: scale and min per 16 values (4-bit each on two f16 super-block scales) */
 static void q_q2_k_w(const float *x, uint8_t *b, int64_t nb, const float *qw) {
-    for (int64_t i = 0; i < nb; i++, x += 256, qw += 256, b += 84) {
+    for (int64_t i = 0; i < nb; i++, x += QC_Q2_K_BLOCK, qw += QC_Q2_K_BLOCK, b += QC_Q2_K_BYTES) {
         uint8_t L[256], Ls[16], Lm[16]; float w[16], sw[16], scales[16], mins[16];
-        const float sigma2 = sum_sq(x, 256) / 256;
+        const float sigma2 = sum_sq(x, QC_QK_K) / QC_QK_K;
         for (int j = 0; j < 16; j++) {
             importance(x + 16 * j, qw + 16 * j, sigma2, 16, w);
             sw[j] = 0;
@@ -119,16 +123,16 @@ static void q_q2_k_w(const float *x, uint8_t *b, int64_t nb, const float *qw) {
 
 /* Q3_K: signed 6-bit scale per 16 values on one f16 super-block scale */
 static void q_q3_k_w(const float *x, uint8_t *b, int64_t nb, const float *qw) {
-    for (int64_t i = 0; i < nb; i++, x += 256, qw += 256, b += 110) {
+    for (int64_t i = 0; i < nb; i++, x += QC_Q3_K_BLOCK, qw += QC_Q3_K_BLOCK, b += QC_Q3_K_BYTES) {
         int8_t L[256], Ls[16]; float w[16], sw[16], scales[16];
-        const float sigma2 = 2 * sum_sq(x, 256) / 256;
+        const float sigma2 = 2 * sum_sq(x, QC_QK_K) / QC_QK_K;
         for (int j = 0; j < 16; j++) {
             importance(x + 16 * j, qw + 16 * j, sigma2, 16, w);
             sw[j] = 0;
             for (int l = 0; l < 16; l++) sw[j] += w[l];
             scales[j] = qc_fit_sym(16, 4, x + 16 * j, w, L + 16 * j);
         }
-        memset(b, 0, 110);
+        memset(b, 0, QC_Q3_K_BYTES);
         uint8_t *sc = b + 96;
         const float d_block = qc_fit_sym(16, 32, scales, sw, Ls);
         for (int j = 0; j < 16; j++) {  /* 6 bits: low nibble in bytes 0-7, high pair in bytes 8-11 */
@@ -155,10 +159,10 @@ static void q_q3_k_w(const float *x, uint8_t *b, int64_t nb, const float *qw) {
 
 /* Q4_K / Q5_K: 6-bit scale and min per 32 values on two f16 super-block scales */
 static void q_k45_w(int five, const float *x, uint8_t *b, int64_t nb, const float *qw) {
-    const int nmax = five ? 31 : 15, size = five ? 176 : 144;
-    for (int64_t i = 0; i < nb; i++, x += 256, qw += 256, b += size) {
+    const int nmax = five ? 31 : 15, size = five ? QC_Q5_K_BYTES : QC_Q4_K_BYTES;
+    for (int64_t i = 0; i < nb; i++, x += QC_QK_K, qw += QC_QK_K, b += size) {
         uint8_t L[256], Ls[8], Lm[8]; float w[32], sw[8], scales[8], mins[8];
-        const float sigma2 = 2 * sum_sq(x, 256) / 256;
+        const float sigma2 = 2 * sum_sq(x, QC_QK_K) / QC_QK_K;
         for (int j = 0; j < 8; j++) {
             importance(x + 32 * j, qw + 32 * j, sigma2, 32, w);
             sw[j] = 0;
@@ -260,30 +264,33 @@ static void iq4_block(int n, const float *x, const float *qw, uint8_t *dh, uint8
  * weights imatrix [cols] (NULL: IQ4 types only, which weight by x^2). Returns 0, or -1 for a type this
  * file does not handle (the caller then uses qc_quant: Q8_0, float types). */
 int qc_quant_w(int type, const float *x, uint8_t *out, int64_t rows, int64_t cols, const float *imatrix) {
-    const int64_t nk = cols / 256;
-    if (!imatrix && type != 20 && type != 23) return -1;
+    const int64_t nk = cols / QC_QK_K;
+    if (!imatrix && type != QC_IQ4_NL && type != QC_IQ4_XS) return -1;
     for (int64_t r = 0; r < rows; r++, x += cols) {
         switch (type) {
-            case 2: case 3: case 6: case 7: {
-                const int64_t size = type == 2 ? 18 : type == 3 ? 20 : type == 6 ? 22 : 24;
-                q_legacy_w(type, x, out + r * (cols / 32) * size, cols, imatrix);
+            case QC_Q4_0: case QC_Q4_1: case QC_Q5_0: case QC_Q5_1: {
+                const int64_t size = type == QC_Q4_0 ? QC_Q4_0_BYTES : type == QC_Q4_1 ? QC_Q4_1_BYTES
+                                   : type == QC_Q5_0 ? QC_Q5_0_BYTES : QC_Q5_1_BYTES;
+                q_legacy_w(type, x, out + r * (cols / QC_Q4_0_BLOCK) * size, cols, imatrix);
                 break;
             }
-            case 10: q_q2_k_w(x, out + r * nk * 84, nk, imatrix); break;
-            case 11: q_q3_k_w(x, out + r * nk * 110, nk, imatrix); break;
-            case 12: q_k45_w(0, x, out + r * nk * 144, nk, imatrix); break;
-            case 13: q_k45_w(1, x, out + r * nk * 176, nk, imatrix); break;
-            case 14: qc_q6k(x, out + r * nk * 210, nk, imatrix); break;
-            case 20: {  /* IQ4_NL: d, qs[16] */
-                uint8_t *b = out + r * (cols / 32) * 18;
-                for (int64_t ib = 0; ib < cols / 32; ib++)
-                    iq4_block(32, x + 32 * ib, imatrix ? imatrix + 32 * ib : NULL, b + 18 * ib, NULL, NULL, b + 18 * ib + 2);
+            case QC_Q2_K: q_q2_k_w(x, out + r * nk * QC_Q2_K_BYTES, nk, imatrix); break;
+            case QC_Q3_K: q_q3_k_w(x, out + r * nk * QC_Q3_K_BYTES, nk, imatrix); break;
+            case QC_Q4_K: q_k45_w(0, x, out + r * nk * QC_Q4_K_BYTES, nk, imatrix); break;
+            case QC_Q5_K: q_k45_w(1, x, out + r * nk * QC_Q5_K_BYTES, nk, imatrix); break;
+            case QC_Q6_K: qc_q6k(x, out + r * nk * QC_Q6_K_BYTES, nk, imatrix); break;
+            case QC_IQ4_NL: {  /* d, qs[16] */
+                const int64_t n = QC_IQ4_NL_BLOCK, sz = QC_IQ4_NL_BYTES;
+                uint8_t *b = out + r * (cols / n) * sz;
+                for (int64_t ib = 0; ib < cols / n; ib++)
+                    iq4_block(n, x + n * ib, imatrix ? imatrix + n * ib : NULL, b + sz * ib, NULL, NULL, b + sz * ib + 2);
                 break;
             }
-            case 23: {  /* IQ4_XS: d, scales_h (u16), scales_l[4], qs[128] */
-                uint8_t *b = out + r * nk * 136;
-                for (int64_t ib = 0; ib < nk; ib++, b += 136)
-                    iq4_block(256, x + 256 * ib, imatrix ? imatrix + 256 * ib : NULL, b, b + 2, b + 4, b + 8);
+            case QC_IQ4_XS: {  /* d, scales_h (u16), scales_l[4], qs[128] */
+                const int64_t n = QC_IQ4_XS_BLOCK;
+                uint8_t *b = out + r * nk * QC_IQ4_XS_BYTES;
+                for (int64_t ib = 0; ib < nk; ib++, b += QC_IQ4_XS_BYTES)
+                    iq4_block(n, x + n * ib, imatrix ? imatrix + n * ib : NULL, b, b + 2, b + 4, b + 8);
                 break;
             }
             default: return -1;
@@ -292,17 +299,17 @@ int qc_quant_w(int type, const float *x, uint8_t *out, int64_t rows, int64_t col
     return 0;
 }
 
-/* IQ4_NL (type 20) / IQ4_XS (23) blocks -> float32 */
+/* IQ4_NL / IQ4_XS blocks -> float32; returns 0, or -1 for another type */
 int qc_dequant_iq4(int type, const uint8_t *b, float *y, int64_t nb) {
-    if (type == 20) {
-        for (int64_t i = 0; i < nb; i++, b += 18, y += 32) {
+    if (type == QC_IQ4_NL) {
+        for (int64_t i = 0; i < nb; i++, b += QC_IQ4_NL_BYTES, y += QC_IQ4_NL_BLOCK) {
             const float d = h2f(rd16(b));
             for (int j = 0; j < 16; j++) { y[j] = d * IQ4_GRID[b[2 + j] & 0xF]; y[j + 16] = d * IQ4_GRID[b[2 + j] >> 4]; }
         }
         return 0;
     }
-    if (type != 23) return -1;
-    for (int64_t i = 0; i < nb; i++, b += 136) {
+    if (type != QC_IQ4_XS) return -1;
+    for (int64_t i = 0; i < nb; i++, b += QC_IQ4_XS_BYTES) {
         const float d = h2f(rd16(b));
         const uint16_t sh = rd16(b + 2);
         for (int ib = 0; ib < 8; ib++, y += 32) {
@@ -310,118 +317,6 @@ int qc_dequant_iq4(int type, const uint8_t *b, float *y, int64_t nb) {
             const float dl = d * (ls - 32);
             const uint8_t *q = b + 8 + 16 * ib;
             for (int j = 0; j < 16; j++) { y[j] = dl * IQ4_GRID[q[j] & 0xF]; y[j + 16] = dl * IQ4_GRID[q[j] >> 4]; }
-        }
-    }
-    return 0;
-}
-
-/* ---- fixed block scales, free codes (GPTQ on GGML grids, qconvert/quant/gptq_ggml.py) ----
- * Every type here decodes as value = d * G(L) + m per sub-block, with L the stored code: G(L) = L for the
- * affine types (L in 0..nmax), the IQ4 grid for IQ4_NL / IQ4_XS. qc_grid reads (d, m) of every sub-block;
- * qc_pack_codes writes new codes into blocks whose scale bytes it keeps. Q8_0 codes are stored + 128. */
-typedef struct { int sub, size, nmax; } grid_info;
-static int info_of(int type, grid_info *g) {
-    switch (type) {
-        case 2: *g = (grid_info){32, 18, 15}; return 0;
-        case 3: *g = (grid_info){32, 20, 15}; return 0;
-        case 6: *g = (grid_info){32, 22, 31}; return 0;
-        case 7: *g = (grid_info){32, 24, 31}; return 0;
-        case 8: *g = (grid_info){32, 34, 255}; return 0;
-        case 10: *g = (grid_info){16, 84, 3}; return 0;
-        case 11: *g = (grid_info){16, 110, 7}; return 0;
-        case 12: *g = (grid_info){32, 144, 15}; return 0;
-        case 13: *g = (grid_info){32, 176, 31}; return 0;
-        case 14: *g = (grid_info){16, 210, 63}; return 0;
-        case 20: *g = (grid_info){32, 18, 15}; return 0;
-        case 23: *g = (grid_info){32, 136, 15}; return 0;
-        default: return -1;
-    }
-}
-
-/* sub-block parameters of nb blocks: d[nb * subs], m[nb * subs]; returns subs per block, or -1 */
-int qc_grid(int type, const uint8_t *b, int64_t nb, float *d, float *m) {
-    grid_info g;
-    if (info_of(type, &g)) return -1;
-    const int64_t per = (type >= 10 && type <= 14) || type == 23 ? 256 / g.sub : 1;
-    for (int64_t i = 0; i < nb; i++, b += g.size, d += per, m += per) {
-        switch (type) {
-            case 2: d[0] = h2f(rd16(b)); m[0] = -8 * d[0]; break;
-            case 6: d[0] = h2f(rd16(b)); m[0] = -16 * d[0]; break;
-            case 8: d[0] = h2f(rd16(b)); m[0] = -128 * d[0]; break;
-            case 3: case 7: d[0] = h2f(rd16(b)); m[0] = h2f(rd16(b + 2)); break;
-            case 20: d[0] = h2f(rd16(b)); m[0] = 0; break;
-            case 10: {
-                const float D = h2f(rd16(b + 80)), M = h2f(rd16(b + 82));
-                for (int j = 0; j < 16; j++) { d[j] = D * (b[j] & 0xF); m[j] = -M * (b[j] >> 4); }
-                break;
-            }
-            case 11: {
-                const float D = h2f(rd16(b + 108)); const uint8_t *sc = b + 96;
-                for (int j = 0; j < 16; j++) {
-                    const int s = (((sc[j % 8] >> (j < 8 ? 0 : 4)) & 0xF) | (((sc[8 + j % 4] >> (2 * (j / 4))) & 3) << 4)) - 32;
-                    d[j] = D * s; m[j] = -4 * d[j];
-                }
-                break;
-            }
-            case 12: case 13: {
-                const float D = h2f(rd16(b)), M = h2f(rd16(b + 2));
-                for (int j = 0; j < 8; j++) { uint8_t s, mm; scale_min_k4(j, b + 4, &s, &mm); d[j] = D * s; m[j] = -M * mm; }
-                break;
-            }
-            case 14: {
-                const float D = h2f(rd16(b + 208));
-                for (int j = 0; j < 16; j++) { d[j] = D * ((const int8_t *)(b + 192))[j]; m[j] = -32 * d[j]; }
-                break;
-            }
-            case 23: {
-                const float D = h2f(rd16(b)); const uint16_t sh = rd16(b + 2);
-                for (int j = 0; j < 8; j++) {
-                    const int ls = ((b[4 + j / 2] >> (4 * (j % 2))) & 0xF) | (((sh >> (2 * j)) & 3) << 4);
-                    d[j] = D * (ls - 32); m[j] = 0;
-                }
-                break;
-            }
-        }
-    }
-    return (int)per;
-}
-
-/* write codes L (one per value, in order) into nb blocks, keeping their scale bytes */
-int qc_pack_codes(int type, uint8_t *b, int64_t nb, const uint8_t *L) {
-    grid_info g;
-    if (info_of(type, &g)) return -1;
-    const int vals = (type >= 10 && type <= 14) || type == 23 ? 256 : 32;
-    for (int64_t i = 0; i < nb; i++, b += g.size, L += vals) {
-        switch (type) {
-            case 2: case 3: case 6: case 7: case 20: {
-                const int asym = type == 3 || type == 7, five = type == 6 || type == 7;
-                uint8_t *qs = b + g.size - 16; uint32_t qh = 0;
-                for (int j = 0; j < 16; j++) {
-                    qs[j] = (uint8_t)((L[j] & 0xF) | ((L[j + 16] & 0xF) << 4));
-                    qh |= ((uint32_t)(L[j] >> 4) & 1u) << j;
-                    qh |= ((uint32_t)(L[j + 16] >> 4) & 1u) << (j + 16);
-                }
-                if (five) memcpy(b + 2 + 2 * asym, &qh, 4);
-                break;
-            }
-            case 8: for (int j = 0; j < 32; j++) b[2 + j] = (uint8_t)(L[j] - 128); break;
-            case 10: qc_pack_2bit(L, b + 16); break;
-            case 11: {
-                uint8_t U[256];
-                memset(b, 0, 32);
-                for (int j = 0; j < 256; j++) {
-                    U[j] = L[j];
-                    if (U[j] > 3) { b[j % 32] |= (uint8_t)(1u << (j / 32)); U[j] -= 4; }
-                }
-                qc_pack_2bit(U, b + 32);
-                break;
-            }
-            case 12: case 13: if (type == 13) memset(b + 16, 0, 32); qc_pack_k45(type == 13, L, b); break;
-            case 14: qc_pack_q6k(L, b); break;
-            case 23:
-                for (int k = 0; k < 8; k++)
-                    for (int j = 0; j < 16; j++) b[8 + 16 * k + j] = (uint8_t)(L[32 * k + j] | (L[32 * k + 16 + j] << 4));
-                break;
         }
     }
     return 0;

@@ -1,4 +1,5 @@
-/* Element-wise kernels for qconvert's (de)quantisation glue, called through ctypes.
+/* Element-wise kernels of formats.ggml._kernels (bound in formats/ggml/codec.py), called through ctypes;
+ * the block encoders are in _encode.c / _encode_w.c, the sub-block grids in _grid.c.
  *
  * Float conversions are bit-exact with round-to-nearest-even (the same results as numpy's casts);
  * GGML block decoders follow the block layouts documented in ggml (ggml-common.h) and produce the
@@ -13,6 +14,7 @@
 
 #include "half.h"
 #include "blocks.h"
+#include "types.h"
 
 #ifdef QC_X86
 __attribute__((target("avx,f16c"))) static void f32_to_f16_f16c(const float *s, uint16_t *d, int64_t n) {
@@ -48,6 +50,17 @@ void qc_bf16_to_f16(const uint16_t *s, uint16_t *d, int64_t n) {
 }
 void qc_f16_to_bf16(const uint16_t *s, uint16_t *d, int64_t n) { for (int64_t i = 0; i < n; i++) d[i] = f2bf(h2f(s[i])); }
 
+
+/* values and bytes per block of GGML type `type` (GGMLQuantizationType value) from types.h's table:
+ * 0, or -1 (nothing written) for a type the C code does not handle */
+int qc_type_size(int type, int64_t *block, int64_t *bytes) {
+    switch (type) {
+#define QC_TYPE_CASE(NAME, ID, BLOCK, BYTES) case QC_##NAME: *block = QC_##NAME##_BLOCK; *bytes = QC_##NAME##_BYTES; return 0;
+        QC_GGML_TYPES(QC_TYPE_CASE)
+#undef QC_TYPE_CASE
+        default: return -1;
+    }
+}
 
 /* type ids are GGMLQuantizationType values; returns 0 on success, -1 for an unhandled type */
 int qc_dequant(int type, const uint8_t *src, float *dst, int64_t n_blocks) { return ggml_dequant(type, src, dst, n_blocks); }

@@ -6,28 +6,29 @@
 #include <stdint.h>
 #include <string.h>
 #include "half.h"
+#include "types.h"
 
 /* ---- 32-value blocks ---- */
 static inline void deq_q8_0(const uint8_t *b, float *y, int64_t nb) {
-    for (int64_t i = 0; i < nb; i++, b += 34, y += 32) {
+    for (int64_t i = 0; i < nb; i++, b += QC_Q8_0_BYTES, y += QC_Q8_0_BLOCK) {
         const float d = h2f(rd16(b)); const int8_t *q = (const int8_t *)(b + 2);
         for (int j = 0; j < 32; j++) y[j] = q[j] * d;
     }
 }
 static inline void deq_q4_0(const uint8_t *b, float *y, int64_t nb) {
-    for (int64_t i = 0; i < nb; i++, b += 18, y += 32) {
+    for (int64_t i = 0; i < nb; i++, b += QC_Q4_0_BYTES, y += QC_Q4_0_BLOCK) {
         const float d = h2f(rd16(b)); const uint8_t *q = b + 2;
         for (int j = 0; j < 16; j++) { y[j] = ((q[j] & 0xF) - 8) * d; y[j + 16] = ((q[j] >> 4) - 8) * d; }
     }
 }
 static inline void deq_q4_1(const uint8_t *b, float *y, int64_t nb) {
-    for (int64_t i = 0; i < nb; i++, b += 20, y += 32) {
+    for (int64_t i = 0; i < nb; i++, b += QC_Q4_1_BYTES, y += QC_Q4_1_BLOCK) {
         const float d = h2f(rd16(b)), m = h2f(rd16(b + 2)); const uint8_t *q = b + 4;
         for (int j = 0; j < 16; j++) { y[j] = (q[j] & 0xF) * d + m; y[j + 16] = (q[j] >> 4) * d + m; }
     }
 }
 static inline void deq_q5_0(const uint8_t *b, float *y, int64_t nb) {
-    for (int64_t i = 0; i < nb; i++, b += 22, y += 32) {
+    for (int64_t i = 0; i < nb; i++, b += QC_Q5_0_BYTES, y += QC_Q5_0_BLOCK) {
         const float d = h2f(rd16(b)); const uint32_t qh = rd32(b + 2); const uint8_t *q = b + 6;
         for (int j = 0; j < 16; j++) {
             const int x0 = (q[j] & 0xF) | (((qh >> j) & 1) << 4);
@@ -37,7 +38,7 @@ static inline void deq_q5_0(const uint8_t *b, float *y, int64_t nb) {
     }
 }
 static inline void deq_q5_1(const uint8_t *b, float *y, int64_t nb) {
-    for (int64_t i = 0; i < nb; i++, b += 24, y += 32) {
+    for (int64_t i = 0; i < nb; i++, b += QC_Q5_1_BYTES, y += QC_Q5_1_BLOCK) {
         const float d = h2f(rd16(b)), m = h2f(rd16(b + 2)); const uint32_t qh = rd32(b + 4); const uint8_t *q = b + 8;
         for (int j = 0; j < 16; j++) {
             const int x0 = (q[j] & 0xF) | (((qh >> j) & 1) << 4);
@@ -48,7 +49,7 @@ static inline void deq_q5_1(const uint8_t *b, float *y, int64_t nb) {
 }
 /* ---- 256-value K blocks ---- */
 static inline void deq_q4_k(const uint8_t *b, float *y, int64_t nb) {
-    for (int64_t i = 0; i < nb; i++, b += 144) {
+    for (int64_t i = 0; i < nb; i++, b += QC_Q4_K_BYTES) {
         const float d = h2f(rd16(b)), dmin = h2f(rd16(b + 2)); const uint8_t *sc = b + 4, *q = b + 16;
         int is = 0; uint8_t s, m;
         for (int j = 0; j < 256; j += 64, q += 32) {
@@ -60,7 +61,7 @@ static inline void deq_q4_k(const uint8_t *b, float *y, int64_t nb) {
     }
 }
 static inline void deq_q5_k(const uint8_t *b, float *y, int64_t nb) {
-    for (int64_t i = 0; i < nb; i++, b += 176) {
+    for (int64_t i = 0; i < nb; i++, b += QC_Q5_K_BYTES) {
         const float d = h2f(rd16(b)), dmin = h2f(rd16(b + 2)); const uint8_t *sc = b + 4, *qh = b + 16, *q = b + 48;
         int is = 0; uint8_t s, m, u1 = 1, u2 = 2;
         for (int j = 0; j < 256; j += 64, q += 32, u1 <<= 2, u2 <<= 2) {
@@ -72,7 +73,7 @@ static inline void deq_q5_k(const uint8_t *b, float *y, int64_t nb) {
     }
 }
 static inline void deq_q6_k(const uint8_t *b, float *y, int64_t nb) {
-    for (int64_t i = 0; i < nb; i++, b += 210) {
+    for (int64_t i = 0; i < nb; i++, b += QC_Q6_K_BYTES) {
         const uint8_t *ql = b, *qh = b + 128; const int8_t *sc = (const int8_t *)(b + 192);
         const float d = h2f(rd16(b + 208));
         for (int n = 0; n < 256; n += 128, ql += 64, qh += 32, sc += 8, y += 128) {
@@ -89,7 +90,7 @@ static inline void deq_q6_k(const uint8_t *b, float *y, int64_t nb) {
     }
 }
 static inline void deq_q2_k(const uint8_t *b, float *y, int64_t nb) {
-    for (int64_t i = 0; i < nb; i++, b += 84) {
+    for (int64_t i = 0; i < nb; i++, b += QC_Q2_K_BYTES) {
         const uint8_t *sc = b, *q = b + 16; const float d = h2f(rd16(b + 80)), dmin = h2f(rd16(b + 82));
         int is = 0;
         for (int n = 0; n < 256; n += 128, q += 32) {
@@ -104,7 +105,7 @@ static inline void deq_q2_k(const uint8_t *b, float *y, int64_t nb) {
 }
 static inline void deq_q3_k(const uint8_t *b, float *y, int64_t nb) {
     const uint32_t kmask1 = 0x03030303, kmask2 = 0x0f0f0f0f;
-    for (int64_t i = 0; i < nb; i++, b += 110) {
+    for (int64_t i = 0; i < nb; i++, b += QC_Q3_K_BYTES) {
         const uint8_t *hm = b, *q = b + 32, *scr = b + 96; const float d_all = h2f(rd16(b + 108));
         uint32_t aux[4]; memcpy(aux, scr, 12);
         const uint32_t tmp = aux[2];
@@ -128,16 +129,16 @@ static inline void deq_q3_k(const uint8_t *b, float *y, int64_t nb) {
 /* type ids are GGMLQuantizationType values; returns 0 on success, -1 for an unhandled type */
 static inline int ggml_dequant(int type, const uint8_t *src, float *dst, int64_t n_blocks) {
     switch (type) {
-        case 2: deq_q4_0(src, dst, n_blocks); return 0;
-        case 3: deq_q4_1(src, dst, n_blocks); return 0;
-        case 6: deq_q5_0(src, dst, n_blocks); return 0;
-        case 7: deq_q5_1(src, dst, n_blocks); return 0;
-        case 8: deq_q8_0(src, dst, n_blocks); return 0;
-        case 10: deq_q2_k(src, dst, n_blocks); return 0;
-        case 11: deq_q3_k(src, dst, n_blocks); return 0;
-        case 12: deq_q4_k(src, dst, n_blocks); return 0;
-        case 13: deq_q5_k(src, dst, n_blocks); return 0;
-        case 14: deq_q6_k(src, dst, n_blocks); return 0;
+        case QC_Q4_0: deq_q4_0(src, dst, n_blocks); return 0;
+        case QC_Q4_1: deq_q4_1(src, dst, n_blocks); return 0;
+        case QC_Q5_0: deq_q5_0(src, dst, n_blocks); return 0;
+        case QC_Q5_1: deq_q5_1(src, dst, n_blocks); return 0;
+        case QC_Q8_0: deq_q8_0(src, dst, n_blocks); return 0;
+        case QC_Q2_K: deq_q2_k(src, dst, n_blocks); return 0;
+        case QC_Q3_K: deq_q3_k(src, dst, n_blocks); return 0;
+        case QC_Q4_K: deq_q4_k(src, dst, n_blocks); return 0;
+        case QC_Q5_K: deq_q5_k(src, dst, n_blocks); return 0;
+        case QC_Q6_K: deq_q6_k(src, dst, n_blocks); return 0;
         default: return -1;
     }
 }

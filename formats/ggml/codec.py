@@ -28,6 +28,7 @@ SIGNATURES = {
     "qc_pack_codes": ([INT, P, I64, P], INT),
     "qc_pack_bits": ([P, I64, I64, INT, P], None),
     "qc_unpack_bits": ([P, I64, I64, INT, P], None),
+    "qc_type_size": ([INT, P, P], INT),
 }
 _LIB = load("formats.ggml._kernels", SIGNATURES)
 

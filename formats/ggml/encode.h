@@ -1,7 +1,8 @@
 /* Helpers shared by the GGML block encoders (formats/ggml/_encode.c: plain; _encode_w.c: importance-weighted
- * and IQ4) and the int4 group search (qconvert/quant/_kernels.c), each compiled into its own library. */
-#ifndef QC_QUANT_H
-#define QC_QUANT_H
+ * and IQ4; _grid.c: code packing) and the int4 group search (qconvert/quant/_kernels.c). The static inline
+ * ones are compiled into each library that includes this header. */
+#ifndef QC_ENCODE_H
+#define QC_ENCODE_H
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
@@ -16,6 +17,9 @@ static inline int rnd(float v) {
 }
 static inline int clampi(int v, int lo, int hi) { return v < lo ? lo : v > hi ? hi : v; }
 
+#ifdef QC_GGML_ENCODERS
+/* Defined in _encode.c, for the files of formats.ggml._kernels only (they #define QC_GGML_ENCODERS): another
+ * library that includes this header gets the static inline helpers alone, so it cannot call into this one. */
 float qc_fit_scale_min(int n, int nmax, const float *x, const float *w, uint8_t *L, float *m_out,
                        float rmin, float rdelta, int nstep);
 void qc_pack_scale_min_k4(uint8_t *sc, int j, int ls, int lm);
@@ -23,6 +27,7 @@ void qc_pack_2bit(const uint8_t *L, uint8_t *qs);
 void qc_pack_k45(int five, const uint8_t *L, uint8_t *b);
 void qc_pack_q6k(const uint8_t *L, uint8_t *b);
 void qc_q6k(const float *x, uint8_t *b, int64_t nb, const float *qw);
+#endif
 /* symmetric: x ~ scale * (L - nmax), L in [0, 2 nmax - 1], weights w (NULL: x^2): the scale from the value
  * of largest magnitude, then 18 nearby grids, each with its weighted least-squares scale; the grid with the
  * largest explained sum wins. Same operation order as ggml's make_qx_quants (bit-identical results). */

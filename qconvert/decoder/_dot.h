@@ -1,4 +1,5 @@
-/* Shared engine of the matrix-product kernels (_dot.c: float and GGML types, _dot_int.c: int codes).
+/* Shared engine of the matrix-product kernels (_dot.c + _dot_simd.h: float and GGML types, _dot_int.c +
+ * _dot_int_simd.h: int codes), all in qconvert.decoder._kernels.
  *
  * A product y[t, r] = sum_c W[r, c] * x[t, c] walks a row of W a chunk (up to QC_CHUNK values: blocks or
  * groups) at a time: the chunk is dequantised into a float buffer that stays in L1 (exactly the values the
@@ -6,8 +7,8 @@
  * are instantiated for each tile width T = 1..QC_TILE (always-inline + constant T) so the accumulators stay
  * in registers; wider x runs in tiles. Nothing quantises x: the maths is float32, dequantise-then-multiply.
  *
- * The SIMD part is written once over a vector width: a file defines QC_DOT_PASS (8: AVX2, 16: AVX-512) and
- * includes this header again to get that width's primitives (V*) and engine, named QC_F(name). */
+ * The SIMD part is written once over a vector width: a *_simd.h file, included with QC_DOT_PASS set (8: AVX2,
+ * 16: AVX-512), includes this header again to get that width's primitives (V*) and engine, named QC_F(name). */
 #ifndef QC_DOT_H
 #define QC_DOT_H
 #include <stdint.h>
@@ -26,9 +27,11 @@ int qc_dot_int(const uint8_t *codes, int64_t code_row_bytes, const void *scales,
                int64_t cols, float *y, int64_t ldy, int64_t r0, int64_t r1);  /* _dot_int.c */
 static inline uint64_t rd64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
 
-/* software prefetch of the row QC_PF_BYTES ahead of row r (rows of rb bytes from base, rows < r1): for matrices
- * that do not fit the caches, the block kernels otherwise wait on memory (measured on the 151936 x 896 head:
- * Q4_0 1.5x, Q4_K 2x faster with it; plain F16 / BF16 rows stream faster without) */
+/* software prefetch of the row QC_PF_BYTES ahead of row r (rows of rb bytes from base, rows < r1). Rule: the
+ * kernels that decode between loads (GGML blocks, the int codes' 64-column path) prefetch, since on matrices
+ * larger than the caches they would otherwise wait on memory; plain F32 / F16 / BF16 rows do not (a pure
+ * stream, which the hardware prefetcher serves better alone). scripts/bench_codecs.py measures both on a
+ * matrix above the caches (--shapes 151936x896). */
 #define QC_PF_BYTES 4096
 static QC_INL void prefetch_row(const uint8_t *base, int64_t rb, int64_t r, int64_t r1) {
     const int64_t ahead = rb >= QC_PF_BYTES ? 1 : QC_PF_BYTES / rb;

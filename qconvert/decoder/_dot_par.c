@@ -1,16 +1,18 @@
 /* Two-thread products for decoding: the caller computes one half of the rows, one persistent worker thread
- * the other. Part of formats.ggml._kernels (formats/model/stored.py calls qc_matmul_ggml / qc_matmul_int).
+ * the other. Part of qconvert.decoder._kernels (qconvert/decoder/products.py calls qc_matmul_ggml /
+ * qc_matmul_int).
  *
- * A product of a few rows of x by a decoder matrix takes 50 us to a few ms; handing half of it to a Python
- * thread pool costs ~25 us per call (a wake-up through a condition variable and the GIL). Here the worker
- * waits for the next job spinning for a short while (decoding calls come back to back), then sleeps on a
- * condition variable. One job at a time: a second caller while one runs computes all its rows itself.
- * After fork() the child starts without a worker and makes a new one on first use. */
+ * Rule: a decoding product is short, so handing half of it over must cost far less than the product; a
+ * Python thread pool does not meet that (a wake-up through a condition variable and the GIL per call), this
+ * worker does: it waits for the next job spinning for a short while (decoding calls come back to back), then
+ * sleeps on a condition variable. scripts/bench_codecs.py measures the split (default) against one thread
+ * (--threads 1). One job at a time: a second caller while one runs computes all its rows itself. After
+ * fork() the child starts without a worker and makes a new one on first use. */
 #include <pthread.h>
 #include <stdint.h>
 #include "_dot.h"
 
-#define QC_SPINS 4000  /* the worker's polls before it sleeps (about 0.1 ms) */
+#define QC_SPINS 4000  /* the worker's polls before it sleeps: longer than the gap between a decoding step's calls */
 
 typedef struct {  /* the arguments of a qc_dot_ggml / qc_dot_int call */
     int is_int, type, bits, group, flags;

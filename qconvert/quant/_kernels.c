@@ -14,8 +14,9 @@
  * method 0 (rtn): scale and offset from the group's min / max. method 1 (search): the weighted
  * least-squares search of the K-quants over candidate scales. Scale and offset are rounded to f16 and
  * the values re-quantised with the rounded pair, so what is stored is what was optimised for. */
-/* Same search as fit_scale_min (x ~ scale * L + offset, offset <= 0), but each candidate costs one pass:
- * the weighted error follows from the sums, err = s^2 Sll + 2 s m Sl - 2 s Slx + m^2 Sw - 2 m Sx + Sxx. */
+/* Same search as qc_fit_scale_min (formats/ggml/_encode.c; x ~ scale * L + offset, offset <= 0), but each
+ * candidate costs one pass: the weighted error follows from the sums,
+ * err = s^2 Sll + 2 s m Sl - 2 s Slx + m^2 Sw - 2 m Sx + Sxx. */
 #ifdef QC_X86
 __attribute__((target("avx2,fma"))) static void cand_sums_avx2(int n, const float *x, const float *w, float lo,
                                                                float is, float nmax, float out[3][8]) {

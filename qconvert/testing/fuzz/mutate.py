@@ -12,6 +12,7 @@ from typing import Any, Callable
 import numpy as np
 
 from qconvert.testing.fuzz import gguf_mut
+from qconvert.testing.fuzz.seeds import GGUF_SEEDS
 
 READERS = ("gguf", "safetensors", "int4", "hf-config", "tokenizer", "template")
 BOUND = [0, -1, 1, 2 ** 31, 2 ** 31 - 1, 2 ** 32, 2 ** 63, 2 ** 64 - 1, 2 ** 64, -2 ** 63, 1.5, 1e308, float("nan"),
@@ -213,7 +214,7 @@ def make_case(reader: str, seeds: dict[str, Path], seed: int, index: int, work: 
         if index % 50 == 0:  # every 50th case: the real 0.5B header when cached
             key = "gguf_real" if "gguf_real" in seeds else "gguf_q4"
         else:
-            key = ("gguf_f16", "gguf_q8", "gguf_q4")[int(rng.integers(3))]
+            key = GGUF_SEEDS[int(rng.integers(len(GGUF_SEEDS)))]
         src = Path(seeds[key])
         out = work / "case.gguf"
         if src.stat().st_size > 64 << 20:  # the real header: mutate the header, keep the hole

@@ -1,6 +1,10 @@
 """Valid seed files for the fuzzer: a micro Qwen2 checkpoint (HF, GGUF, int4) with a 320-token byte-level BPE
 tokenizer cut from the real Qwen2 one, so one case converts in milliseconds; plus the real 0.5B GGUF's header
-(tensor data left as a file hole) when that file is cached."""
+(tensor data left as a file hole) when that file is cached.
+
+The GGUF seeds cover the C block decoders the GGUF reader runs: F16, Q8_0, Q4_1, and the non-linear IQ4_NL /
+IQ4_XS (formats/ggml/_encode_w.c: qc_dequant_iq4); the IQ4_XS seed comes from a 256-wide micro checkpoint, since
+IQ4_XS needs rows of whole 256-value blocks. ``GGUF_SEEDS`` lists the keys of the micro GGUF seeds."""
 from __future__ import annotations
 
 import gzip
@@ -18,7 +22,7 @@ N_BPE = 300  # 256 byte symbols + the first 44 merges of the real vocabulary
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 VOCAB = 320
 CHATML = (DATA / "tokenizer_config.json")
-SEEDS_VERSION = "seeds 1\n"  # bump when the seeds change: cached seed folders are then rebuilt
+SEEDS_VERSION = "seeds 2\n"  # bump when the seeds change: cached seed folders are then rebuilt
 
 
 def micro_tokenizer() -> tuple[dict[str, Any], dict[str, Any]]:
@@ -33,14 +37,20 @@ def micro_tokenizer() -> tuple[dict[str, Any], dict[str, Any]]:
     return tj, tc
 
 
-def micro_hf(out: Path, dtype: str = "f32", seed: int = 0) -> Path:
-    """A valid micro HF checkpoint (1 layer, hidden 32, tied) written with the safetensors package."""
+GGUF_SEEDS = ("gguf_f16", "gguf_q8", "gguf_q4", "gguf_iq4_nl", "gguf_iq4_xs")
+IQ4_FILE_TYPE = {"IQ4_NL": 25, "IQ4_XS": 30}  # llama_ftype (general.file_type), as llama-quantize records it
+
+
+def micro_hf(out: Path, dtype: str = "f32", seed: int = 0, hidden: int = 32, intermediate: int = 64) -> Path:
+    """A valid micro HF checkpoint (1 layer, 2 query heads and 1 kv head, tied; hidden 32 unless told) written
+    with the safetensors package."""
     from safetensors.numpy import save_file
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    h, f, heads, kv, hd = 32, 64, 2, 1, 16
+    h, f, heads, kv = hidden, intermediate, 2, 1
+    hd = h // heads
     ts = {"model.embed_tokens.weight": rng.normal(0, 1, (VOCAB, h)), "model.norm.weight": rng.normal(1, .1, h)}
     p = "model.layers.0."
     for n, shape in [("self_attn.q_proj.weight", (heads * hd, h)), ("self_attn.k_proj.weight", (kv * hd, h)),
@@ -85,8 +95,25 @@ def real_header_gguf(out: Path) -> Path | None:
     return out
 
 
+def iq4_types(src: Any, want: str) -> dict[str, str]:
+    """{GGUF name: type} for an IQ4 seed: every matrix in ``want`` (IQ4_NL or IQ4_XS; IQ4_XS falls back to
+    IQ4_NL for rows that are not whole 256-value blocks, as llama-quantize does), 1-D tensors and norms F32."""
+    from formats.gguf.write import tensor_type
+    from formats.model.names import canonical_shape, gguf_layout
+
+    out = {}
+    for gname, members in gguf_layout(src.config):
+        shape = canonical_shape(members[0], src.config)
+        if tensor_type(gname, shape, "q8_0") == "F32":
+            out[gname] = "F32"
+        else:
+            out[gname] = "IQ4_NL" if want == "IQ4_NL" or shape[-1] % 256 else "IQ4_XS"
+    return out
+
+
 def make_seeds(root: Path) -> dict[str, Path]:
-    """Every seed under ``root`` (made once): hf, hf16, gguf_f16, gguf_q8, gguf_q4k, int4, int4_16 folders/files."""
+    """Every seed under ``root`` (made once): hf, hf16, int4, int4_16 folders, and the GGUF files of
+    ``GGUF_SEEDS`` (f16, q8_0, q4_1, iq4_nl from hf; iq4_xs from a 256-wide checkpoint, hf256)."""
     import subprocess
     import sys
 
@@ -96,7 +123,8 @@ def make_seeds(root: Path) -> dict[str, Path]:
     root = Path(root)
     marker = root / ".done"
     seeds = {"hf": root / "hf", "hf16": root / "hf16", "gguf_f16": root / "f16.gguf", "gguf_q8": root / "q8.gguf",
-             "gguf_q4": root / "q4_1.gguf", "int4": root / "int4", "int4_16": root / "int4_16"}
+             "gguf_q4": root / "q4_1.gguf", "gguf_iq4_nl": root / "iq4_nl.gguf", "gguf_iq4_xs": root / "iq4_xs.gguf",
+             "int4": root / "int4", "int4_16": root / "int4_16", "hf256": root / "hf256"}
     if marker.is_file() and marker.read_text() == SEEDS_VERSION:
         real = root / "real-header.gguf"
         return {**seeds, **({"gguf_real": real} if real.is_file() else {})}
@@ -104,9 +132,13 @@ def make_seeds(root: Path) -> dict[str, Path]:
     root.mkdir(parents=True)
     micro_hf(seeds["hf"])
     micro_hf(seeds["hf16"], "f16", seed=1)
+    micro_hf(seeds["hf256"], seed=2, hidden=256, intermediate=256)
     for key, t in (("gguf_f16", "f16"), ("gguf_q8", "q8_0"), ("gguf_q4", "q4_1")):
         with open_hf(str(seeds["hf"])) as src:
             write_gguf(src, seeds[key], t, progress=False)
+    for key, hf, t in (("gguf_iq4_nl", "hf", "IQ4_NL"), ("gguf_iq4_xs", "hf256", "IQ4_XS")):
+        with open_hf(str(seeds[hf])) as src:
+            write_gguf(src, seeds[key], types=iq4_types(src, t), file_type=IQ4_FILE_TYPE[t], progress=False)
     cli = [sys.executable, "-c", "from qconvert.cli import main; main()", "quantize"]
     subprocess.run([*cli, str(seeds["hf"]), str(seeds["int4"]), "--method", "rtn", "--quiet"], check=True,
                    capture_output=True)
