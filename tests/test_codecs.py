@@ -1,4 +1,5 @@
-"""qconvert/decoder/products.py over formats/model/stored.py PackedMatrix: dequantises every storage type exactly and multiplies from the stored bytes.
+"""qconvert/decoder/products.py over formats/model/stored.py PackedMatrix: every storage type dequantises
+exactly and multiplies from the stored bytes.
 
 Every C path is checked on this machine: the kernels are forced to portable C, AVX2 and AVX-512 in turn (a
 level the CPU lacks falls back to the best it has), and the numpy fallback runs with the library hidden.

@@ -23,8 +23,8 @@ def _bench():
     return mod
 
 
-@pytest.mark.parametrize("shape", ["0.5b"] + [pytest.param(s, marks=pytest.mark.heavy) for s in
-                                             ("72b", "57b-a14b", "7b-instruct", "7b-instruct-1m")])
+@pytest.mark.heavy
+@pytest.mark.parametrize("shape", ["0.5b", "72b", "57b-a14b", "7b-instruct", "7b-instruct-1m"])
 def test_family_narrow(shape, tmp_path):
     bench = _bench()
     rows = bench.System(shape, tmp_path / shape, narrow=True, tokens=64, progress=False).run()

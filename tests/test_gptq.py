@@ -48,6 +48,7 @@ def test_gptq_identity_hessian_is_plain_rounding(zint):
     assert np.mean(g.q == r.q) > 0.999  # ties may round the other way in float32 vs C
 
 
+@pytest.mark.heavy
 def test_gptq_on_tiny_model_beats_search(tiny, tmp_path):
     """quantize --method gptq on a tiny model: its KL on held-out text is below search's."""
     from qconvert.corpus import EVAL_MODULES, stdlib_text
@@ -111,6 +112,7 @@ def test_gptq_on_ggml_blocks(qtype):
     assert e_gptq < 0.75 * e_rtn
 
 
+@pytest.mark.heavy
 def test_gguf_gptq_cli_runs_in_llama_cpp(tiny, tmp_path, sample_tokens):
     """quantize --format gguf --method gptq writes an ordinary GGUF of the mixture's types: llama.cpp's logits
     on it match our decoder's on the same file, and its KL to the f32 model is below llama-quantize-style
@@ -173,6 +175,7 @@ def test_propagation_cross_term_solves_the_asymmetric_problem():
     assert e_prop < 0.5 * e_plain
 
 
+@pytest.mark.heavy
 def test_gptq_propagation_on_tiny_model(tiny, tmp_path):
     """--propagate 0.5 (the unquantised model alongside): KL on held-out text below plain GPTQ's."""
     src = tiny("h256")

@@ -50,7 +50,8 @@ def test_reads_the_exact_weights_and_decodes_natively(quantised, kind):
                      "gptq-act": "int4 g128 sym"}[kind], label  # asymmetric: the codes with their zeros, as stored
 
 
-@pytest.mark.parametrize("kind", ["gptq", "gptq-v2-asym", "gptq-act"])
+@pytest.mark.parametrize("kind", ["gptq", pytest.param("gptq-v2-asym", marks=pytest.mark.heavy),
+                                  pytest.param("gptq-act", marks=pytest.mark.heavy)])
 def test_llama_cpp_converter_dequantises_gptq_to_our_values(quantised, kind, tmp_path):
     """llama.cpp's convert_hf_to_gguf.py has its own GPTQ dequantiser: F32 output equal bit for bit."""
     path, made = quantised(kind)
@@ -77,7 +78,7 @@ def test_decoder_on_gptq_matches_transformers_on_its_dequantisation(quantised, t
     assert s["mean_kl"] <= 1e-6 and s["top1"] == 1.0, s
 
 
-@pytest.mark.parametrize("kind, ggml", [("gptq", "Q4_0"), ("awq", "Q4_1")])
+@pytest.mark.parametrize("kind, ggml", [pytest.param("gptq", "Q4_0", marks=pytest.mark.heavy), ("awq", "Q4_1")])
 def test_hf_to_gguf_maps_codes_exactly_and_llama_cpp_agrees(quantised, kind, ggml, tmp_path, sample_tokens):
     """GPTQ sym g128 -> Q4_0 with the same scales (dequantised GGUF == GPTQ dequantisation, bit for bit);
     AWQ -> Q4_1 (offsets -z*s rounded to f16 only). llama.cpp on the GGUF vs our decoder on the folder."""
@@ -184,7 +185,7 @@ def _ulp_bound(qm):
     return (1 << (qm.bits - 1)) * np.spacing(s.astype(np.float16)).astype(np.float32)[:, g]
 
 
-@pytest.mark.parametrize("to", ["gptq", "awq", "compressed-tensors"])
+@pytest.mark.parametrize("to", ["gptq", "awq", pytest.param("compressed-tensors", marks=pytest.mark.heavy)])
 def test_export_keeps_the_codes(int4_folders, tmp_path, to):
     """Symmetric int4 -> each format: our reader of the export gives the int4 values up to the f16 rounding of
     the 8-bit scale codes; llama.cpp's converter (GPTQ, compressed-tensors) reads the same values bit for bit,
@@ -213,6 +214,7 @@ def test_export_keeps_the_codes(int4_folders, tmp_path, to):
             assert np.array_equal(np.asarray(t.data).reshape(b.tensors[n].shape), b.tensors[n].numpy()), n
 
 
+@pytest.mark.heavy
 def test_export_default_mix_with_integer_zeros_exactly(int4_folders, tmp_path):
     """The default roles mix (float offsets) exports to compressed-tensors with its offsets re-rounded, the change
     reported. With --zero-point int (4/5/8-bit groups, integer zeros) every value is kept:
@@ -295,6 +297,7 @@ def test_export_widens_narrow_codes_exactly(tiny, tmp_path):
             assert np.array_equal(c.tensors[n].numpy(), b.tensors[n].numpy()), n
 
 
+@pytest.mark.heavy
 def test_integer_zero_points_export_exactly(tiny, tmp_path):
     """quantize --zero-point int (f16 scales here): asymmetric groups on the integer-zero grid cost about what
     float offsets do (within 5% mean relative RMS on h256, g128, 4-bit head), and every export keeps every value: our

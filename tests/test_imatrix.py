@@ -168,7 +168,8 @@ def test_imatrix_moe_counts_per_expert(tiny, tmp_path):
         assert im.entries[f"blk.0.{k}.weight"].counts.tolist() == [128], k
 
 
-@pytest.mark.parametrize("mix", ["q4_0_mix", "q5_1_mix", "q4_k_m", "q3_k_m", "q2_k", "q6_k", "iq4_xs", "iq4_nl"])
+@pytest.mark.parametrize("mix", ["q4_0_mix", "q5_1_mix", "q4_k_m", "q3_k_m", "q2_k", "q6_k", "iq4_xs",
+                                 pytest.param("iq4_nl", marks=pytest.mark.heavy)])
 def test_gguf_with_imatrix_equals_llama_quantize(h256_f16_and_imatrix, tmp_path, mix):
     """From the same F16 GGUF and imatrix file, every tensor of our file has llama-quantize --imatrix's type
     and bytes (llama_model_quantize given the weights our reader loaded)."""

@@ -25,8 +25,8 @@ def f16_h256(tiny, tmp_path_factory):
     return p
 
 
-@pytest.mark.parametrize("qtype,ftype,max_ratio", [("Q4_K", "Q4_K_S", 1.0), ("Q5_K", "Q5_K_S", 1.0),
-                                                   ("Q6_K", "Q6_K", 1.0), ("Q2_K", "Q2_K", 1.0),
+@pytest.mark.parametrize("qtype,ftype,max_ratio", [pytest.param("Q4_K", "Q4_K_S", 1.0, marks=pytest.mark.heavy), ("Q5_K", "Q5_K_S", 1.0),
+                                                   ("Q6_K", "Q6_K", 1.0), pytest.param("Q2_K", "Q2_K", 1.0, marks=pytest.mark.heavy),
                                                    ("Q3_K", "Q3_K_S", 1.0)])
 def test_k_quant_error_matches_llama_quantize(f16_h256, tmp_path, qtype, ftype, max_ratio):
     """Squared error of our encoder vs llama-quantize's (pure, no imatrix) on the same F16 tensors."""
@@ -107,7 +107,7 @@ _EXTRA_VARIANTS = {  # llama.cpp's special cases: an 80-layer dense Qwen2 ("70B"
 }
 
 
-@pytest.mark.parametrize("variant,mixes", [pytest.param("h256", _MIXES, marks=pytest.mark.heavy), ("moe", _MIXES), ("untied_yarn", ("q2_k",)),
+@pytest.mark.parametrize("variant,mixes", [pytest.param("h256", _MIXES, marks=pytest.mark.heavy), pytest.param("moe", _MIXES, marks=pytest.mark.heavy), ("untied_yarn", ("q2_k",)),
                                            ("l80", ("q2_k", "q3_k_s", "q3_k_m", "q4_k_s")),
                                            ("moe8", ("q2_k", "q3_k_l", "q4_k_m"))])
 def test_mixture_types_equal_llama_quantize(tiny, tmp_path, monkeypatch, variant, mixes):
@@ -152,7 +152,7 @@ def f16_h256_logits(f16_h256, sample_tokens):
     return llama_logits(f16_h256, sample_tokens)
 
 
-@pytest.mark.parametrize("mix,max_ratio", [("q4_k_m", 1.1), ("q3_k_m", 1.15), ("q2_k", 1.15)])
+@pytest.mark.parametrize("mix,max_ratio", [pytest.param("q4_k_m", 1.1, marks=pytest.mark.heavy), ("q3_k_m", 1.15), ("q2_k", 1.15)])
 def test_k_mixture_quality_in_line_with_llama_quantize(tiny, f16_h256, f16_h256_logits, tmp_path, sample_tokens,
                                                        mix, max_ratio):
     """llama.cpp loads our mixture; its mean KL vs the F16 file is close to llama-quantize's own."""

@@ -32,6 +32,7 @@ def test_tokenizer_matches_gguf_tokenizer(real_gguf, real_hf):
     assert chat.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
 
 
+@pytest.mark.heavy
 def test_gguf_to_hf_equals_transformers_gguf_loader(real_gguf, real_hf, tokens):
     ours = hf_logits(real_hf, tokens)
     theirs = hf_logits(real_gguf.parent, tokens, gguf_file=real_gguf.name)
