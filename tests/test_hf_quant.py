@@ -185,7 +185,8 @@ def _ulp_bound(qm):
     return (1 << (qm.bits - 1)) * np.spacing(s.astype(np.float16)).astype(np.float32)[:, g]
 
 
-@pytest.mark.parametrize("to", ["gptq", "awq", pytest.param("compressed-tensors", marks=pytest.mark.heavy)])
+@pytest.mark.parametrize("to", [pytest.param("gptq", marks=pytest.mark.heavy), "awq",
+                                pytest.param("compressed-tensors", marks=pytest.mark.heavy)])
 def test_export_keeps_the_codes(int4_folders, tmp_path, to):
     """Symmetric int4 -> each format: our reader of the export gives the int4 values up to the f16 rounding of
     the 8-bit scale codes; llama.cpp's converter (GPTQ, compressed-tensors) reads the same values bit for bit,

@@ -42,6 +42,7 @@ def test_gguf_to_hf_equals_transformers_gguf_loader(real_gguf, real_hf, tokens):
     assert s["top1"] >= 0.99, s
 
 
+@pytest.mark.heavy
 def test_f16_gguf_runs_in_llama_cpp(real_hf, tokens, tmp_path):
     out = tmp_path / "real-f16.gguf"
     qconvert("hf-to-gguf", str(real_hf), str(out), "--outtype", "f16")
