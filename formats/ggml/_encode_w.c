@@ -14,6 +14,7 @@
 #include <string.h>
 #include "encode.h"
 #include "types.h"
+#include "iq.h"
 
 /* sum of squares, in index order (the order fixes the float result) */
 static float sum_sq(const float *x, int64_t n) {
@@ -261,10 +262,20 @@ static void iq4_block(int n, const float *x, const float *qw, uint8_t *dh, uint8
 }
 
 /* Encode rows [rows, cols] of float32 into GGML type `type` (GGMLQuantizationType id) with importance
- * weights imatrix [cols] (NULL: IQ4 types only, which weight by x^2). Returns 0, or -1 for a type this
+ * weights imatrix [cols] (NULL: IQ4 and the i-quants llama.cpp allows without one). Returns 0, or -1 for a type this
  * file does not handle (the caller then uses qc_quant: Q8_0, float types). */
 int qc_quant_w(int type, const float *x, uint8_t *out, int64_t rows, int64_t cols, const float *imatrix) {
     const int64_t nk = cols / QC_QK_K;
+    switch (type) {  /* the lattice i-quants (iq.h), whole rows at a time */
+        case QC_IQ2_XXS: return qc_quant_iq2_xxs(x, out, rows, cols, imatrix);
+        case QC_IQ2_XS: return qc_quant_iq2_xs(x, out, rows, cols, imatrix);
+        case QC_IQ2_S: return qc_quant_iq2_s(x, out, rows, cols, imatrix);
+        case QC_IQ3_XXS: return qc_quant_iq3_xxs(x, out, rows, cols, imatrix);
+        case QC_IQ3_S: return qc_quant_iq3_s(x, out, rows, cols, imatrix);
+        case QC_IQ1_S: return qc_quant_iq1_s(x, out, rows, cols, imatrix);
+        case QC_IQ1_M: return qc_quant_iq1_m(x, out, rows, cols, imatrix);
+        default: break;
+    }
     if (!imatrix && type != QC_IQ4_NL && type != QC_IQ4_XS) return -1;
     for (int64_t r = 0; r < rows; r++, x += cols) {
         switch (type) {

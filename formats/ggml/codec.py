@@ -8,6 +8,7 @@ may convert chunks on several threads.
 from __future__ import annotations
 
 import ctypes
+import threading
 
 import numpy as np
 from gguf import GGMLQuantizationType as GQ
@@ -29,6 +30,9 @@ SIGNATURES = {
     "qc_pack_bits": ([P, I64, I64, INT, P], None),
     "qc_unpack_bits": ([P, I64, I64, INT, P], None),
     "qc_type_size": ([INT, P, P], INT),
+    "qc_iq_register": ([INT, P, P, I64], INT),
+    "qc_iq_register_signs": ([P], INT),
+    "qc_iq_prepare": ([INT], INT),
 }
 _LIB = load("formats.ggml._kernels", SIGNATURES)
 
@@ -72,6 +76,10 @@ _keep_chunk_buffers()
 C_DEQUANT = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
 C_QUANT = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
 IQ4 = {"IQ4_NL", "IQ4_XS"}  # formats/ggml/_encode_w.c: encoders and decoders
+IQ_LATTICE = {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S"}
+"""The i-quants whose blocks index a grid of 4 or 8 values (formats/ggml/iq.h; encoders in _encode_iq*.c)."""
+NEEDS_IMATRIX = {"IQ1_S", "IQ2_XXS", "IQ2_XS"}
+"""Types llama.cpp refuses to encode without an importance matrix (ggml_quantize_requires_imatrix)."""
 WEIGHTED = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"}
 """Types whose encoder uses an importance matrix (llama-quantize's set; Q8_0 and float types ignore it)."""
 _FLOAT_DT = {"F32": np.float32, "F16": np.uint16, "BF16": np.uint16}
@@ -131,7 +139,7 @@ def from_f32(x: np.ndarray, t: str, use_c: bool = True, imatrix: np.ndarray | No
     n = x.size
     if t == "F32":
         return x
-    if t in IQ4 or (imatrix is not None and t in WEIGHTED):
+    if t in IQ4 or t in IQ_LATTICE or (imatrix is not None and t in WEIGHTED):
         return _from_f32_weighted(x, t, imatrix)
     if use_c and _LIB is not None and (t in ("F16", "BF16") or t in C_QUANT):
         if t in C_QUANT:
@@ -158,12 +166,52 @@ def _from_f32_weighted(x: np.ndarray, t: str, imatrix: np.ndarray | None) -> np.
     cols = x.size if imatrix is None else imatrix.size
     if cols == 0 or x.size % cols or cols % block:
         raise ValueError(f"{t}: {x.size} values are not whole rows of {cols} (a multiple of {block})")
+    if t in NEEDS_IMATRIX and imatrix is None:
+        raise ValueError(f"{t} needs an importance matrix (make one with `qconvert imatrix`)")
+    if t in IQ_LATTICE:
+        _prepare(t)
     qw = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
     out = np.empty(x.size // block * size, np.uint8)
     rc = _LIB.qc_quant_w(int(GQ[t]), _ptr(x), _ptr(out), x.size // cols, cols, None if qw is None else _ptr(qw))
     if rc != 0:
         raise ValueError(f"no importance-weighted encoder for {t}")
     return out
+
+
+_PREPARED: set[str] = set()
+_PREPARE_LOCK = threading.Lock()
+
+
+def _prepare(t: str) -> None:
+    """Builds the quantiser's lookup of an i-quant grid once (C: qc_iq_prepare, not thread-safe itself)."""
+    if t in _PREPARED:
+        return
+    with _PREPARE_LOCK:
+        if t not in _PREPARED:
+            if _LIB.qc_iq_prepare(int(GQ[t])) != 0:
+                raise RuntimeError(f"{t}: the grid tables could not be built (out of memory?)")
+            _PREPARED.add(t)
+
+
+def _register_grids() -> None:
+    """Hands gguf-py's i-quant grids to the C library (formats/ggml/iq.h): each point's level indices and
+    its values as stored, and the sign table."""
+    from gguf import quants
+
+    for name in ("IQ1_S", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S"):
+        cls = getattr(quants, name)
+        cls.init_grid()
+        values = np.ascontiguousarray(cls.grid, dtype=np.float32).reshape(-1)
+        idx = np.searchsorted(np.asarray(cls.grid_map, np.float32), values).astype(np.uint8)
+        stored = np.ascontiguousarray(values.astype(np.int8))
+        if _LIB.qc_iq_register(int(GQ[name]), _ptr(idx), _ptr(stored), cls.grid_shape[0]) != 0:
+            raise RuntimeError(f"gguf-py's {name} grid has an unexpected shape {cls.grid_shape}")
+    signs = np.frombuffer(quants.IQ2_XXS.ksigns, np.uint8).copy()
+    _LIB.qc_iq_register_signs(_ptr(signs))
+
+
+if _LIB is not None:
+    _register_grids()
 
 
 GRID_TYPES = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"}
