@@ -11,18 +11,21 @@ import gzip
 import json
 import os
 import shutil
+import struct
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 
+from qconvert.testing.fuzz.gguf_mut import _set_kv, build, parse
 from qconvert.testing.tiny import DATA
 
 N_BPE = 300  # 256 byte symbols + the first 44 merges of the real vocabulary
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 VOCAB = 320
 CHATML = (DATA / "tokenizer_config.json")
-SEEDS_VERSION = "seeds 2\n"  # bump when the seeds change: cached seed folders are then rebuilt
+SEEDS_VERSION = "seeds 3\n"  # bump when the seeds change: cached seed folders are then rebuilt
 
 
 def micro_tokenizer() -> tuple[dict[str, Any], dict[str, Any]]:
@@ -37,7 +40,9 @@ def micro_tokenizer() -> tuple[dict[str, Any], dict[str, Any]]:
     return tj, tc
 
 
-GGUF_SEEDS = ("gguf_f16", "gguf_q8", "gguf_q4", "gguf_iq4_nl", "gguf_iq4_xs")
+RETYPED = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "TQ1_0", "TQ2_0", "MXFP4")
+"""Block types of the seeds made by ``retype``: the IQ4_XS seed with its matrices in the type, random blocks."""
+GGUF_SEEDS = ("gguf_f16", "gguf_q8", "gguf_q4", "gguf_iq4_nl", "gguf_iq4_xs", *(f"gguf_{t.lower()}" for t in RETYPED))
 IQ4_FILE_TYPE = {"IQ4_NL": 25, "IQ4_XS": 30}  # llama_ftype (general.file_type), as llama-quantize records it
 
 
@@ -111,6 +116,53 @@ def iq4_types(src: Any, want: str) -> dict[str, str]:
     return out
 
 
+_F16_SCALE = 0x211F  # 0.01 as an f16, the block scale of the random blocks
+_SCALE_AT = {"TQ1_0": 52, "TQ2_0": 64}  # byte offset of the f16 scale d in a block (else 0)
+
+
+def random_blocks(qtype: str, n_blocks: int, rng: np.random.Generator) -> bytes:
+    """``n_blocks`` blocks of ``qtype`` with random codes and a finite scale (so that decoding gives finite
+    values): d = 0.01 as an f16 where the block stores one, IQ1_M's scale spread over the top nibbles of its
+    four 16-bit scale words, MXFP4's exponent byte 2^-8."""
+    size = gguf.constants.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]][1]
+    b = rng.integers(0, 256, (n_blocks, size), dtype=np.uint8)
+    if qtype == "MXFP4":
+        b[:, 0] = 120
+    elif qtype == "IQ1_M":
+        words = b[:, size - 8:].copy().view("<u2")
+        words[:] = (words & 0x0FFF) | (((_F16_SCALE >> (4 * np.arange(4))) & 0xF) << 12).astype(np.uint16)
+        b[:, size - 8:] = words.view(np.uint8)
+    else:
+        at = _SCALE_AT.get(qtype, 0)
+        b[:, at:at + 2] = np.frombuffer(struct.pack("<H", _F16_SCALE), np.uint8)
+    return b.tobytes()
+
+
+def retype(src: Path, out: Path, qtype: str, seed: int = 0) -> Path:
+    """A copy of GGUF ``src`` whose IQ4_XS matrices are ``qtype`` with random blocks (other tensors kept),
+    ``general.file_type`` set to the type's llama_ftype."""
+    lay = parse(Path(src).read_bytes())
+    rng = np.random.default_rng(seed)
+    block = gguf.constants.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]][0]
+    iq4 = int(gguf.GGMLQuantizationType.IQ4_XS)
+    old, data, at = lay.data, [], 0
+    starts = sorted(off for *_, off in lay.tensors) + [len(old)]
+    for k, (name, dims, t, off) in enumerate(lay.tensors):
+        if t == iq4:
+            part = random_blocks(qtype, int(np.prod(dims)) // block, rng)
+            lay.tensors[k][2] = int(gguf.GGMLQuantizationType[qtype])
+        else:
+            part = old[off:next(e for e in starts if e > off)]
+        lay.tensors[k][3] = at
+        data.append(part + b"\0" * (-len(part) % 32))
+        at += len(data[-1])
+    lay.data = b"".join(data)
+    ftype = {"MXFP4": "MOSTLY_MXFP4_MOE"}.get(qtype, f"MOSTLY_{qtype}")
+    _set_kv(lay, "general.file_type", 4, struct.pack("<I", int(gguf.LlamaFileType[ftype])))
+    Path(out).write_bytes(build(lay))
+    return Path(out)
+
+
 def make_seeds(root: Path) -> dict[str, Path]:
     """Every seed under ``root`` (made once): hf, hf16, int4, int4_16 folders, and the GGUF files of
     ``GGUF_SEEDS`` (f16, q8_0, q4_1, iq4_nl from hf; iq4_xs from a 256-wide checkpoint, hf256)."""
@@ -124,7 +176,8 @@ def make_seeds(root: Path) -> dict[str, Path]:
     marker = root / ".done"
     seeds = {"hf": root / "hf", "hf16": root / "hf16", "gguf_f16": root / "f16.gguf", "gguf_q8": root / "q8.gguf",
              "gguf_q4": root / "q4_1.gguf", "gguf_iq4_nl": root / "iq4_nl.gguf", "gguf_iq4_xs": root / "iq4_xs.gguf",
-             "int4": root / "int4", "int4_16": root / "int4_16", "hf256": root / "hf256"}
+             "int4": root / "int4", "int4_16": root / "int4_16", "hf256": root / "hf256",
+             **{f"gguf_{t.lower()}": root / f"{t.lower()}.gguf" for t in RETYPED}}
     if marker.is_file() and marker.read_text() == SEEDS_VERSION:
         real = root / "real-header.gguf"
         return {**seeds, **({"gguf_real": real} if real.is_file() else {})}
@@ -139,6 +192,8 @@ def make_seeds(root: Path) -> dict[str, Path]:
     for key, hf, t in (("gguf_iq4_nl", "hf", "IQ4_NL"), ("gguf_iq4_xs", "hf256", "IQ4_XS")):
         with open_hf(str(seeds[hf])) as src:
             write_gguf(src, seeds[key], types=iq4_types(src, t), file_type=IQ4_FILE_TYPE[t], progress=False)
+    for k, t in enumerate(RETYPED):
+        retype(seeds["gguf_iq4_xs"], seeds[f"gguf_{t.lower()}"], t, seed=k)
     cli = [sys.executable, "-c", "from qconvert.cli import main; main()", "quantize"]
     subprocess.run([*cli, str(seeds["hf"]), str(seeds["int4"]), "--method", "rtn", "--quiet"], check=True,
                    capture_output=True)
