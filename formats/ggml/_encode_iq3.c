@@ -19,6 +19,10 @@
 #include "iq.h"
 #include "encode.h"
 
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
+
 typedef struct {
     const int *map;
     const uint16_t *nb;
@@ -27,23 +31,54 @@ typedef struct {
     int nsteps, refit_all;
 } fitter;
 
-/* nearest of the listed grid points to x (weights w) at scale s, first on ties; the list's first point when
- * no distance compares below FLT_MAX (ggml aborts there: only non-finite input reaches it) */
+/* nearest of the listed grid points to x (weights w) at scale s: the distance sum_i w_i (s g_i - x_i)^2
+ * accumulated in i order, the first point of least distance; the list's first point when no distance
+ * compares below FLT_MAX (ggml aborts there: only non-finite input reaches it). The SSE2 path takes four
+ * points at a time, one per lane (the same operations per point), and keeps per lane the first least
+ * distance and its list position; the least distance at the smallest position is the scan's answer. */
 static int best_neighbour(const fitter *f, const uint16_t *list, const float *x, const float *w, float s) {
     const int n = list[0];
+#ifdef __SSE2__
+    const __m128 vs = _mm_set1_ps(s), zero = _mm_setzero_ps();
+    const __m128 x0 = _mm_set1_ps(x[0]), x1 = _mm_set1_ps(x[1]), x2 = _mm_set1_ps(x[2]), x3 = _mm_set1_ps(x[3]);
+    const __m128 w0 = _mm_set1_ps(w[0]), w1 = _mm_set1_ps(w[1]), w2 = _mm_set1_ps(w[2]), w3 = _mm_set1_ps(w[3]);
+    __m128 best = _mm_set1_ps(FLT_MAX);
+    __m128i at = _mm_set1_epi32(1);
+    for (int j = 1; j <= n; j += 4) {
+        const int p1 = j + 1 < n ? j + 1 : n, p2 = j + 2 < n ? j + 2 : n, p3 = j + 3 < n ? j + 3 : n;
+        __m128 g0 = _mm_loadu_ps(f->gf[list[j]]), g1 = _mm_loadu_ps(f->gf[list[p1]]);
+        __m128 g2 = _mm_loadu_ps(f->gf[list[p2]]), g3 = _mm_loadu_ps(f->gf[list[p3]]);
+        _MM_TRANSPOSE4_PS(g0, g1, g2, g3);
+        const __m128 e0 = _mm_sub_ps(_mm_mul_ps(vs, g0), x0), e1 = _mm_sub_ps(_mm_mul_ps(vs, g1), x1);
+        const __m128 e2 = _mm_sub_ps(_mm_mul_ps(vs, g2), x2), e3 = _mm_sub_ps(_mm_mul_ps(vs, g3), x3);
+        __m128 d2 = _mm_add_ps(zero, _mm_mul_ps(_mm_mul_ps(w0, e0), e0));
+        d2 = _mm_add_ps(d2, _mm_mul_ps(_mm_mul_ps(w1, e1), e1));
+        d2 = _mm_add_ps(d2, _mm_mul_ps(_mm_mul_ps(w2, e2), e2));
+        d2 = _mm_add_ps(d2, _mm_mul_ps(_mm_mul_ps(w3, e3), e3));
+        const __m128 lt = _mm_cmplt_ps(d2, best);
+        best = _mm_or_ps(_mm_and_ps(lt, d2), _mm_andnot_ps(lt, best));
+        const __m128i li = _mm_castps_si128(lt), pj = _mm_setr_epi32(j, p1, p2, p3);
+        at = _mm_or_si128(_mm_and_si128(li, pj), _mm_andnot_si128(li, at));
+    }
+    float b[4];
+    int32_t a[4];
+    _mm_storeu_ps(b, best);
+    _mm_storeu_si128((__m128i *)a, at);
+    int k = 0;
+    for (int l = 1; l < 4; l++)
+        if (b[l] < b[k] || (b[l] == b[k] && a[l] < a[k])) k = l;
+    return list[a[k]];
+#else
     float best = FLT_MAX;
     int at = list[1];
     for (int j = 1; j <= n; j++) {
         const float *g = f->gf[list[j]];
-        const float e0 = s * g[0] - x[0], e1 = s * g[1] - x[1], e2 = s * g[2] - x[2], e3 = s * g[3] - x[3];
         float d2 = 0;
-        d2 += w[0] * e0 * e0;
-        d2 += w[1] * e1 * e1;
-        d2 += w[2] * e2 * e2;
-        d2 += w[3] * e3 * e3;
+        for (int i = 0; i < 4; i++) { const float e = s * g[i] - x[i]; d2 += w[i] * e * e; }
         if (d2 < best) { best = d2; at = list[j]; }
     }
     return at;
+#endif
 }
 
 /* grid number of the 4 values x at inverse scale id (scale s for the neighbour search); *on: on the grid */
@@ -55,34 +90,45 @@ static inline int round_group(const fitter *f, const float *x, const float *wa, 
     return g >= 0 ? g : best_neighbour(f, f->nb - g - 1, x, wa, s);
 }
 
-static inline void put_q(const fitter *f, int g, float *q) {
-    const uint8_t *p = f->pos + 4 * g;
-    q[0] = p[0]; q[1] = p[1]; q[2] = p[2]; q[3] = p[3];
-}
+enum { MAXT = 32 };  /* trial scales, at most (IQ3_XXS: 31, IQ3_S: 19) */
 
-/* the group's scale (max > 0 given) and grid numbers idx[8]; xv sign-folded values, w weights, wa sqrt(w) */
+/* the group's scale (max > 0 given) and grid numbers idx[8]; xv sign-folded values, w weights, wa sqrt(w).
+ * All trials are rounded first (qt[value][trial]); their sums then run across trials side by side, each
+ * trial's in value order, and the winner is picked in trial order as ggml does. */
 static float fit_group(const fitter *f, const float *xv, const float *w, const float *wa, float max,
                        int init_on, uint16_t *idx) {
-    float q[32], qa[32], best = 0, scale = max / 15;
-    int on[8], on_aux[8];
-    for (int k = 0; k < 8; k++) { on[k] = init_on; idx[k] = (uint16_t)f->map[0]; }
-    for (int k = 0; k < 32; k++) q[k] = 1;
-    const int half = f->nsteps / 2;
-    for (int is = -half; is <= half; is++) {
-        const float id = (15 + is * 0.2f) / max, s = 1 / id;
-        uint16_t ia[8];
+    float qt[32][MAXT], wx[32], q[32], best = 0, scale = max / 15;
+    float sx[MAXT], s2[MAXT];
+    uint16_t it[MAXT][8];
+    unsigned char ont[MAXT][8], on[8];
+    const int nt = f->nsteps, half = nt / 2;
+    for (int t = 0; t < nt; t++) {
+        const float id = (15 + (t - half) * 0.2f) / max, s = 1 / id;
         for (int k = 0; k < 8; k++) {
-            ia[k] = (uint16_t)round_group(f, xv + 4 * k, wa + 4 * k, id, s, &on_aux[k]);
-            put_q(f, ia[k], qa + 4 * k);
+            int o;
+            const int g = round_group(f, xv + 4 * k, wa + 4 * k, id, s, &o);
+            const uint8_t *p = f->pos + 4 * g;
+            it[t][k] = (uint16_t)g;
+            ont[t][k] = (unsigned char)o;
+            qt[4 * k][t] = p[0]; qt[4 * k + 1][t] = p[1]; qt[4 * k + 2][t] = p[2]; qt[4 * k + 3][t] = p[3];
         }
-        float sumqx = 0, sumq2 = 0;
-        for (int i = 0; i < 32; i++) { sumqx += w[i] * xv[i] * qa[i]; sumq2 += w[i] * qa[i] * qa[i]; }
-        if (sumq2 > 0 && sumqx * sumqx > best * sumq2) {
-            scale = sumqx / sumq2; best = scale * sumqx;
-            memcpy(q, qa, sizeof q);
-            memcpy(idx, ia, sizeof ia);
-            memcpy(on, on_aux, sizeof on);
-        }
+    }
+    for (int i = 0; i < 32; i++) wx[i] = w[i] * xv[i];
+    for (int t = 0; t < nt; t++) sx[t] = s2[t] = 0;
+    for (int i = 0; i < 32; i++) {
+        const float a = wx[i], b = w[i];
+        for (int t = 0; t < nt; t++) { sx[t] += a * qt[i][t]; s2[t] += b * qt[i][t] * qt[i][t]; }
+    }
+    int win = -1;
+    for (int t = 0; t < nt; t++)
+        if (s2[t] > 0 && sx[t] * sx[t] > best * s2[t]) { scale = sx[t] / s2[t]; best = scale * sx[t]; win = t; }
+    if (win >= 0) {
+        for (int i = 0; i < 32; i++) q[i] = qt[i][win];
+        memcpy(idx, it[win], 8 * sizeof *idx);
+        memcpy(on, ont[win], sizeof on);
+    } else {
+        for (int i = 0; i < 32; i++) q[i] = 1;
+        for (int k = 0; k < 8; k++) { idx[k] = (uint16_t)f->map[0]; on[k] = (unsigned char)init_on; }
     }
     int off = 0;
     for (int k = 0; k < 8; k++) off += !on[k];
@@ -90,9 +136,10 @@ static float fit_group(const fitter *f, const float *xv, const float *w, const f
         const float id = 1 / scale;
         for (int k = 0; k < 8; k++) {
             if (on[k] && !f->refit_all) continue;
-            int dummy;
-            idx[k] = (uint16_t)round_group(f, xv + 4 * k, wa + 4 * k, id, scale, &dummy);
-            put_q(f, idx[k], q + 4 * k);
+            int o;
+            idx[k] = (uint16_t)round_group(f, xv + 4 * k, wa + 4 * k, id, scale, &o);
+            const uint8_t *p = f->pos + 4 * idx[k];
+            q[4 * k] = p[0]; q[4 * k + 1] = p[1]; q[4 * k + 2] = p[2]; q[4 * k + 3] = p[3];
         }
         float sumqx = 0, sumq2 = 0;
         for (int i = 0; i < 32; i++) { sumqx += w[i] * xv[i] * q[i]; sumq2 += w[i] * q[i] * q[i]; }
