@@ -5,7 +5,8 @@
  * (4 odd levels 1 .. 15) per 4 values after the signs are folded out:
  *   - weights: imatrix[j] * sqrt(sigma2 + x^2) with sigma2 = 2 * mean(x^2) over the super-block, else x^2;
  *   - scale search: for each of `nsteps` trial inverse scales (15 + 0.2 s) / max, every 4 values round to
- *     levels; a point off the grid goes to its nearest listed neighbour (weighted distance at that scale);
+ *     levels; a point off the grid goes to its nearest listed neighbour (squared distance at that scale,
+ *     weighted by sqrt(weight));
  *     the trial whose least-squares scale explains the most (sumqx^2 / sumq2) wins;
  *   - refit: when the winner used neighbours, the groups (IQ3_XXS: those off the grid; IQ3_S: all) are
  *     re-rounded at the winning scale and the least-squares scale recomputed;
@@ -65,8 +66,8 @@ static void keys(const group *g, float id, int *u) {
 }
 
 /* nearest of the listed grid points to set k at scale s: the distance sum_c wa_c (s g_c - x_c)^2
- * accumulated in c order, the first point of least distance; the list's first
- * point when no distance compares below FLT_MAX (ggml aborts there: only non-finite input reaches it).
+ * accumulated in c order, the first point of least distance; the list's first point when no distance
+ * compares below FLT_MAX (ggml aborts there: only non-finite input reaches it).
  * The SSE2 path takes four points at a time, one per lane (the same operations per point), keeping per lane
  * the first least distance and its list position; the least distance at the smallest position is the
  * scan's answer. */
@@ -117,8 +118,9 @@ static int nearest(const fitter *f, const group *g, int k, const uint16_t *list,
 
 enum { MAXT = 32 };  /* trial scales, at most (IQ3_XXS: 31, IQ3_S: 19) */
 
-/* the grid numbers of the 8 sets at inverse scale id (scale s for the neighbour search) into idx, their
- * levels into q[value][stride * ...], and whether each was on the grid; only the sets with want[k] */
+/* for each set k with want[k], at inverse scale id (scale s for the neighbour search): its grid number into
+ * idx[k], whether the rounded point was on the grid into on[k], the point's odd levels into
+ * q[stride * (4 k + c)] */
 static void round_sets(const fitter *f, const group *g, float id, float s, const unsigned char *want,
                        uint16_t *idx, unsigned char *on, float *q, int stride) {
     int u[8];
@@ -160,7 +162,7 @@ static float fit_group(const fitter *f, const group *g, float max, int init_on, 
         for (int i = 0; i < 32; i++) q[i] = qt[i][win];
         memcpy(idx, it[win], 8 * sizeof *idx);
         memcpy(on, ont[win], sizeof on);
-    } else {
+    } else {  /* no trial fitted (all weights 0): levels 0, grid point 0 in both grids */
         for (int i = 0; i < 32; i++) q[i] = 1;
         for (int k = 0; k < 8; k++) { idx[k] = (uint16_t)f->map[0]; on[k] = (unsigned char)init_on; }
     }
