@@ -28,24 +28,30 @@ static inline int iq2s_levels(const float *xv, float id, int8_t *L) {
 }
 
 /* the neighbour in list nb (count, then grid numbers) nearest to xv at `scale` in sum w (s g - x)^2, the first
- * of equals; its level indices into L (ggml's iq2_find_best_neighbour) */
+ * of equals; its level indices into L (ggml's iq2_find_best_neighbour). The terms w (s g - x)^2 take 3 values
+ * per position (g = 1, 3, 5), computed once each as ggml computes them and then summed in its order. */
 static int iq2s_nearest(const qc_iq_table *t, const uint16_t *nb, const float *xv, const float *w, float scale,
                         int8_t *L) {
+    float e[8][4];
+    for (int l = 0; l < 3; l++) {
+        const float s = scale * (float)(2 * l + 1);
+        for (int i = 0; i < 8; i++) {
+            const float diff = s - xv[i];
+            e[i][l] = w[i] * diff * diff;
+        }
+    }
     const int n = nb[0];
     float best = FLT_MAX;
     int pick = -1;
     for (int j = 1; j <= n; j++) {
         const uint8_t *g = t->pos + 8 * (int)nb[j];
         float d2 = 0;
-        for (int i = 0; i < 8; i++) {
-            const float diff = scale * (float)g[i] - xv[i];
-            d2 += w[i] * diff * diff;
-        }
+        for (int i = 0; i < 8; i++) d2 += e[i][g[i] >> 1];
         if (d2 < best) { best = d2; pick = nb[j]; }
     }
     if (pick < 0) pick = nb[1];  /* d2 NaN for every neighbour: ggml asserts; keep the first */
     const uint8_t *g = t->pos + 8 * pick;
-    for (int i = 0; i < 8; i++) L[i] = (int8_t)((g[i] - 1) / 2);
+    for (int i = 0; i < 8; i++) L[i] = (int8_t)(g[i] >> 1);
     return pick;
 }
 
@@ -60,14 +66,10 @@ static inline int iq2s_group(const qc_iq_table *t, const float *xv, const float 
     return 0;
 }
 
-/* sum w x q and sum w q^2 over 16 values, q = 2 L + 1 */
-static inline void iq2s_sums(const float *w, const float *xv, const int8_t *L, float *sqx, float *sq2) {
+/* sum w x q and sum w q^2 over 16 values, q = 2 L + 1, from the per-level terms wxq = (w x) q, wq2 = (w q) q */
+static inline void iq2s_sums(const float (*wxq)[4], const float (*wq2)[4], const int8_t *L, float *sqx, float *sq2) {
     float a = 0, b = 0;
-    for (int i = 0; i < 16; i++) {
-        const float q = (float)(2 * L[i] + 1);
-        a += w[i] * xv[i] * q;
-        b += w[i] * q * q;
-    }
+    for (int i = 0; i < 16; i++) { a += wxq[i][L[i]]; b += wq2[i][L[i]]; }
     *sqx = a; *sq2 = b;
 }
 
@@ -91,6 +93,15 @@ static void iq2s_block(const qc_iq_table *t, const float *xbl, const float *qw, 
             if (xb[i] >= 0) xv[i] = xb[i];
             else { xv[i] = -xb[i]; sg[i >> 3] |= (uint8_t)(1 << (i & 7)); }
         }
+        float wxq[16][4], wq2[16][4];
+        for (int i = 0; i < 16; i++) {
+            const float wx = w[i] * xv[i];
+            for (int l = 0; l < 3; l++) {
+                const float q = (float)(2 * l + 1);
+                wxq[i][l] = wx * q;
+                wq2[i][l] = w[i] * q * q;
+            }
+        }
         float max = xv[0];
         for (int i = 1; i < 16; i++) max = max > xv[i] ? max : xv[i];
         memset(L, 0, 16);
@@ -102,7 +113,7 @@ static void iq2s_block(const qc_iq_table *t, const float *xbl, const float *qw, 
             int on_a[2];
             for (int h = 0; h < 2; h++) on_a[h] = iq2s_group(t, xv + 8 * h, sw + 8 * h, id, this_scale, La + 8 * h);
             float sqx, sq2;
-            iq2s_sums(w, xv, La, &sqx, &sq2);
+            iq2s_sums(wxq, wq2, La, &sqx, &sq2);
             if (sq2 > 0 && sqx * sqx > best * sq2) {
                 scale = sqx / sq2; best = scale * sqx;
                 memcpy(L, La, 16);
@@ -114,7 +125,7 @@ static void iq2s_block(const qc_iq_table *t, const float *xbl, const float *qw, 
             for (int h = 0; h < 2; h++)
                 if (!on[h]) iq2s_group(t, xv + 8 * h, sw + 8 * h, id, scale, L + 8 * h);
             float sqx, sq2;
-            iq2s_sums(w, xv, L, &sqx, &sq2);
+            iq2s_sums(wxq, wq2, L, &sqx, &sq2);
             if (sq2 > 0) scale = sqx / sq2;
         }
         if (scale < 0) { scale = -scale; sg[0] = (uint8_t)~sg[0]; sg[1] = (uint8_t)~sg[1]; }
