@@ -9,6 +9,7 @@
  * the largest sumqx^2 / sumq2; groups that came off the grid are then re-fitted once at the chosen scale.
  * Every float sum runs in ggml's order (build -fno-fast-math), so the bytes match. */
 #include <float.h>
+#include <stdlib.h>
 #include "types.h"
 #include "iq.h"
 #include "encode.h"
@@ -27,42 +28,48 @@ static inline int iq2s_levels(const float *xv, float id, int8_t *L) {
     return key;
 }
 
+/* the encoder's view of the grid: the table, and for each grid point and position i the index 8 l + i of
+ * its term in the distance table e below (l its level index) */
+typedef struct {
+    const qc_iq_table *t;
+    uint8_t off[1024][8];
+} iq2s_grid;
+
 /* the neighbour in list nb (count, then grid numbers) nearest to xv at `scale` in sum w (s g - x)^2, the first
  * of equals; its level indices into L (ggml's iq2_find_best_neighbour). The terms w (s g - x)^2 take 3 values
  * per position (g = 1, 3, 5), computed once each as ggml computes them and then summed in its order. */
-static int iq2s_nearest(const qc_iq_table *t, const uint16_t *nb, const float *xv, const float *w, float scale,
+static int iq2s_nearest(const iq2s_grid *G, const uint16_t *nb, const float *xv, const float *w, float scale,
                         int8_t *L) {
-    float e[8][4];
+    float e[24];
     for (int l = 0; l < 3; l++) {
         const float s = scale * (float)(2 * l + 1);
         for (int i = 0; i < 8; i++) {
             const float diff = s - xv[i];
-            e[i][l] = w[i] * diff * diff;
+            e[8 * l + i] = w[i] * diff * diff;
         }
     }
     const int n = nb[0];
     float best = FLT_MAX;
     int pick = -1;
     for (int j = 1; j <= n; j++) {
-        const uint8_t *g = t->pos + 8 * (int)nb[j];
+        const uint8_t *o = G->off[nb[j]];
         float d2 = 0;
-        for (int i = 0; i < 8; i++) d2 += e[i][g[i] >> 1];
+        for (int i = 0; i < 8; i++) d2 += e[o[i]];
         if (d2 < best) { best = d2; pick = nb[j]; }
     }
     if (pick < 0) pick = nb[1];  /* d2 NaN for every neighbour: ggml asserts; keep the first */
-    const uint8_t *g = t->pos + 8 * pick;
-    for (int i = 0; i < 8; i++) L[i] = (int8_t)(g[i] >> 1);
+    for (int i = 0; i < 8; i++) L[i] = (int8_t)(G->off[pick][i] >> 3);
     return pick;
 }
 
 /* rounds group k (8 values) at inverse scale id; a point off the grid goes to its nearest neighbour at
  * `scale`. Returns 1 when the rounded point was on the grid. */
-static inline int iq2s_group(const qc_iq_table *t, const float *xv, const float *w, float id, float scale,
+static inline int iq2s_group(const iq2s_grid *G, const float *xv, const float *w, float id, float scale,
                              int8_t *L) {
     const int key = iq2s_levels(xv, id, L);
-    const int g = t->map[key];
+    const int g = G->t->map[key];
     if (g >= 0) return 1;
-    iq2s_nearest(t, t->neighbours + (-g - 1), xv, w, scale, L);
+    iq2s_nearest(G, G->t->neighbours + (-g - 1), xv, w, scale, L);
     return 0;
 }
 
@@ -74,7 +81,7 @@ static inline void iq2s_sums(const float (*wxq)[4], const float (*wq2)[4], const
 }
 
 /* one super-block of 256 values xbl (importance qw or NULL) into b */
-static void iq2s_block(const qc_iq_table *t, const float *xbl, const float *qw, uint8_t *b) {
+static void iq2s_block(const iq2s_grid *G, const float *xbl, const float *qw, uint8_t *b) {
     uint8_t *qs = b + 2, *signs = b + 2 + QC_QK_K / 8, *qh = b + 2 + QC_QK_K / 4, *sc = qh + QC_QK_K / 32;
     memset(b, 0, IQ2S_BYTES);
     float scales[QC_QK_K / 16], w[16], sw[16], xv[16];
@@ -111,7 +118,7 @@ static void iq2s_block(const qc_iq_table *t, const float *xbl, const float *qw, 
         for (int k = -9; k <= 9; k++) {
             const float id = (2 * IQ2S_QMAX - 1 + k * 0.1f) / max, this_scale = 1 / id;
             int on_a[2];
-            for (int h = 0; h < 2; h++) on_a[h] = iq2s_group(t, xv + 8 * h, sw + 8 * h, id, this_scale, La + 8 * h);
+            for (int h = 0; h < 2; h++) on_a[h] = iq2s_group(G, xv + 8 * h, sw + 8 * h, id, this_scale, La + 8 * h);
             float sqx, sq2;
             iq2s_sums(wxq, wq2, La, &sqx, &sq2);
             if (sq2 > 0 && sqx * sqx > best * sq2) {
@@ -123,7 +130,7 @@ static void iq2s_block(const qc_iq_table *t, const float *xbl, const float *qw, 
         if ((!on[0] || !on[1]) && scale > 0) {  /* re-fit the groups that came off the grid */
             const float id = 1 / scale;
             for (int h = 0; h < 2; h++)
-                if (!on[h]) iq2s_group(t, xv + 8 * h, sw + 8 * h, id, scale, L + 8 * h);
+                if (!on[h]) iq2s_group(G, xv + 8 * h, sw + 8 * h, id, scale, L + 8 * h);
             float sqx, sq2;
             iq2s_sums(wxq, wq2, L, &sqx, &sq2);
             if (sq2 > 0) scale = sqx / sq2;
@@ -132,7 +139,7 @@ static void iq2s_block(const qc_iq_table *t, const float *xbl, const float *qw, 
         for (int h = 0; h < 2; h++) {
             int key = 0;
             for (int i = 0; i < 8; i++) key |= L[8 * h + i] << (2 * i);
-            const int g = t->map[key] < 0 ? 0 : t->map[key];  /* always on the grid here (ggml aborts if not) */
+            const int g = G->t->map[key] < 0 ? 0 : G->t->map[key];  /* always on the grid here (ggml aborts if not) */
             const int i8 = 2 * ib + h;
             qs[i8] = (uint8_t)(g & 255);
             qh[i8 / 4] |= (uint8_t)((g >> 8) << (2 * (i8 % 4)));
@@ -153,10 +160,17 @@ static void iq2s_block(const qc_iq_table *t, const float *xbl, const float *qw, 
 int qc_quant_iq2_s(const float *x, uint8_t *out, int64_t rows, int64_t cols, const float *imatrix) {
     const qc_iq_table *t = qc_iq_table_get(QC_IQ2_S);
     if (!t || !t->map || !t->neighbours || cols % QC_QK_K) return -1;
+    if (t->size != 1024 || t->width != 8) return -1;
+    iq2s_grid *G = malloc(sizeof *G);  /* each call its own: callers may encode from several threads */
+    if (!G) return -1;
+    G->t = t;
+    for (int j = 0; j < 1024; j++)
+        for (int i = 0; i < 8; i++) G->off[j][i] = (uint8_t)(8 * (t->pos[8 * j + i] >> 1) + i);
     const int64_t nb = cols / QC_QK_K;
     for (int64_t r = 0; r < rows; r++)
         for (int64_t i = 0; i < nb; i++)
-            iq2s_block(t, x + r * cols + i * QC_QK_K, imatrix ? imatrix + i * QC_QK_K : NULL,
+            iq2s_block(G, x + r * cols + i * QC_QK_K, imatrix ? imatrix + i * QC_QK_K : NULL,
                        out + (r * nb + i) * IQ2S_BYTES);
+    free(G);
     return 0;
 }
