@@ -13,12 +13,35 @@
 #include "types.h"
 #include "iq.h"
 #include "encode.h"
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
 
 enum { IQ2S_QMAX = 3, IQ2S_BYTES = 2 + QC_QK_K / 4 + QC_QK_K / 32 + QC_QK_K / 32 };
 #define IQ2S_EPS 1e-8f  /* ggml's GROUP_MAX_EPS_IQ2_S */
 
-/* level indices (0..2) of the 8 values of xv at inverse scale id, and their packed map key */
+/* level indices (0..2) of the 8 values of xv at inverse scale id, and their packed map key (index i at bit
+ * 2 i); the SSE2 form does the same float operations per lane */
 static inline int iq2s_levels(const float *xv, float id, int8_t *L) {
+#ifdef __SSE2__
+    const __m128 vid = _mm_set1_ps(id), one = _mm_set1_ps(1.0f), half = _mm_set1_ps(0.5f);
+    const __m128 magic = _mm_set1_ps(12582912.f);
+    const __m128i mant = _mm_set1_epi32(0x007fffff), bias = _mm_set1_epi32(0x00400000), two = _mm_set1_epi32(2);
+    __m128i l[2];
+    for (int h = 0; h < 2; h++) {
+        const __m128 v = _mm_mul_ps(half, _mm_sub_ps(_mm_mul_ps(vid, _mm_loadu_ps(xv + 4 * h)), one));
+        __m128i r = _mm_sub_epi32(_mm_and_si128(_mm_castps_si128(_mm_add_ps(v, magic)), mant), bias);
+        r = _mm_andnot_si128(_mm_cmplt_epi32(r, _mm_setzero_si128()), r);
+        const __m128i big = _mm_cmpgt_epi32(r, two);
+        l[h] = _mm_or_si128(_mm_and_si128(big, two), _mm_andnot_si128(big, r));
+    }
+    const __m128i b = _mm_packus_epi16(_mm_packs_epi32(l[0], l[1]), _mm_setzero_si128());
+    _mm_storel_epi64((__m128i *)L, b);
+    uint64_t k = (uint64_t)_mm_cvtsi128_si64(b);  /* byte i = level i: fold to 2 bits each */
+    k = (k | k >> 6) & 0x000F000F000F000Full;
+    k = (k | k >> 12) & 0x000000FF000000FFull;
+    return (int)((k | k >> 24) & 0xFFFF);
+#else
     int key = 0;
     for (int i = 0; i < 8; i++) {
         const int l = clampi(rnd(0.5f * (id * xv[i] - 1)), 0, IQ2S_QMAX - 1);
@@ -26,6 +49,7 @@ static inline int iq2s_levels(const float *xv, float id, int8_t *L) {
         key |= l << (2 * i);
     }
     return key;
+#endif
 }
 
 /* the encoder's view of the grid: the table, and for each grid point and position i the index 8 l + i of
@@ -97,8 +121,9 @@ static void iq2s_block(const iq2s_grid *G, const float *xbl, const float *qw, ui
         for (int i = 0; i < 16; i++) sw[i] = sqrtf(w[i]);
         uint8_t sg[2] = {0, 0};
         for (int i = 0; i < 16; i++) {
-            if (xb[i] >= 0) xv[i] = xb[i];
-            else { xv[i] = -xb[i]; sg[i >> 3] |= (uint8_t)(1 << (i & 7)); }
+            const int neg = !(xb[i] >= 0);  /* NaN counts as negative, as in ggml */
+            xv[i] = neg ? -xb[i] : xb[i];
+            sg[i >> 3] |= (uint8_t)(neg << (i & 7));
         }
         float wxq[16][4], wq2[16][4];
         for (int i = 0; i < 16; i++) {
