@@ -86,7 +86,7 @@ static int iq2s_nearest(const iq2s_grid *G, const uint16_t *nb, const float *xv,
     return pick;
 }
 
-/* rounds group k (8 values) at inverse scale id; a point off the grid goes to its nearest neighbour at
+/* rounds a group of 8 values at inverse scale id; a point off the grid goes to its nearest neighbour at
  * `scale`. Returns 1 when the rounded point was on the grid. */
 static inline int iq2s_group(const iq2s_grid *G, const float *xv, const float *w, float id, float scale,
                              int8_t *L) {
