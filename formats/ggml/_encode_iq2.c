@@ -50,19 +50,29 @@ static inline int key8(const int8_t *L) {
 }
 
 /* Off-grid key u: of its neighbour list, the point nearest to x in sum_i w_i (scale * pos_i - x_i)^2 (the
- * first one on ties); its codes into L, its number returned (iq2_find_best_neighbour). */
+ * first one on ties); its codes into L, its number returned (iq2_find_best_neighbour). Each term depends only
+ * on (i, pos_i), so the 24 possible terms are computed once, each as ggml computes it, and every neighbour's
+ * sum adds its 8 terms in ggml's order: the same floats. The term of (i, pos) is t[4 pos + i] (pos 1, 3, 5:
+ * three rows of 8 from t[4]); a point's 8 pos bytes shifted left by 2 plus byte i = i give its 8 indices (no
+ * carry between bytes). */
+#define LANES 0x0706050403020100ull  /* byte i: i */
 static int best_neighbour(const lookup *lk, int u, const float *x, const float *w, float scale, int8_t *L) {
     const uint16_t *nb = lk->nb - lk->map[u] - 1;
     const int n = nb[0];
+    float t[28];
+    for (int c = 0; c < 3; c++) {
+        const float s = scale * (float)(2 * c + 1);
+        for (int i = 0; i < 8; i++) {
+            const float diff = s - x[i];
+            t[4 + 8 * c + i] = w[i] * diff * diff;
+        }
+    }
     float best = FLT_MAX;
     int g = nb[1];
     for (int j = 1; j <= n; j++) {
-        const int8_t *p = point(lk, nb[j]);
+        const uint64_t v = (lk->grid[nb[j]] << 2) + LANES;
         float d2 = 0;
-        for (int i = 0; i < 8; i++) {
-            const float diff = scale * (float)p[i] - x[i];
-            d2 += w[i] * diff * diff;
-        }
+        for (int i = 0; i < 8; i++) d2 += t[(v >> 8 * i) & 0xff];
         if (d2 < best) { best = d2; g = nb[j]; }
     }
     point_codes(lk, g, L);
@@ -73,6 +83,31 @@ static int best_neighbour(const lookup *lk, int u, const float *x, const float *
 static inline int round8(const float *x, float id, int8_t *L) {
     for (int i = 0; i < 8; i++) L[i] = (int8_t)clampi(rnd(0.5f * (id * x[i] - 1)), 0, 2);
     return key8(L);
+}
+
+#if defined(__GNUC__)
+#define PREFETCH(p) __builtin_prefetch(p)
+#else
+#define PREFETCH(p) ((void)(p))
+#endif
+
+/* The codes L of the groups of 8 in `todo` (bit k: group k, at most 4 groups) at inverse scale id: rounded,
+ * and where that is off the grid the best neighbour at `scale` (the groups are independent, so all are
+ * rounded first and their neighbour lists fetched ahead). Bit k of the result: group k rounded onto the grid. */
+static unsigned quant_groups(const lookup *lk, const float *xv, const float *wa, float id, float scale,
+                             unsigned todo, int8_t *L) {
+    int u[4];
+    unsigned on = 0;
+    for (int k = 0; k < 4; k++) {
+        if (!(todo >> k & 1)) continue;
+        u[k] = round8(xv + 8 * k, id, L + 8 * k);
+        const int m = lk->map[u[k]];
+        if (m >= 0) on |= 1u << k;
+        else PREFETCH(lk->nb - m - 1);
+    }
+    for (int k = 0; k < 4; k++)
+        if ((todo & ~on) >> k & 1) best_neighbour(lk, u[k], xv + 8 * k, wa + 8 * k, scale, L + 8 * k);
+    return on;
 }
 
 /* Folds the signs of n values (groups of 8) into magnitudes xv with 7 stored bits per group: a group with an
@@ -191,10 +226,7 @@ static float xxs_sub(const lookup *lk, const float *xb, const float *qw, float s
     float best = 0;
     for (int is = -6; is <= 6; is++) {
         const float id = (5 + is * 0.1f) / eff_max, this_scale = 1 / id;
-        for (int k = 0; k < 4; k++) {
-            const int u = round8(xv + 8 * k, id, La + 8 * k);
-            if (lk->map[u] < 0) best_neighbour(lk, u, xv + 8 * k, wa + 8 * k, this_scale, La + 8 * k);
-        }
+        quant_groups(lk, xv, wa, id, this_scale, 15, La);
         float sqx, sq2;
         fit_sums(32, w, xv, La, &sqx, &sq2);
         if (sq2 > 0 && sqx * sqx > best * sq2) {
@@ -204,10 +236,7 @@ static float xxs_sub(const lookup *lk, const float *xb, const float *qw, float s
     }
     if (scale > 0) {
         const float id = 1 / scale;
-        for (int k = 0; k < 4; k++) {
-            const int u = round8(xv + 8 * k, id, L + 8 * k);
-            if (lk->map[u] < 0) best_neighbour(lk, u, xv + 8 * k, wa + 8 * k, scale, L + 8 * k);
-        }
+        quant_groups(lk, xv, wa, id, scale, 15, L);
         float sqx, sq2;
         fit_sums(32, w, xv, L, &sqx, &sq2);
         if (sq2 > 0) scale = sqx / sq2;
@@ -232,7 +261,7 @@ static float xs_sub(const lookup *lk, const float *xb, const float *qw, float si
     float w[16], wa[16], xv[16];
     int8_t L[16], La[16];
     uint8_t signs[2];
-    int on[2], on_a[2];
+    unsigned on = 3;  /* bit k: group k of the kept codes was rounded onto the grid */
     for (int i = 0; i < 16; i++) w[i] = qw[i] * sqrtf(sigma2 + xb[i] * xb[i]);
     for (int i = 0; i < 16; i++) wa[i] = sqrtf(w[i]);
     fold_signs(xb, w, 16, xv, signs);
@@ -241,29 +270,19 @@ static float xs_sub(const lookup *lk, const float *xb, const float *qw, float si
     memset(L, 0, 16);
     if (max < 1e-15f) return 0;
     float best = 0, scale = max / 5;
-    on[0] = on[1] = 1;
     for (int is = -9; is <= 9; is++) {
         const float id = (5 + is * 0.1f) / max, this_scale = 1 / id;
-        for (int k = 0; k < 2; k++) {
-            const int u = round8(xv + 8 * k, id, La + 8 * k);
-            on_a[k] = lk->map[u] >= 0;
-            if (!on_a[k]) best_neighbour(lk, u, xv + 8 * k, wa + 8 * k, this_scale, La + 8 * k);
-        }
+        const unsigned on_a = quant_groups(lk, xv, wa, id, this_scale, 3, La);
         float sqx, sq2;
         fit_sums(16, w, xv, La, &sqx, &sq2);
         if (sq2 > 0 && sqx * sqx > best * sq2) {
             scale = sqx / sq2; best = scale * sqx;
             memcpy(L, La, 16);
-            on[0] = on_a[0]; on[1] = on_a[1];
+            on = on_a;
         }
     }
-    if ((!on[0] || !on[1]) && scale > 0) {
-        const float id = 1 / scale;
-        for (int k = 0; k < 2; k++) {
-            if (on[k]) continue;
-            const int u = round8(xv + 8 * k, id, L + 8 * k);
-            if (lk->map[u] < 0) best_neighbour(lk, u, xv + 8 * k, wa + 8 * k, scale, L + 8 * k);
-        }
+    if (on != 3 && scale > 0) {
+        quant_groups(lk, xv, wa, 1 / scale, scale, 3 & ~on, L);
         float sqx, sq2;
         fit_sums(16, w, xv, L, &sqx, &sq2);
         if (sq2 > 0) scale = sqx / sq2;
