@@ -23,12 +23,13 @@
 #define MAXF(a, b) ((a) > (b) ? (a) : (b))  /* the operand order of ggml's MAX matters for NaN */
 
 /* the grid, map and neighbour lists of `type`, or 0 when codec.py has not prepared them */
-typedef struct { const uint64_t *grid; const int *map; const uint16_t *nb; } lookup;
+typedef struct { const uint64_t *grid; const uint8_t *pos; const int *map; const uint16_t *nb; } lookup;
 
 static int get_lookup(int type, lookup *lk) {
     const qc_iq_table *t = qc_iq_table_get(type);
     if (!t || !t->map || !t->neighbours || t->width != 8) return 0;
     lk->grid = (const uint64_t *)(const void *)t->pos;
+    lk->pos = t->pos;
     lk->map = t->map;
     lk->nb = t->neighbours;
     return 1;
@@ -51,29 +52,77 @@ static inline int key8(const int8_t *L) {
 
 /* Off-grid key u: of its neighbour list, the point nearest to x in sum_i w_i (scale * pos_i - x_i)^2 (the
  * first one on ties); its codes into L, its number returned (iq2_find_best_neighbour). Each term depends only
- * on (i, pos_i), so the 24 possible terms are computed once, each as ggml computes it, and every neighbour's
- * sum adds its 8 terms in ggml's order: the same floats. The term of (i, pos) is t[4 pos + i] (pos 1, 3, 5:
- * three rows of 8 from t[4]); a point's 8 pos bytes shifted left by 2 plus byte i = i give its 8 indices (no
- * carry between bytes). */
-#define LANES 0x0706050403020100ull  /* byte i: i */
+ * on (i, pos_i), so the 24 possible terms are computed once, each as ggml computes it, into t[8 i + pos], and
+ * every neighbour's sum adds its 8 terms in ggml's order: the same floats. */
+#ifdef QC_X86
+static int has_avx2(void) {
+    static int v = -1;
+    if (v < 0) { __builtin_cpu_init(); v = __builtin_cpu_supports("avx2") ? 1 : 0; }
+    return v;
+}
+
+/* 8 neighbours at once, one per lane: lane l's index dword holds pos bytes 0..3 (or 4..7) of point l, shifted
+ * so that the low 3 bits are pos_i, which picks the term from t's row i (vpermps); the lanes' sums then go
+ * through the scalar comparison in list order. Adds only (no FMA in this target): the same floats. */
+__attribute__((target("avx2"))) static int nearest_avx2(const uint64_t *grid, const uint16_t *list, int n,
+                                                          const float *t) {
+    __m256 row[8];
+    for (int i = 0; i < 8; i++) row[i] = _mm256_loadu_ps(t + 8 * i);
+    float best = FLT_MAX;
+    int g = list[0];
+    for (int j = 0; j < n; j += 8) {
+        const int r = n - j < 8 ? n - j : 8;
+        int id[8];
+        for (int l = 0; l < 8; l++) id[l] = list[j + (l < r ? l : r - 1)];
+        const __m256 a = _mm256_castsi256_ps(_mm256_set_epi64x((long long)grid[id[5]], (long long)grid[id[4]],
+                                                               (long long)grid[id[1]], (long long)grid[id[0]]));
+        const __m256 b = _mm256_castsi256_ps(_mm256_set_epi64x((long long)grid[id[7]], (long long)grid[id[6]],
+                                                               (long long)grid[id[3]], (long long)grid[id[2]]));
+        const __m256i lo = _mm256_castps_si256(_mm256_shuffle_ps(a, b, 0x88));  /* bytes 0..3 of points 0..7 */
+        const __m256i hi = _mm256_castps_si256(_mm256_shuffle_ps(a, b, 0xDD));  /* bytes 4..7 */
+        __m256 d = _mm256_add_ps(_mm256_setzero_ps(), _mm256_permutevar8x32_ps(row[0], lo));
+        d = _mm256_add_ps(d, _mm256_permutevar8x32_ps(row[1], _mm256_srli_epi32(lo, 8)));
+        d = _mm256_add_ps(d, _mm256_permutevar8x32_ps(row[2], _mm256_srli_epi32(lo, 16)));
+        d = _mm256_add_ps(d, _mm256_permutevar8x32_ps(row[3], _mm256_srli_epi32(lo, 24)));
+        d = _mm256_add_ps(d, _mm256_permutevar8x32_ps(row[4], hi));
+        d = _mm256_add_ps(d, _mm256_permutevar8x32_ps(row[5], _mm256_srli_epi32(hi, 8)));
+        d = _mm256_add_ps(d, _mm256_permutevar8x32_ps(row[6], _mm256_srli_epi32(hi, 16)));
+        d = _mm256_add_ps(d, _mm256_permutevar8x32_ps(row[7], _mm256_srli_epi32(hi, 24)));
+        const int m = _mm256_movemask_ps(_mm256_cmp_ps(d, _mm256_set1_ps(best), _CMP_LT_OQ)) & ((1 << r) - 1);
+        if (!m) continue;
+        float s[8];
+        _mm256_storeu_ps(s, d);
+        for (int l = 0; l < r; l++)
+            if (s[l] < best) { best = s[l]; g = id[l]; }
+    }
+    return g;
+}
+#endif
+
 static int best_neighbour(const lookup *lk, int u, const float *x, const float *w, float scale, int8_t *L) {
     const uint16_t *nb = lk->nb - lk->map[u] - 1;
     const int n = nb[0];
-    float t[28];
-    for (int c = 0; c < 3; c++) {
-        const float s = scale * (float)(2 * c + 1);
+    float t[64] = {0};
+    for (int p = 1; p <= 5; p += 2) {
+        const float s = scale * (float)p;
         for (int i = 0; i < 8; i++) {
             const float diff = s - x[i];
-            t[4 + 8 * c + i] = w[i] * diff * diff;
+            t[8 * i + p] = w[i] * diff * diff;
         }
     }
-    float best = FLT_MAX;
     int g = nb[1];
-    for (int j = 1; j <= n; j++) {
-        const uint64_t v = (lk->grid[nb[j]] << 2) + LANES;
-        float d2 = 0;
-        for (int i = 0; i < 8; i++) d2 += t[(v >> 8 * i) & 0xff];
-        if (d2 < best) { best = d2; g = nb[j]; }
+#ifdef QC_X86
+    if (has_avx2()) g = nearest_avx2(lk->grid, nb + 1, n, t);
+    else
+#endif
+    {
+        float best = FLT_MAX;
+        for (int j = 1; j <= n; j++) {
+            const uint8_t *p = lk->pos + 8 * nb[j];
+            float d2 = 0;
+            for (int i = 0; i < 8; i++) d2 += t[8 * i + p[i]];
+            if (d2 < best) { best = d2; g = nb[j]; }
+        }
     }
     point_codes(lk, g, L);
     return g;
