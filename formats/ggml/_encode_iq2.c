@@ -65,9 +65,18 @@ static int has_avx2(void) {
  * so that the low 3 bits are pos_i, which picks the term from t's row i (vpermps); the lanes' sums then go
  * through the scalar comparison in list order. Adds only (no FMA in this target): the same floats. */
 __attribute__((target("avx2"))) static int nearest_avx2(const uint64_t *grid, const uint16_t *list, int n,
-                                                          const float *t) {
-    __m256 row[8];
-    for (int i = 0; i < 8; i++) row[i] = _mm256_loadu_ps(t + 8 * i);
+                                                          const float *x, const float *w, float scale) {
+    const __m256 vx = _mm256_loadu_ps(x), vw = _mm256_loadu_ps(w);
+    __m256 term[3], row[8];  /* term[c]: the 8 terms at pos 2 c + 1; row[i]: coordinate i's at lanes 1, 3, 5 */
+    for (int c = 0; c < 3; c++) {
+        const __m256 diff = _mm256_sub_ps(_mm256_set1_ps(scale * (float)(2 * c + 1)), vx);
+        term[c] = _mm256_mul_ps(_mm256_mul_ps(vw, diff), diff);
+    }
+    for (int i = 0; i < 8; i++) {
+        const __m256i at = _mm256_set1_epi32(i);
+        const __m256 t1 = _mm256_permutevar8x32_ps(term[0], at), t3 = _mm256_permutevar8x32_ps(term[1], at);
+        row[i] = _mm256_blend_ps(_mm256_blend_ps(t1, t3, 0x08), _mm256_permutevar8x32_ps(term[2], at), 0x20);
+    }
     float best = FLT_MAX;
     int g = list[0];
     for (int j = 0; j < n; j += 8) {
@@ -102,21 +111,21 @@ __attribute__((target("avx2"))) static int nearest_avx2(const uint64_t *grid, co
 static int best_neighbour(const lookup *lk, int u, const float *x, const float *w, float scale, int8_t *L) {
     const uint16_t *nb = lk->nb - lk->map[u] - 1;
     const int n = nb[0];
-    float t[64] = {0};
-    for (int p = 1; p <= 5; p += 2) {
-        const float s = scale * (float)p;
-        for (int i = 0; i < 8; i++) {
-            const float diff = s - x[i];
-            t[8 * i + p] = w[i] * diff * diff;
-        }
-    }
-    int g = nb[1];
+    int g;
 #ifdef QC_X86
-    if (has_avx2()) g = nearest_avx2(lk->grid, nb + 1, n, t);
+    if (has_avx2()) g = nearest_avx2(lk->grid, nb + 1, n, x, w, scale);
     else
 #endif
     {
-        float best = FLT_MAX;
+        float t[62], best = FLT_MAX;  /* t[8 i + pos]: only those 24 are read */
+        for (int p = 1; p <= 5; p += 2) {
+            const float s = scale * (float)p;
+            for (int i = 0; i < 8; i++) {
+                const float diff = s - x[i];
+                t[8 * i + p] = w[i] * diff * diff;
+            }
+        }
+        g = nb[1];
         for (int j = 1; j <= n; j++) {
             const uint8_t *p = lk->pos + 8 * nb[j];
             float d2 = 0;
