@@ -28,19 +28,14 @@ typedef struct { const uint64_t *grid; const uint8_t *pos; const int *map; const
 static int get_lookup(int type, lookup *lk) {
     const qc_iq_table *t = qc_iq_table_get(type);
     if (!t || !t->map || !t->neighbours || t->width != 8) return 0;
-    lk->grid = (const uint64_t *)(const void *)t->pos;
-    lk->pos = t->pos;
-    lk->map = t->map;
-    lk->nb = t->neighbours;
+    lk->grid = (const uint64_t *)(const void *)t->pos;  /* ggml's kgrid_q2xs */
+    lk->pos = t->pos; lk->map = t->map; lk->nb = t->neighbours;
     return 1;
 }
 
-static inline const int8_t *point(const lookup *lk, int g) { return (const int8_t *)(const void *)(lk->grid + g); }
-
-/* codes of a point: (pos - 1) / 2, in 0 .. 2 */
+/* codes of grid point g: (pos - 1) / 2, in 0 .. 2 */
 static inline void point_codes(const lookup *lk, int g, int8_t *L) {
-    const int8_t *p = point(lk, g);
-    for (int i = 0; i < 8; i++) L[i] = (int8_t)((p[i] - 1) / 2);
+    for (int i = 0; i < 8; i++) L[i] = (int8_t)((lk->pos[8 * g + i] - 1) / 2);
 }
 
 /* The map key of 8 codes in 0 .. 2 (two bits each) */
@@ -87,16 +82,13 @@ __attribute__((target("avx2"))) static int nearest_avx2(const uint64_t *grid, co
                                                                (long long)grid[id[1]], (long long)grid[id[0]]));
         const __m256 b = _mm256_castsi256_ps(_mm256_set_epi64x((long long)grid[id[7]], (long long)grid[id[6]],
                                                                (long long)grid[id[3]], (long long)grid[id[2]]));
-        const __m256i lo = _mm256_castps_si256(_mm256_shuffle_ps(a, b, 0x88));  /* bytes 0..3 of points 0..7 */
-        const __m256i hi = _mm256_castps_si256(_mm256_shuffle_ps(a, b, 0xDD));  /* bytes 4..7 */
-        __m256 d = _mm256_add_ps(_mm256_setzero_ps(), _mm256_permutevar8x32_ps(row[0], lo));
-        d = _mm256_add_ps(d, _mm256_permutevar8x32_ps(row[1], _mm256_srli_epi32(lo, 8)));
-        d = _mm256_add_ps(d, _mm256_permutevar8x32_ps(row[2], _mm256_srli_epi32(lo, 16)));
-        d = _mm256_add_ps(d, _mm256_permutevar8x32_ps(row[3], _mm256_srli_epi32(lo, 24)));
-        d = _mm256_add_ps(d, _mm256_permutevar8x32_ps(row[4], hi));
-        d = _mm256_add_ps(d, _mm256_permutevar8x32_ps(row[5], _mm256_srli_epi32(hi, 8)));
-        d = _mm256_add_ps(d, _mm256_permutevar8x32_ps(row[6], _mm256_srli_epi32(hi, 16)));
-        d = _mm256_add_ps(d, _mm256_permutevar8x32_ps(row[7], _mm256_srli_epi32(hi, 24)));
+        __m256i lo = _mm256_castps_si256(_mm256_shuffle_ps(a, b, 0x88));  /* bytes 0..3 of points 0..7 */
+        __m256i hi = _mm256_castps_si256(_mm256_shuffle_ps(a, b, 0xDD));  /* bytes 4..7 */
+        __m256 d = _mm256_setzero_ps();
+        for (int i = 0; i < 4; i++, lo = _mm256_srli_epi32(lo, 8))
+            d = _mm256_add_ps(d, _mm256_permutevar8x32_ps(row[i], lo));
+        for (int i = 4; i < 8; i++, hi = _mm256_srli_epi32(hi, 8))
+            d = _mm256_add_ps(d, _mm256_permutevar8x32_ps(row[i], hi));
         const int m = _mm256_movemask_ps(_mm256_cmp_ps(d, _mm256_set1_ps(best), _CMP_LT_OQ)) & ((1 << r) - 1);
         if (!m) continue;
         float s[8];
@@ -143,12 +135,6 @@ static inline int round8(const float *x, float id, int8_t *L) {
     return key8(L);
 }
 
-#if defined(__GNUC__)
-#define PREFETCH(p) __builtin_prefetch(p)
-#else
-#define PREFETCH(p) ((void)(p))
-#endif
-
 /* The codes L of the groups of 8 in `todo` (bit k: group k, at most 4 groups) at inverse scale id: rounded,
  * and where that is off the grid the best neighbour at `scale` (the groups are independent, so all are
  * rounded first and their neighbour lists fetched ahead). Bit k of the result: group k rounded onto the grid. */
@@ -161,7 +147,9 @@ static unsigned quant_groups(const lookup *lk, const float *xv, const float *wa,
         u[k] = round8(xv + 8 * k, id, L + 8 * k);
         const int m = lk->map[u[k]];
         if (m >= 0) on |= 1u << k;
-        else PREFETCH(lk->nb - m - 1);
+#ifdef __GNUC__
+        else __builtin_prefetch(lk->nb - m - 1);
+#endif
     }
     for (int k = 0; k < 4; k++)
         if ((todo & ~on) >> k & 1) best_neighbour(lk, u[k], xv + 8 * k, wa + 8 * k, scale, L + 8 * k);
@@ -255,7 +243,7 @@ static float qp_scale(int n, int nmax, const float *x, uint8_t *L, const float *
     return sl2 > 0.0f ? slx / sl2 : 0.0f;
 }
 
-/* The per-super-block setup shared by both types: sigma2 of the 256 values */
+/* sigma2 of a super-block's 256 values (both types) */
 static float block_sigma2(const float *x) {
     float s = 0;
     for (int i = 0; i < 256; i++) s += x[i] * x[i];
