@@ -198,4 +198,4 @@ def test_inspect_lists_iq_types(h256_f16_and_imatrix, tmp_path):
     cfg = ModelConfig.from_hf_dict(tiny_mod.hf_config("h256"))
     want = mixture_types(cfg, "iq2_xxs", True)
     assert d["types"] == dict(Counter(want.values())) and d["types"]["IQ2_XXS"] == 12 and d["types"]["Q5_K"] == 1
-    assert {r["type"] for r in d["tensors"] if r["name"].endswith("attn_q.weight")} == {"IQ2_XXS"}
+    assert {r["type"] for r in d["tensors"] if r["name"].endswith("self_attn.q_proj.weight")} == {"IQ2_XXS"}
