@@ -51,7 +51,8 @@ def _common(*names: str):
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--outtype", type=click.Choice(OUTTYPES + tuple(MIXTURES) + (ROLES,)), default="auto", show_default=True,
               help="type of 2-D weights (1-D tensors and norms stay F32), or a llama-quantize mixture (the K-quant "
-                   "ones, iq4_nl, iq4_xs, and q4_0_mix .. q5_1_mix: llama-quantize's Q4_0 .. Q5_1 files). "
+                   "ones, the i-quant ones iq1_s .. iq4_xs, and q4_0_mix .. q5_1_mix: llama-quantize's Q4_0 .. Q5_1 "
+                   "files; iq1_s, iq1_m, iq2_*, iq3_xxs, iq3_xs and q2_k_s need --imatrix, as in llama-quantize). "
                    "auto: bf16 for a bf16 source, else f16; for an int4 folder, its codes repacked exactly into "
                    "Q4_0 (sym) / Q4_1 (asym) blocks up to 4 bits, Q5_0 / Q5_1 for 5 bits, Q8_0 for 6-8-bit sym codes "
                    "(the 8-bit head), requantising only what cannot map (reported); likewise for a GPTQ / AWQ / "
@@ -144,7 +145,8 @@ def inspect_cmd(model: str, as_json: bool, show_all: bool) -> None:
 @click.option("--type", "gtype", default="q4_k_m", show_default=True,
               help="gguf format: q8_0, q4_0, q4_1, q5_0, q5_1 (every matrix), roles (the int4 --mix roles plan's "
                    "bits on GGML types: 4 -> Q4_1, 5 -> Q5_1, 8 -> Q8_0, ...) or a llama-quantize mixture ("
-                   + ", ".join(MIXTURES) + ")")
+                   + ", ".join(MIXTURES) + "; those whose types llama-quantize writes only with an importance "
+                   "matrix need --imatrix)")
 @_common("imatrix", "force", "quiet")
 def quantize_cmd(src, out, fmt, bits, group_size, scale_bits, mix, target_bpw, method, sym, zero_point, head_bits,
                  calib, calib_samples, calib_ctx, act_order, sequential, damp, propagate, calib_dtype, report_png,

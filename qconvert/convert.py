@@ -21,7 +21,7 @@ from formats.int4.to_gguf import EXACT_OUTTYPES, plan_int4_gguf
 from formats.model.source import Source
 from formats.open import open_model
 from qconvert.quant.groupwise import QuantSpec
-from qconvert.quant.mixtures import MIXTURES, ROLES, ROLES_FILE_TYPE, mixture_types
+from qconvert.quant.mixtures import MIXTURES, ROLES, ROLES_FILE_TYPE, check_imatrix, mixture_types
 from qconvert.quant.recipes import describe_plan
 from qconvert.quant.report import layer_table, plot_errors
 from qconvert.quant.run import CalibOptions, quantize_gguf_gptq, quantize_int4
@@ -74,15 +74,22 @@ def memory_budget(max_memory: str | None) -> int:
 
 def write_gguf_file(src: Source, out: Path, outtype: str, force: bool, progress: bool, echo: Echo,
                     name: str | None = None, split: tuple[int | None, int | None] = (None, None),
-                    files: list[Path] | None = None, imatrix: Path | None = None) -> dict[str, str]:
+                    files: list[Path] | None = None, imatrix: Path | None = None,
+                    flag: str = "--outtype") -> dict[str, str]:
     """Write a GGUF with a plain output type or a llama-quantize mixture (``imatrix``: an importance-matrix
     file for the encoders, as llama-quantize --imatrix). Returns {GGUF name: type}.
+
+    A mixture whose types llama-quantize refuses to write without importance weights (the lowest-bit
+    i-quants) is refused before anything is written when ``imatrix`` is None (``flag``: the option that named
+    it, for the message), as is an imatrix that lacks one of those tensors.
 
     From an int4 folder or a GPTQ / AWQ / compressed-tensors checkpoint, ``auto`` / ``q4_0`` / ``q4_1`` /
     ``q8_0`` and the mixtures repack the stored codes into GGML blocks where that is exact and requantise the
     rest (formats/int4/to_gguf.py); one line reports which.
     """
     im: Imatrix | None = read_imatrix(imatrix) if imatrix is not None else None
+    if outtype in MIXTURES:
+        check_imatrix(outtype, mixture_types(src.config, outtype, im is not None), im, flag)
     if im is not None:
         echo(f"imatrix: {len(im.entries)} entries from {imatrix} ({im.chunk_count} chunks"
              + (f" of {im.datasets[0]}" if im.datasets else "") + ")")
@@ -146,9 +153,11 @@ def quantize_gguf(location: str, out: Path, gtype: str, method: str, calib: Cali
     with open_model(location) as s:
         if method == "gptq":
             im = read_imatrix(imatrix) if imatrix is not None else None
+            if gtype in MIXTURES:
+                check_imatrix(gtype, mixture_types(s.config, gtype, im is not None), im, "--type")
             types = quantize_gguf_gptq(s, out, gtype, im, calib, force, quiet, echo)
         else:
-            types = write_gguf_file(s, out, gtype, force, not quiet, echo, imatrix=imatrix)
+            types = write_gguf_file(s, out, gtype, force, not quiet, echo, imatrix=imatrix, flag="--type")
     n = sum(1 for t in types.values() if t != "F32")
     return f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {n} quantised tensors, {gtype}) " \
            f"in {time.perf_counter() - t0:.1f}s"

@@ -1,86 +1,59 @@
-"""llama-quantize's file types (mixtures) as per-tensor type rules: the K-quant mixtures (q2_k, q3_k_s/m/l,
-q4_k_s/m, q5_k_s/m, q6_k), iq4_nl / iq4_xs, and the 32-value types as llama-quantize writes them (q4_0_mix ..
+"""llama-quantize's file types (mixtures) as per-tensor type rules: the K-quant mixtures (q2_k, q2_k_s,
+q3_k_s/m/l, q4_k_s/m, q5_k_s/m, q6_k), the i-quant ones (iq1_s, iq1_m, iq2_xxs, iq2_xs, iq2_s, iq2_m, iq3_xxs,
+iq3_xs, iq3_s, iq3_m, iq4_nl, iq4_xs), and the 32-value types as llama-quantize writes them (q4_0_mix ..
 q5_1_mix: the head in Q6_K; plain ``--outtype q4_0`` instead gives every matrix Q4_0).
 
-The rules follow llama.cpp's ``llama_tensor_get_type`` for the Qwen2 family: the output head (and a tied
-embedding) gets Q6_K (Q8_0 stays Q8_0); ``attn_v``, ``ffn_down`` and ``attn_output`` get more bits by
-mixture and layer (``RULES``), some only with or only without an importance matrix; a dense 80-layer Qwen2
-(llama.cpp's "70B") and an 8-expert MoE get llama.cpp's extra bumps; and a row length that does not fit the
-block falls back (Q2_K / Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, IQ4_XS -> IQ4_NL; F16 if 32
-does not divide it).
+The rules follow llama.cpp's ``llama_tensor_get_type`` for the Qwen2 family (the table is
+qconvert/quant/mixture_rules.py): the output head (and a tied embedding) gets Q6_K, or Q5_K in the lowest-bit
+i-quant files, or Q8_0 when its rows do not fit the mixture's base block; an untied embedding gets Q2_K / IQ3_S
+in some i-quant files; the layer tensors get other types by mixture, role and layer (``RULES``), some only with
+or only without an importance matrix; a dense 80-layer Qwen2 (llama.cpp's "70B") and an 8-expert MoE get
+llama.cpp's extra bumps; and a row length that does not fit the block falls back as llama.cpp's
+``tensor_type_fallback`` does (the 256-value i-quants -> IQ4_NL, Q2_K / Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K ->
+Q5_1, Q6_K -> Q8_0; F16 if 32 does not divide it either).
 """
 from __future__ import annotations
 
 import re
-from typing import Callable
+from typing import TYPE_CHECKING
 
+from formats.errors import QConvertError
 from formats.model.config import ModelConfig
 from formats.model.names import KEEP_F32_SUFFIXES, canonical_shape, gguf_layout
+from qconvert.quant.mixture_rules import (CONDITIONS, EMBED, HEAD_Q5K, LOW_IQ, MOE8_ATTN_OUTPUT_Q5K, REQUIRES_IMATRIX,
+                                          REQUIRES_IMATRIX_IN, RULES, Where)
 
-MIXTURES = {  # name -> (base type, llama_ftype)
-    "q2_k": ("Q2_K", 10), "q3_k_s": ("Q3_K", 11), "q3_k_m": ("Q3_K", 12), "q3_k_l": ("Q3_K", 13),
-    "q4_k_m": ("Q4_K", 15), "q4_k_s": ("Q4_K", 14), "q5_k_m": ("Q5_K", 17), "q5_k_s": ("Q5_K", 16),
-    "q6_k": ("Q6_K", 18), "iq4_nl": ("IQ4_NL", 25), "iq4_xs": ("IQ4_XS", 30),
+if TYPE_CHECKING:
+    from formats.gguf.imatrix import Imatrix
+
+MIXTURES = {  # name -> (base type, llama_ftype: include/llama.h)
+    "q2_k": ("Q2_K", 10), "q2_k_s": ("Q2_K", 21), "q3_k_s": ("Q3_K", 11), "q3_k_m": ("Q3_K", 12),
+    "q3_k_l": ("Q3_K", 13), "q4_k_m": ("Q4_K", 15), "q4_k_s": ("Q4_K", 14), "q5_k_m": ("Q5_K", 17),
+    "q5_k_s": ("Q5_K", 16), "q6_k": ("Q6_K", 18),
+    "iq1_s": ("IQ1_S", 24), "iq1_m": ("IQ1_M", 31), "iq2_xxs": ("IQ2_XXS", 19), "iq2_xs": ("IQ2_XS", 20),
+    "iq2_s": ("IQ2_XS", 28), "iq2_m": ("IQ2_S", 29), "iq3_xxs": ("IQ3_XXS", 23), "iq3_xs": ("IQ3_S", 22),
+    "iq3_s": ("IQ3_S", 26), "iq3_m": ("IQ3_S", 27), "iq4_nl": ("IQ4_NL", 25), "iq4_xs": ("IQ4_XS", 30),
     "q4_0_mix": ("Q4_0", 2), "q4_1_mix": ("Q4_1", 3), "q5_0_mix": ("Q5_0", 8), "q5_1_mix": ("Q5_1", 9),
 }
-FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "IQ4_XS": "IQ4_NL"}
+IQ_LATTICE = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S")
+FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "IQ4_XS": "IQ4_NL",
+            **{t: "IQ4_NL" for t in IQ_LATTICE}}
 BLOCK = {"Q2_K": 256, "Q3_K": 256, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256, "IQ4_XS": 256,
+         **{t: 256 for t in IQ_LATTICE},
          "Q5_0": 32, "Q5_1": 32, "Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "IQ4_NL": 32}
 _LAYER = re.compile(r"^blk\.(\d+)\.")
-
-
-def use_more_bits(i: int, n: int) -> bool:
-    """llama.cpp's layer pattern for extra bits: first and last eighth, and every third layer between."""
-    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
-
-
-# Conditions on (layer index i, number of layers n, query heads per kv head g, importance matrix given im).
-CONDITIONS: dict[str, Callable[[int, int, int, bool], bool]] = {
-    "all": lambda i, n, g, im: True,
-    "more_bits": lambda i, n, g, im: use_more_bits(i, n),
-    "first_eighth": lambda i, n, g, im: i < n // 8,
-    "first_eighth_imatrix": lambda i, n, g, im: i < n // 8 and im,
-    "first_eighth_no_imatrix": lambda i, n, g, im: i < n // 8 and not im,
-    "first_sixteenth": lambda i, n, g, im: i < n // 16,
-    "first_2": lambda i, n, g, im: i < 2,
-    "first_4": lambda i, n, g, im: i < 4,
-    "gqa>=4": lambda i, n, g, im: g >= 4,
-}
-# role -> mixture -> [(condition, type), ...]: the first condition that holds picks the type; none keeps
-# the mixture's base type. (llama.cpp counts attn_v tensors; for Qwen2 that count is the layer index.)
-RULES: dict[str, dict[str, list[tuple[str, str]]]] = {
-    "attn_v": {
-        "q2_k": [("gqa>=4", "Q4_K"), ("all", "Q3_K")],
-        "q3_k_m": [("first_2", "Q5_K"), ("all", "Q4_K")],
-        "q3_k_l": [("all", "Q5_K")],
-        "q4_k_m": [("more_bits", "Q6_K")], "q5_k_m": [("more_bits", "Q6_K")],
-        "q4_k_s": [("first_4", "Q5_K")],
-        "iq4_nl": [("gqa>=4", "Q5_K")], "iq4_xs": [("gqa>=4", "Q5_K")],
-    },
-    "ffn_down": {
-        "q2_k": [("all", "Q3_K")],
-        "q3_k_m": [("first_sixteenth", "Q5_K"), ("all", "Q4_K")],
-        "q3_k_l": [("all", "Q5_K")],
-        "q4_k_m": [("more_bits", "Q6_K")], "q5_k_m": [("more_bits", "Q6_K")],
-        "q4_k_s": [("first_eighth", "Q5_K")],
-        "iq4_nl": [("first_eighth_no_imatrix", "Q5_K")], "iq4_xs": [("first_eighth_no_imatrix", "Q5_K")],
-        # llama.cpp guards the first ffn_down layers of Q4_0 / Q5_0 files, only when an imatrix is given
-        "q4_0_mix": [("first_eighth_imatrix", "Q4_1")], "q5_0_mix": [("first_eighth_imatrix", "Q5_1")],
-    },
-    "attn_output": {
-        "q2_k": [("all", "Q3_K")], "q3_k_m": [("all", "Q4_K")], "q3_k_l": [("all", "Q5_K")],
-    },
-}
-# 8-expert MoE: llama.cpp gives attn_v / attn_k Q8_0, and attn_output Q5_K under these mixtures
-_MOE8_ATTN_OUTPUT_Q5K = {"q2_k", "q3_k_s", "q3_k_m", "q4_k_s", "q4_k_m", "iq4_nl", "iq4_xs"}
+# llama.cpp's tensor categories, matched on the GGUF name in this order (``tensor_get_category``)
+_CATEGORIES = ("attn_v.weight", "attn_k.weight", "attn_q.weight", "attn_output.weight", "ffn_up", "ffn_gate",
+               "ffn_down")
 
 
 def _role(gname: str) -> str | None:
-    """The llama.cpp tensor category that the rules distinguish (attn_v, attn_k, attn_output, ffn_down)."""
-    for role in ("attn_v.weight", "attn_k.weight", "attn_output.weight"):
-        if role in gname:
-            return role[:-7]
-    return "ffn_down" if "ffn_down" in gname else None
+    """The llama.cpp tensor category that the rules distinguish (attn_v, attn_k, attn_q, attn_output, ffn_up,
+    ffn_gate, ffn_down), or None."""
+    for cat in _CATEGORIES:
+        if cat in gname:
+            return cat.removesuffix(".weight")
+    return None
 
 
 def fallback(t: str, cols: int) -> str:
@@ -91,24 +64,40 @@ def fallback(t: str, cols: int) -> str:
     return t if cols % BLOCK.get(t, 1) == 0 else "F16"
 
 
-def layer_type(cfg: ModelConfig, mixture: str, role: str | None, i: int, imatrix: bool = False) -> str:
+def layer_type(cfg: ModelConfig, mixture: str, role: str | None, i: int, imatrix: bool = False,
+               count: int | None = None) -> str:
     """GGML type (before the row-length fallback) of a layer tensor of ``role`` in layer ``i`` (``imatrix``:
-    whether the file is quantised with an importance matrix, which some rules depend on)."""
+    whether the file is quantised with an importance matrix, which some rules depend on; ``count``: llama.cpp's
+    running count of this role's tensors before this one, default ``i``, see mixture_rules.Where)."""
     base, _ = MIXTURES[mixture]
     n = cfg.num_hidden_layers
+    experts = cfg.num_experts if cfg.is_moe else 0
+    where = Where(i, n, cfg.n_kv_groups, imatrix, experts, i if count is None else count)
     t = base
     for cond, typ in RULES.get(role or "", {}).get(mixture, []):
-        if CONDITIONS[cond](i, n, cfg.n_kv_groups, imatrix):
+        if CONDITIONS[cond](where):
             t = typ
             break
+    if mixture in LOW_IQ:  # llama.cpp's branch of its own: no 70B bump, Q4_K / Q5_K for 8 experts
+        if experts == 8 and role in ("attn_k", "attn_output"):
+            t = "Q4_K" if role == "attn_k" else "Q5_K"
+        return t
     if role == "attn_v" and not cfg.is_moe and n == 80 and t in ("Q3_K", "Q4_K"):
         t = "Q5_K"  # llama.cpp's 70B bump (Qwen2-72B has 80 layers)
-    if cfg.is_moe and cfg.num_experts == 8:
+    if experts == 8:
         if role in ("attn_v", "attn_k"):
             t = "Q8_0"
         elif role == "attn_output":
-            t = "Q5_K" if mixture in _MOE8_ATTN_OUTPUT_Q5K else base
+            t = "Q5_K" if mixture in MOE8_ATTN_OUTPUT_Q5K else base
     return t
+
+
+def head_type(mixture: str, cols: int) -> str:
+    """Type of the output head (and of a tied embedding), before the row-length fallback."""
+    base, _ = MIXTURES[mixture]
+    if cols % BLOCK[base]:
+        return "Q8_0"
+    return "Q5_K" if mixture in HEAD_Q5K else "Q6_K"
 
 
 ROLES = "roles"
@@ -146,17 +135,49 @@ def mixture_types(cfg: ModelConfig, mixture: str, imatrix: bool = False) -> dict
     an importance matrix; ``roles``: roles_types)."""
     if mixture == ROLES:
         return roles_types(cfg)
+    layout = gguf_layout(cfg)
+    # llama.cpp visits the tensors by layer, then by name, and counts each role's tensors as it goes
+    order = sorted((int(m.group(1)) if (m := _LAYER.match(g)) else -1, g) for g, _ in layout)
+    seen: dict[str, int] = {}
+    counts: dict[str, int] = {}
+    for _, g in order:
+        role = _role(g)
+        counts[g] = seen.get(role or "", 0)
+        seen[role or ""] = counts[g] + 1
     out = {}
-    for gname, members in gguf_layout(cfg):
+    for gname, members in layout:
         shape = canonical_shape(members[0], cfg)
         cols = shape[-1]
         if len(shape) == 1 or shape[0] == 1 or gname.endswith(KEEP_F32_SUFFIXES):
             out[gname] = "F32"
             continue
         if gname == "output.weight" or (gname == "token_embd.weight" and cfg.tie_word_embeddings):
-            t = "Q8_0" if cols % 256 else "Q6_K"
+            t = head_type(mixture, cols)
+        elif gname == "token_embd.weight":
+            t = EMBED.get(mixture, MIXTURES[mixture][0])
         else:
             m = _LAYER.match(gname)
-            t = layer_type(cfg, mixture, _role(gname), int(m.group(1)) if m else -1, imatrix)
+            t = layer_type(cfg, mixture, _role(gname), int(m.group(1)) if m else -1, imatrix, counts[gname])
         out[gname] = fallback(t, cols)
     return out
+
+
+def imatrix_required(mixture: str, types: dict[str, str]) -> list[str]:
+    """The tensors (in ``types``' order) whose type llama-quantize refuses to write without importance weights
+    (``tensor_requires_imatrix``: never the token embedding or the output head)."""
+    strict = REQUIRES_IMATRIX | REQUIRES_IMATRIX_IN.get(mixture, set())
+    return [g for g, t in types.items() if t in strict and g not in ("token_embd.weight", "output.weight")]
+
+
+def check_imatrix(mixture: str, types: dict[str, str], imatrix: Imatrix | None, flag: str) -> None:
+    """Refuse, as llama-quantize does, a file whose types need importance weights when no imatrix is given
+    (``flag``: the option that chose ``mixture``, for the message), or when the imatrix lacks a tensor's entry."""
+    need = imatrix_required(mixture, types)
+    if need and imatrix is None:
+        raise QConvertError(f"{flag} {mixture} needs an importance matrix, as in llama-quantize ({need[0]} would be "
+                            f"{types[need[0]]}): make one with `qconvert imatrix MODEL -o imatrix.gguf` and pass "
+                            "--imatrix imatrix.gguf")
+    missing = [g for g in need if imatrix is not None and g not in imatrix.entries]
+    if missing:
+        raise QConvertError(f"the imatrix has no entry for {missing[0]}, which {mixture} writes as {types[missing[0]]} "
+                            "(llama-quantize refuses that too); compute it on this model with `qconvert imatrix`")
