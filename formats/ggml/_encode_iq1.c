@@ -34,15 +34,11 @@ typedef struct {
 
 static void ctx_init(iq1_ctx *c, const qc_iq_table *t) {
     c->t = t;
-    for (int j = 0; j < t->size; j++) {
-        int k = 0;
-        for (int i = 0; i < 8; i++) k |= ((t->pos[8 * j + i] - 1) / 2) << 2 * i;
-        c->key[j] = k;
-    }
+    memset(c->key, 0, sizeof c->key);
+    for (int j = 0; j < 8 * t->size; j++) c->key[j / 8] |= ((t->pos[j] - 1) / 2) << 2 * (j % 8);
+    c->simd = 0;
 #ifdef QC_X86
     c->simd = has_f16c();
-#else
-    c->simd = 0;
 #endif
 }
 
@@ -84,22 +80,19 @@ __attribute__((target("avx2"))) static void distances_avx2(const int32_t *key, c
 #endif
 
 /* the grid point (of the neighbours nb of an off-grid group) of least sum_i w_i (scale * xx[level_i] - x_i)^2,
- * the first on ties (ggml's iq1_find_best_neighbour2; e[i][l] is its term w * diff * diff). Where every
- * distance overflows (|x| beyond ~1e13) ggml's fallback scan reads x by grid number, past the block, and
- * aborts if that finds nothing; here the fallback scans the grid with x by position and, failing too, takes
- * the first neighbour. */
+ * the first on ties (ggml's iq1_find_best_neighbour2; e[i][l] is its term w * diff * diff). Where no distance
+ * is below FLT_MAX (they overflow for |x| beyond ~1e13) ggml falls back to a scan that reads x by grid
+ * number, past the block, and aborts if that finds nothing: here that case takes the first neighbour. */
 static int best_neighbour(const iq1_ctx *c, const uint16_t *nb, const float *x, const float *w, float scale,
                           const float *xx) {
     float e[8][4], d2[2048 + 8], best = FLT_MAX;
-    for (int i = 0; i < 8; i++) {
-        for (int l = 0; l < 3; l++) {
-            const float diff = scale * xx[l] - x[i];
+    for (int i = 0; i < 8; i++)
+        for (int l = 0; l < 4; l++) {
+            const float diff = l < 3 ? scale * xx[l] - x[i] : 0;
             e[i][l] = w[i] * diff * diff;
         }
-        e[i][3] = 0;
-    }
     const int n = nb[0];
-    int found = -1;
+    int found = nb[1];
 #ifdef QC_X86
     if (c->simd) distances_avx2(c->key, nb + 1, n, e, d2);
     else
@@ -107,48 +100,54 @@ static int best_neighbour(const iq1_ctx *c, const uint16_t *nb, const float *x, 
     distances(c->key, nb + 1, n, e, d2);
     for (int j = 0; j < n; j++)
         if (d2[j] < best) { best = d2[j]; found = nb[1 + j]; }
-    for (int p = 0; found < 0 && p < c->t->size; p++) {
-        const uint16_t one = (uint16_t)p;
-        distances(c->key, &one, 1, e, d2);
-        if (d2[0] < best) { best = d2[0]; found = p; }
-    }
-    return found >= 0 ? found : nb[1];
-}
-
-/* grid number of the group of 8 levels L (0, 1, 2), or its best neighbour; *off set when off the grid */
-static int group_index(const iq1_ctx *c, const int8_t *L, const float *x, const float *w, float scale,
-                       const float *xx, int *off) {
-    int u = 0;
-    for (int j = 0; j < 8; j++) u |= L[j] << 2 * j;
-    const int g = c->t->map[u];
-    if (g >= 0) return g;
-    *off = 1;
-    return best_neighbour(c, c->t->neighbours - g - 1, x, w, scale, xx);
-}
-
-/* ---- IQ1_S ---- */
-
-/* the best cuts and delta sign of a block of 32 from prefix sums sx, sw [33] (ggml's double loop: per cut
- * pair, +delta then -delta); returns 0 when no candidate has sumq2 > 0 */
-static int search_s(const float *sx, const float *sw, int *b1, int *b2, int *shift, float *scale) {
-    enum { N = 32 };
-    float best = -FLT_MAX;
-    int found = 0;
-    for (int i1 = 0; i1 <= N; i1++)
-        for (int i2 = i1; i2 <= N; i2++) {
-            const float a = sx[i1], b = sx[i2] - sx[i1], c = sx[N] - sx[i2];
-            const float wa = sw[i1], wb = sw[i2] - sw[i1], wc = sw[N] - sw[i2];
-            for (int s = 0; s < 2; s++) {
-                const float *v = s ? XM : XP;
-                const float qx = a * v[0] + b * v[1] + c * v[2];
-                const float q2 = wa * v[0] * v[0] + wb * v[1] * v[1] + wc * v[2] * v[2];
-                if (q2 > 0 && qx * qx > best * q2) {
-                    *scale = qx / q2; best = *scale * qx;
-                    *b1 = i1; *b2 = i2; *shift = s ? -1 : 1; found = 1;
-                }
-            }
-        }
     return found;
+}
+
+/* The cut search's best candidate so far; consider() is ggml's test and update, in ggml's operations. */
+typedef struct { float best, scale; int b1, b2, k, found; } best_t;
+
+/* Levels L (0, 1, 2) of a block from its best cuts (the sorted order's first b1 values -1, up to b2 0, the
+ * rest 1), negated when the scale is negative (*flip set); returns |scale| */
+static float cut_levels(const best_t *r, const int *order, int n, int8_t *L, int *flip) {
+    for (int j = 0; j < n; j++) L[order[j]] = (int8_t)(j < r->b1 ? 0 : j < r->b2 ? 1 : 2);
+    *flip = r->scale < 0;
+    if (!*flip) return r->scale;
+    for (int j = 0; j < n; j++) L[j] = (int8_t)(2 - L[j]);
+    return -r->scale;
+}
+
+/* index[g] = the grid number of group g (of ng) of 8 levels, or its best neighbour, with xx[g] the group's
+ * delta levels; when a group is off the grid the scale is refit to the chosen points (ggml's order) */
+static float fit_groups(const iq1_ctx *c, const int8_t *L, int ng, const float *const *xx, const float *xb,
+                        const float *wb, float scale, int *index) {
+    int off = 0;
+    for (int g = 0; g < ng; g++) {
+        int u = 0;
+        for (int j = 0; j < 8; j++) u |= L[8 * g + j] << 2 * j;
+        index[g] = c->t->map[u];
+        if (index[g] >= 0) continue;
+        off = 1;
+        index[g] = best_neighbour(c, c->t->neighbours - index[g] - 1, xb + 8 * g, wb + 8 * g, scale, xx[g]);
+    }
+    if (!off) return scale;
+    float sumqx = 0, sumq2 = 0;
+    for (int g = 0; g < ng; g++) {
+        const uint8_t *p = c->t->pos + 8 * index[g];
+        for (int j = 0; j < 8; j++) {
+            const float w = wb[8 * g + j], q = xx[g][(p[j] - 1) / 2];
+            sumqx += w * q * xb[8 * g + j];
+            sumq2 += w * q * q;
+        }
+    }
+    return sumqx > 0 && sumq2 > 0 ? sumqx / sumq2 : scale;
+}
+
+/* ggml's test and update of one candidate, in ggml's operations */
+static inline void consider(best_t *r, float qx, float q2, int i1, int i2, int k) {
+    if (q2 > 0 && qx * qx > r->best * q2) {
+        r->scale = qx / q2; r->best = r->scale * qx;
+        r->b1 = i1; r->b2 = i2; r->k = k; r->found = 1;
+    }
 }
 
 #ifdef QC_X86
@@ -156,54 +155,75 @@ static int search_s(const float *sx, const float *sw, int *b1, int *b2, int *shi
 #define ADD _mm256_add_ps
 #define SUB _mm256_sub_ps
 #define MUL _mm256_mul_ps
-/* lanes whose candidate passes ggml's test (sumq2 > 0 && sumqx^2 > best * sumq2) */
-#define PASS(qx2, q2, B) _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(q2, _mm256_setzero_ps(), _CMP_GT_OQ), \
-                                                          _mm256_cmp_ps(qx2, MUL(B, q2), _CMP_GT_OQ)))
-/* search_s over 8 values of i2 at a time: lanes pass the test with the best score so far; the first passing
- * lane's candidates are tried in ggml's order, and the lanes after it are tested again with the new best.
- * sx, sw are padded to 40 (lanes past i2 = 32 are masked). */
-__attribute__((target("avx2"))) static int search_s_avx2(const float *sx, const float *sw, int *b1, int *b2, int *shift,
-                                                        float *scale) {
+/* Candidates k < nc (qx[k], q2[k]) for i2 + lane, lanes in `live`: a lane passes when one of its candidates
+ * passes ggml's test against the best so far; the first passing lane's candidates are considered in ggml's
+ * order, then the lanes after it are tested again with the new best. Same result as one at a time. */
+__attribute__((target("avx2"))) static inline void scan8(const __m256 *qx, const __m256 *q2, int nc, int live, int i1,
+                                                        int i2, best_t *r) {
+    const __m256 zero = _mm256_setzero_ps();
+    __m256 xx[4], pos[4];
+    float v[8][8];
+    int stored = 0;
+    for (int k = 0; k < nc; k++) { xx[k] = MUL(qx[k], qx[k]); pos[k] = _mm256_cmp_ps(q2[k], zero, _CMP_GT_OQ); }
+    for (;;) {
+        const __m256 B = SET1(r->best);
+        __m256 any = zero;
+        for (int k = 0; k < nc; k++) any = _mm256_or_ps(any, _mm256_and_ps(pos[k], _mm256_cmp_ps(xx[k], MUL(B, q2[k]), _CMP_GT_OQ)));
+        int pass = _mm256_movemask_ps(any);
+        if (!(pass &= live)) return;
+        for (int k = 0; !stored && k < nc; k++) { _mm256_storeu_ps(v[2 * k], qx[k]); _mm256_storeu_ps(v[2 * k + 1], q2[k]); }
+        stored = 1;
+        const int l = __builtin_ctz((unsigned)pass);
+        for (int k = 0; k < nc; k++) consider(r, v[2 * k][l], v[2 * k + 1][l], i1, i2 + l, k);
+        live &= ~((2 << l) - 1);
+    }
+}
+#endif
+
+/* ---- IQ1_S ---- */
+
+#ifdef QC_X86
+/* search_s, 8 values of i2 at a time (the same operations per candidate) */
+__attribute__((target("avx2"))) static void search_s_avx2(const float *sx, const float *sw, best_t *r) {
     enum { N = 32 };
     const __m256 SN = SET1(sx[N]), WN = SET1(sw[N]), p1 = SET1(XP[1]), p2 = SET1(XP[2]), m1 = SET1(XM[1]),
                  m2 = SET1(XM[2]);
-    float best = -FLT_MAX, v[4][8];
-    int found = 0;
     for (int i1 = 0; i1 <= N; i1++) {
         const __m256 A = SET1(sx[i1]), WA = SET1(sw[i1]), ap = SET1(sx[i1] * XP[0]), am = SET1(sx[i1] * XM[0]);
         const __m256 wap = SET1(sw[i1] * XP[0] * XP[0]), wam = SET1(sw[i1] * XM[0] * XM[0]);
         for (int i2 = i1; i2 <= N; i2 += 8) {
             const __m256 S = _mm256_loadu_ps(sx + i2), W = _mm256_loadu_ps(sw + i2);
             const __m256 b = SUB(S, A), c = SUB(SN, S), wb = SUB(W, WA), wc = SUB(WN, W);
-            const __m256 qp = ADD(ADD(ap, MUL(b, p1)), MUL(c, p2)), qm = ADD(ADD(am, MUL(b, m1)), MUL(c, m2));
-            const __m256 q2p = ADD(ADD(wap, MUL(MUL(wb, p1), p1)), MUL(MUL(wc, p2), p2));
-            const __m256 q2m = ADD(ADD(wam, MUL(MUL(wb, m1), m1)), MUL(MUL(wc, m2), m2));
-            const __m256 xp = MUL(qp, qp), xm = MUL(qm, qm);
-            int live = N + 1 - i2 >= 8 ? 0xff : (1 << (N + 1 - i2)) - 1, stored = 0;
-            for (;;) {
-                const __m256 B = SET1(best);
-                const int pass = (PASS(xp, q2p, B) | PASS(xm, q2m, B)) & live;
-                if (!pass) break;
-                if (!stored) {
-                    _mm256_storeu_ps(v[0], qp); _mm256_storeu_ps(v[1], q2p);
-                    _mm256_storeu_ps(v[2], qm); _mm256_storeu_ps(v[3], q2m);
-                    stored = 1;
-                }
-                const int l = __builtin_ctz((unsigned)pass);
-                for (int s = 0; s < 2; s++) {
-                    const float qx = v[2 * s][l], q2 = v[2 * s + 1][l];
-                    if (q2 > 0 && qx * qx > best * q2) {
-                        *scale = qx / q2; best = *scale * qx;
-                        *b1 = i1; *b2 = i2 + l; *shift = s ? -1 : 1; found = 1;
-                    }
-                }
-                live &= ~((2 << l) - 1);
-            }
+            const __m256 qx[2] = {ADD(ADD(ap, MUL(b, p1)), MUL(c, p2)), ADD(ADD(am, MUL(b, m1)), MUL(c, m2))};
+            const __m256 q2[2] = {ADD(ADD(wap, MUL(MUL(wb, p1), p1)), MUL(MUL(wc, p2), p2)),
+                                  ADD(ADD(wam, MUL(MUL(wb, m1), m1)), MUL(MUL(wc, m2), m2))};
+            scan8(qx, q2, 2, N + 1 - i2 >= 8 ? 0xff : (1 << (N + 1 - i2)) - 1, i1, i2, r);
         }
     }
-    return found;
 }
 #endif
+
+/* the best cuts and delta sign (k = 1: -delta) of a block of 32 from prefix sums sx, sw [33 used, padded to
+ * 40] (ggml's double loop: per cut pair, +delta then -delta); r->found = 0 when no candidate has sumq2 > 0 */
+static void search_s(const float *sx, const float *sw, int simd, best_t *r) {
+    enum { N = 32 };
+    r->best = -FLT_MAX; r->found = 0;
+#ifdef QC_X86
+    if (simd) { search_s_avx2(sx, sw, r); return; }
+#else
+    (void)simd;
+#endif
+    for (int i1 = 0; i1 <= N; i1++)
+        for (int i2 = i1; i2 <= N; i2++) {
+            const float a = sx[i1], b = sx[i2] - sx[i1], c = sx[N] - sx[i2];
+            const float wa = sw[i1], wb = sw[i2] - sw[i1], wc = sw[N] - sw[i2];
+            for (int k = 0; k < 2; k++) {
+                const float *v = k ? XM : XP;
+                consider(r, a * v[0] + b * v[1] + c * v[2], wa * v[0] * v[0] + wb * v[1] * v[1] + wc * v[2] * v[2],
+                         i1, i2, k);
+            }
+        }
+}
 
 static void superblock_s(const iq1_ctx *c, const float *xbl, const float *qw, uint8_t *y) {
     enum { B = 32, NB = QC_QK_K / B };
@@ -211,7 +231,8 @@ static void superblock_s(const iq1_ctx *c, const float *xbl, const float *qw, ui
     int8_t L[B], shifts[NB];
     int order[B];
     memset(y, 0, QC_IQ1_S_BYTES);
-    uint8_t *qs = y + 2, *qh = y + 2 + QC_QK_K / 8;
+    uint8_t *qs = y + 2;
+    uint16_t qh[NB] = {0, 0, 0, 0, 0, 0, 0, 0};
     float sumx2 = 0, max_scale = 0;
     for (int i = 0; i < QC_QK_K; i++) sumx2 += xbl[i] * xbl[i];
     const float sigma2 = 2 * sumx2 / QC_QK_K;
@@ -229,99 +250,87 @@ static void superblock_s(const iq1_ctx *c, const float *xbl, const float *qw, ui
             sx[j + 1] = sx[j] + weight[i] * xb[i];
             sw[j + 1] = sw[j] + weight[i];
         }
-        int b1 = 0, b2 = 0, shift = 1;
-        float scale = 0;
-#ifdef QC_X86
-        if (c->simd ? !search_s_avx2(sx, sw, &b1, &b2, &shift, &scale) : !search_s(sx, sw, &b1, &b2, &shift, &scale))
-            continue;
-#else
-        if (!search_s(sx, sw, &b1, &b2, &shift, &scale)) continue;
-#endif
-        for (int j = 0; j < B; j++) L[order[j]] = (int8_t)(j < b1 ? 0 : j < b2 ? 1 : 2);
-        if (scale < 0) {
-            for (int j = 0; j < B; j++) L[j] = (int8_t)(2 - L[j]);
-            scale = -scale; shift = -shift;
-        }
-        const float *xx = shift == 1 ? XP : XM;
-        int off = 0, index[B / 8];
-        for (int k = 0; k < B / 8; k++) index[k] = group_index(c, L + 8 * k, xb + 8 * k, weight + 8 * k, scale, xx, &off);
-        if (off) {
-            float sumqx = 0, sumq2 = 0;
-            for (int k = 0; k < B / 8; k++) {
-                const uint8_t *g = c->t->pos + 8 * index[k];
-                for (int j = 0; j < 8; j++) {
-                    const float w = weight[8 * k + j], q = xx[(g[j] - 1) / 2];
-                    sumqx += w * q * xb[8 * k + j];
-                    sumq2 += w * q * q;
-                }
-            }
-            if (sumqx > 0 && sumq2 > 0) scale = sumqx / sumq2;
-        }
-        uint16_t h = 0;
+        best_t r;
+        search_s(sx, sw, c->simd, &r);
+        if (!r.found) continue;
+        int flip, index[B / 8];
+        const float scale0 = cut_levels(&r, order, B, L, &flip);
+        const int shift = (r.k ? -1 : 1) * (flip ? -1 : 1);
+        const float *v = shift == 1 ? XP : XM, *xx[B / 8] = {v, v, v, v};
+        const float scale = fit_groups(c, L, B / 8, xx, xb, weight, scale0, index);
         for (int k = 0; k < B / 8; k++) {
             qs[(B / 8) * ib + k] = (uint8_t)(index[k] & 255);
-            h |= (uint16_t)((index[k] >> 8) << 3 * k);
+            qh[ib] |= (uint16_t)((index[k] >> 8) << 3 * k);
         }
-        memcpy(qh + 2 * ib, &h, 2);
         scales[ib] = scale; shifts[ib] = (int8_t)shift;
         max_scale = fmax_ggml(max_scale, scale);
     }
-    if (!max_scale) return;
-    const float d = max_scale / 15, id = 1 / d;
-    put16(y, d * 1.125f);  /* ggml's fudge factor */
-    for (int ib = 0; ib < NB; ib++) {
-        int l = clampi(rnd(0.5f * (id * scales[ib] - 1)), 0, 7);
-        if (shifts[ib] == -1) l |= 8;
-        uint16_t h;
-        memcpy(&h, qh + 2 * ib, 2);
-        h |= (uint16_t)(l << 12);
-        memcpy(qh + 2 * ib, &h, 2);
+    if (max_scale) {
+        const float d = max_scale / 15, id = 1 / d;
+        put16(y, d * 1.125f);  /* ggml's fudge factor */
+        for (int ib = 0; ib < NB; ib++)
+            qh[ib] |= (uint16_t)((clampi(rnd(0.5f * (id * scales[ib] - 1)), 0, 7) | (shifts[ib] == -1 ? 8 : 0)) << 12);
     }
-}
-
-int qc_quant_iq1_s(const float *x, uint8_t *out, int64_t rows, int64_t cols, const float *imatrix) {
-    const qc_iq_table *t = qc_iq_table_get(QC_IQ1_S);
-    if (!t || !t->map || !imatrix || cols % QC_QK_K) return -1;
-    const int64_t nb = cols / QC_QK_K;
-    iq1_ctx c;
-    ctx_init(&c, t);
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t b = 0; b < nb; b++)
-            superblock_s(&c, x + r * cols + QC_QK_K * b, imatrix + QC_QK_K * b, out + (r * nb + b) * QC_IQ1_S_BYTES);
-    return 0;
+    memcpy(y + 2 + QC_QK_K / 8, qh, sizeof qh);
 }
 
 /* ---- IQ1_M ---- */
 
-/* the best cuts and delta signs (k: bit 1 = first half -delta, bit 0 = second half -delta) of a block of 16
- * from the per-half prefix sums px, pw [2][17] (ggml's double loop: per cut pair, k = 0 .. 3) */
-static int search_m(float px[2][17], float pw[2][17], int *b1, int *b2, int *bk, float *scale) {
+#ifdef QC_X86
+/* search_m, 8 values of i2 at a time (the same operations per candidate) */
+__attribute__((target("avx2"))) static void search_m_avx2(float px[2][24], float pw[2][24], const float *cst, best_t *r) {
     enum { N = 16 };
-    const float txs[2] = {px[0][N], px[1][N]}, tws[2] = {pw[0][N], pw[1][N]};
-    const float p2 = XP[2], m2 = XM[2];
-    const float cp1 = XP[0] * XP[0] - XP[1] * XP[1], cp2 = XP[1] * XP[1] - XP[2] * XP[2];
-    const float cm1 = XM[0] * XM[0] - XM[1] * XM[1], cm2 = XM[1] * XM[1] - XM[2] * XM[2];
-    float best = -FLT_MAX;
-    int found = 0;
+    const __m256 C2p = SET1(cst[1]), C2m = SET1(cst[3]);
+    for (int i1 = 0; i1 <= N; i1++) {
+        __m256 P1[2], Q1p[2], Q1m[2];
+        for (int h = 0; h < 2; h++) {
+            P1[h] = SET1(px[h][i1]);
+            Q1p[h] = SET1(pw[h][N] * XP[2] * XP[2] + pw[h][i1] * cst[0]);
+            Q1m[h] = SET1(pw[h][N] * XM[2] * XM[2] + pw[h][i1] * cst[2]);
+        }
+        for (int i2 = i1; i2 <= N; i2 += 8) {
+            __m256 qxp[2], qxm[2], q2p[2], q2m[2];
+            for (int h = 0; h < 2; h++) {
+                const __m256 sum = ADD(P1[h], _mm256_loadu_ps(px[h] + i2)), w2 = _mm256_loadu_ps(pw[h] + i2);
+                qxp[h] = SUB(SET1(px[h][N] * XP[2]), sum); qxm[h] = SUB(SET1(px[h][N] * XM[2]), sum);
+                q2p[h] = ADD(Q1p[h], MUL(w2, C2p)); q2m[h] = ADD(Q1m[h], MUL(w2, C2m));
+            }
+            const __m256 qx[4] = {ADD(qxp[0], qxp[1]), ADD(qxp[0], qxm[1]), ADD(qxm[0], qxp[1]), ADD(qxm[0], qxm[1])};
+            const __m256 q2[4] = {ADD(q2p[0], q2p[1]), ADD(q2p[0], q2m[1]), ADD(q2m[0], q2p[1]), ADD(q2m[0], q2m[1])};
+            scan8(qx, q2, 4, N + 1 - i2 >= 8 ? 0xff : (1 << (N + 1 - i2)) - 1, i1, i2, r);
+        }
+    }
+}
+#endif
+
+/* the best cuts and delta signs (k: bit 1 = first half -delta, bit 0 = second half -delta) of a block of 16
+ * from the per-half prefix sums px, pw [2][17 used, padded to 24] (ggml's double loop: per cut pair,
+ * k = 0 .. 3, with ggml's collapsed sums: per half, sumqx = T v2 - S_i1 - S_i2) */
+static void search_m(float px[2][24], float pw[2][24], int simd, best_t *r) {
+    enum { N = 16 };
+    const float cst[4] = {XP[0] * XP[0] - XP[1] * XP[1], XP[1] * XP[1] - XP[2] * XP[2],
+                          XM[0] * XM[0] - XM[1] * XM[1], XM[1] * XM[1] - XM[2] * XM[2]};
+    r->best = -FLT_MAX; r->found = 0;
+#ifdef QC_X86
+    if (simd) { search_m_avx2(px, pw, cst, r); return; }
+#else
+    (void)simd;
+#endif
     for (int i1 = 0; i1 <= N; i1++)
         for (int i2 = i1; i2 <= N; i2++) {
-            float qxp[2], qxm[2], q2p[2], q2m[2], qx[4], q2[4];
+            float qxp[2], qxm[2], q2p[2], q2m[2];
             for (int h = 0; h < 2; h++) {
                 const float s = px[h][i1] + px[h][i2];
-                qxp[h] = txs[h] * p2 - s;
-                qxm[h] = txs[h] * m2 - s;
-                q2p[h] = tws[h] * p2 * p2 + pw[h][i1] * cp1 + pw[h][i2] * cp2;
-                q2m[h] = tws[h] * m2 * m2 + pw[h][i1] * cm1 + pw[h][i2] * cm2;
+                qxp[h] = px[h][N] * XP[2] - s;
+                qxm[h] = px[h][N] * XM[2] - s;
+                q2p[h] = pw[h][N] * XP[2] * XP[2] + pw[h][i1] * cst[0] + pw[h][i2] * cst[1];
+                q2m[h] = pw[h][N] * XM[2] * XM[2] + pw[h][i1] * cst[2] + pw[h][i2] * cst[3];
             }
-            qx[0] = qxp[0] + qxp[1]; qx[1] = qxp[0] + qxm[1]; qx[2] = qxm[0] + qxp[1]; qx[3] = qxm[0] + qxm[1];
-            q2[0] = q2p[0] + q2p[1]; q2[1] = q2p[0] + q2m[1]; q2[2] = q2m[0] + q2p[1]; q2[3] = q2m[0] + q2m[1];
-            for (int k = 0; k < 4; k++)
-                if (q2[k] > 0 && qx[k] * qx[k] > best * q2[k]) {
-                    *scale = qx[k] / q2[k]; best = *scale * qx[k];
-                    *b1 = i1; *b2 = i2; *bk = k; found = 1;
-                }
+            consider(r, qxp[0] + qxp[1], q2p[0] + q2p[1], i1, i2, 0);
+            consider(r, qxp[0] + qxm[1], q2p[0] + q2m[1], i1, i2, 1);
+            consider(r, qxm[0] + qxp[1], q2m[0] + q2p[1], i1, i2, 2);
+            consider(r, qxm[0] + qxm[1], q2m[0] + q2m[1], i1, i2, 3);
         }
-    return found;
 }
 
 /* delta levels of half k of a block with sign choice `shift` (search_m's k) */
@@ -330,7 +339,7 @@ static inline const float *half_levels(int shift, int k) { return (k ? shift % 2
 static void superblock_m(const iq1_ctx *c, const float *xbl, const float *qw, uint8_t *y) {
     enum { B = 16, NB = QC_QK_K / B };
     static const uint8_t masks[4] = {0x00, 0x80, 0x08, 0x88};
-    float scales[NB], weight[QC_QK_K], px[2][B + 1], pw[2][B + 1];
+    float scales[NB], weight[QC_QK_K], px[2][B + 8], pw[2][B + 8];  /* padded for search_m_avx2 */
     int8_t L[B], shifts[NB];
     int order[B], index[QC_QK_K / 8];
     memset(y, 0, QC_IQ1_M_BYTES);
@@ -347,37 +356,21 @@ static void superblock_m(const iq1_ctx *c, const float *xbl, const float *qw, ui
         for (int i = 1; i < B; i++) max = fmax_ggml(max, fabsf(xb[i]));
         if (max < 1e-7f) continue;  /* ggml's GROUP_MAX_EPS_IQ1_M */
         sort_index(xb, B, order);
-        px[0][0] = px[1][0] = pw[0][0] = pw[1][0] = 0;
+        memset(px, 0, sizeof px); memset(pw, 0, sizeof pw);
         for (int j = 0; j < B; j++) {
             const int i = order[j], h = i < B / 2 ? 0 : 1;
             px[h][j + 1] = px[h][j] + wb[i] * xb[i]; px[1 - h][j + 1] = px[1 - h][j];
             pw[h][j + 1] = pw[h][j] + wb[i]; pw[1 - h][j + 1] = pw[1 - h][j];
         }
-        int b1 = 0, b2 = 0, k4 = 0;
-        float scale = 0;
-        if (!search_m(px, pw, &b1, &b2, &k4, &scale)) continue;
-        for (int j = 0; j < B; j++) L[order[j]] = (int8_t)(j < b1 ? 0 : j < b2 ? 1 : 2);
-        if (scale < 0) {
-            for (int j = 0; j < B; j++) L[j] = (int8_t)(2 - L[j]);
-            scale = -scale; k4 = 3 - k4;
-        }
-        int off = 0;
+        best_t r;
+        search_m(px, pw, c->simd, &r);
+        if (!r.found) continue;
+        int flip;
+        const float scale0 = cut_levels(&r, order, B, L, &flip);
+        const int k4 = flip ? 3 - r.k : r.k;
         int *idx = index + 2 * ib;
-        for (int k = 0; k < 2; k++)
-            idx[k] = group_index(c, L + 8 * k, xb + 8 * k, wb + 8 * k, scale, half_levels(k4, k), &off);
-        if (off) {
-            float sumqx = 0, sumq2 = 0;
-            for (int k = 0; k < 2; k++) {
-                const float *xx = half_levels(k4, k);
-                const uint8_t *g = c->t->pos + 8 * idx[k];
-                for (int j = 0; j < 8; j++) {
-                    const float w = wb[8 * k + j], q = xx[(g[j] - 1) / 2];
-                    sumqx += w * q * xb[8 * k + j];
-                    sumq2 += w * q * q;
-                }
-            }
-            if (sumqx > 0 && sumq2 > 0) scale = sumqx / sumq2;
-        }
+        const float *xx[2] = {half_levels(k4, 0), half_levels(k4, 1)};
+        const float scale = fit_groups(c, L, 2, xx, xb, wb, scale0, idx);
         qs[2 * ib] = (uint8_t)(idx[0] & 255);
         qs[2 * ib + 1] = (uint8_t)(idx[1] & 255);
         qh[ib] = (uint8_t)((idx[0] >> 8) | ((idx[1] >> 8) << 4));
@@ -405,22 +398,29 @@ static void superblock_m(const iq1_ctx *c, const float *xbl, const float *qw, ui
     }
     if (sumq2 > 0) d = sumqx / sumq2;
     const uint16_t h = f2h(d * 1.1125f);  /* ggml's fudge factor */
-    s4[0] |= (uint16_t)((h & 0x000f) << 12);
-    s4[1] |= (uint16_t)((h & 0x00f0) << 8);
-    s4[2] |= (uint16_t)((h & 0x0f00) << 4);
-    s4[3] |= (uint16_t)(h & 0xf000);
+    for (int i = 0; i < 4; i++) s4[i] |= (uint16_t)(((h >> 4 * i) & 0xf) << 12);  /* the scale's nibbles on top */
     memcpy(sc, s4, sizeof s4);
 }
 
-int qc_quant_iq1_m(const float *x, uint8_t *out, int64_t rows, int64_t cols, const float *imatrix) {
-    const qc_iq_table *t = qc_iq_table_get(QC_IQ1_M);
-    if (!t || !t->map || cols % QC_QK_K) return -1;
+/* ---- entries ---- */
+
+typedef void (*superblock_fn)(const iq1_ctx *c, const float *xbl, const float *qw, uint8_t *y);
+static int quant_rows(int type, superblock_fn f, int64_t bytes, const float *x, uint8_t *out, int64_t rows,
+                      int64_t cols, const float *imatrix) {
+    const qc_iq_table *t = qc_iq_table_get(type);
+    if (!t || !t->map || t->size != 2048 || cols % QC_QK_K) return -1;
     const int64_t nb = cols / QC_QK_K;
     iq1_ctx c;
     ctx_init(&c, t);
     for (int64_t r = 0; r < rows; r++)
         for (int64_t b = 0; b < nb; b++)
-            superblock_m(&c, x + r * cols + QC_QK_K * b, imatrix ? imatrix + QC_QK_K * b : NULL,
-                         out + (r * nb + b) * QC_IQ1_M_BYTES);
+            f(&c, x + r * cols + QC_QK_K * b, imatrix ? imatrix + QC_QK_K * b : NULL, out + (r * nb + b) * bytes);
     return 0;
+}
+
+int qc_quant_iq1_s(const float *x, uint8_t *out, int64_t rows, int64_t cols, const float *imatrix) {
+    return imatrix ? quant_rows(QC_IQ1_S, superblock_s, QC_IQ1_S_BYTES, x, out, rows, cols, imatrix) : -1;
+}
+int qc_quant_iq1_m(const float *x, uint8_t *out, int64_t rows, int64_t cols, const float *imatrix) {
+    return quant_rows(QC_IQ1_M, superblock_m, QC_IQ1_M_BYTES, x, out, rows, cols, imatrix);
 }
