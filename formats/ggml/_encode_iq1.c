@@ -23,32 +23,36 @@
 
 #define DELTA 0.125f  /* ggml-common.h's IQ1S_DELTA and IQ1M_DELTA */
 static const float XP[3] = {-1 + DELTA, DELTA, 1 + DELTA}, XM[3] = {-1 - DELTA, -DELTA, 1 - DELTA};
+/* ggml's IQ1_M coefficients xp0^2 - xp1^2, xp1^2 - xp2^2, xm0^2 - xm1^2, xm1^2 - xm2^2 (exact in float) */
+static const float CST[4] = {(-1 + DELTA) * (-1 + DELTA) - DELTA * DELTA, DELTA * DELTA - (1 + DELTA) * (1 + DELTA),
+                             (-1 - DELTA) * (-1 - DELTA) - DELTA * DELTA, DELTA * DELTA - (1 - DELTA) * (1 - DELTA)};
 
 static inline float fmax_ggml(float a, float b) { return a > b ? a : b; }
+
+/* The cut search's best candidate so far (consider() below is ggml's test and update) */
+typedef struct { float best, scale; int b1, b2, k, found; } best_t;
 
 typedef struct {
     const qc_iq_table *t;
     int32_t key[2048];  /* grid point -> its 8 level indices (0, 1, 2), 2 bits each */
-    int simd;           /* the AVX2 paths: the same float operations, 8 candidates at a time */
+    /* the searches, plain or AVX2 (the same float operations, 8 candidates at a time) */
+    void (*dist)(const int32_t *key, const uint16_t *nb, int n, float e[8][4], float *d2);
+    void (*search_s)(const float *sx, const float *sw, best_t *r);
+    void (*search_m)(float px[2][24], float pw[2][24], best_t *r);
 } iq1_ctx;
 
-static void ctx_init(iq1_ctx *c, const qc_iq_table *t) {
-    c->t = t;
-    memset(c->key, 0, sizeof c->key);
-    for (int j = 0; j < 8 * t->size; j++) c->key[j / 8] |= ((t->pos[j] - 1) / 2) << 2 * (j % 8);
-    c->simd = 0;
-#ifdef QC_X86
-    c->simd = has_f16c();
-#endif
-}
-
-/* order[] = 0 .. n-1 sorted by x ascending, equal values in index order */
-static void sort_index(const float *x, int n, int *order) {
+/* 0 when ggml skips the block (max |x| below eps, its GROUP_MAX_EPS_IQ1_*), else 1 with order[] = 0 .. n-1
+ * sorted by x ascending, equal values in index order */
+static int sorted_block(const float *x, int n, float eps, int *order) {
+    float max = fabsf(x[0]);
+    for (int i = 1; i < n; i++) max = fmax_ggml(max, fabsf(x[i]));
+    if (max < eps) return 0;
     for (int j = 0; j < n; j++) {
         int k = j;
         while (k > 0 && x[order[k - 1]] > x[j]) { order[k] = order[k - 1]; k--; }
         order[k] = j;
     }
+    return 1;
 }
 
 /* d2[j] = sum_i e[i][level i of grid point nb[j]], summed in i order */
@@ -93,18 +97,11 @@ static int best_neighbour(const iq1_ctx *c, const uint16_t *nb, const float *x, 
         }
     const int n = nb[0];
     int found = nb[1];
-#ifdef QC_X86
-    if (c->simd) distances_avx2(c->key, nb + 1, n, e, d2);
-    else
-#endif
-    distances(c->key, nb + 1, n, e, d2);
+    c->dist(c->key, nb + 1, n, e, d2);
     for (int j = 0; j < n; j++)
         if (d2[j] < best) { best = d2[j]; found = nb[1 + j]; }
     return found;
 }
-
-/* The cut search's best candidate so far; consider() is ggml's test and update, in ggml's operations. */
-typedef struct { float best, scale; int b1, b2, k, found; } best_t;
 
 /* Levels L (0, 1, 2) of a block from its best cuts (the sorted order's first b1 values -1, up to b2 0, the
  * rest 1), negated when the scale is negative (*flip set); returns |scale| */
@@ -163,7 +160,6 @@ __attribute__((target("avx2"))) static inline void scan8(const __m256 *qx, const
     const __m256 zero = _mm256_setzero_ps();
     __m256 xx[4], pos[4];
     float v[8][8];
-    int stored = 0;
     for (int k = 0; k < nc; k++) { xx[k] = MUL(qx[k], qx[k]); pos[k] = _mm256_cmp_ps(q2[k], zero, _CMP_GT_OQ); }
     for (;;) {
         const __m256 B = SET1(r->best);
@@ -171,8 +167,7 @@ __attribute__((target("avx2"))) static inline void scan8(const __m256 *qx, const
         for (int k = 0; k < nc; k++) any = _mm256_or_ps(any, _mm256_and_ps(pos[k], _mm256_cmp_ps(xx[k], MUL(B, q2[k]), _CMP_GT_OQ)));
         int pass = _mm256_movemask_ps(any);
         if (!(pass &= live)) return;
-        for (int k = 0; !stored && k < nc; k++) { _mm256_storeu_ps(v[2 * k], qx[k]); _mm256_storeu_ps(v[2 * k + 1], q2[k]); }
-        stored = 1;
+        for (int k = 0; k < nc; k++) { _mm256_storeu_ps(v[2 * k], qx[k]); _mm256_storeu_ps(v[2 * k + 1], q2[k]); }
         const int l = __builtin_ctz((unsigned)pass);
         for (int k = 0; k < nc; k++) consider(r, v[2 * k][l], v[2 * k + 1][l], i1, i2 + l, k);
         live &= ~((2 << l) - 1);
@@ -205,14 +200,8 @@ __attribute__((target("avx2"))) static void search_s_avx2(const float *sx, const
 
 /* the best cuts and delta sign (k = 1: -delta) of a block of 32 from prefix sums sx, sw [33 used, padded to
  * 40] (ggml's double loop: per cut pair, +delta then -delta); r->found = 0 when no candidate has sumq2 > 0 */
-static void search_s(const float *sx, const float *sw, int simd, best_t *r) {
+static void search_s(const float *sx, const float *sw, best_t *r) {
     enum { N = 32 };
-    r->best = -FLT_MAX; r->found = 0;
-#ifdef QC_X86
-    if (simd) { search_s_avx2(sx, sw, r); return; }
-#else
-    (void)simd;
-#endif
     for (int i1 = 0; i1 <= N; i1++)
         for (int i2 = i1; i2 <= N; i2++) {
             const float a = sx[i1], b = sx[i2] - sx[i1], c = sx[N] - sx[i2];
@@ -232,7 +221,7 @@ static void superblock_s(const iq1_ctx *c, const float *xbl, const float *qw, ui
     int order[B];
     memset(y, 0, QC_IQ1_S_BYTES);
     uint8_t *qs = y + 2;
-    uint16_t qh[NB] = {0, 0, 0, 0, 0, 0, 0, 0};
+    uint16_t qh[NB] = {0};
     float sumx2 = 0, max_scale = 0;
     for (int i = 0; i < QC_QK_K; i++) sumx2 += xbl[i] * xbl[i];
     const float sigma2 = 2 * sumx2 / QC_QK_K;
@@ -240,18 +229,15 @@ static void superblock_s(const iq1_ctx *c, const float *xbl, const float *qw, ui
         const float *xb = xbl + B * ib, *w8 = qw + B * ib;
         scales[ib] = 0; shifts[ib] = 1;
         for (int i = 0; i < B; i++) weight[i] = w8[i] * sqrtf(sigma2 + xb[i] * xb[i]);
-        float max = fabsf(xb[0]);
-        for (int i = 1; i < B; i++) max = fmax_ggml(max, fabsf(xb[i]));
-        if (max < 1e-12f) continue;  /* ggml's GROUP_MAX_EPS_IQ1_S */
-        sort_index(xb, B, order);
+        if (!sorted_block(xb, B, 1e-12f, order)) continue;
         memset(sx, 0, sizeof sx); memset(sw, 0, sizeof sw);
         for (int j = 0; j < B; j++) {
             const int i = order[j];
             sx[j + 1] = sx[j] + weight[i] * xb[i];
             sw[j + 1] = sw[j] + weight[i];
         }
-        best_t r;
-        search_s(sx, sw, c->simd, &r);
+        best_t r = {-FLT_MAX, 0, 0, 0, 0, 0};
+        c->search_s(sx, sw, &r);
         if (!r.found) continue;
         int flip, index[B / 8];
         const float scale0 = cut_levels(&r, order, B, L, &flip);
@@ -278,15 +264,15 @@ static void superblock_s(const iq1_ctx *c, const float *xbl, const float *qw, ui
 
 #ifdef QC_X86
 /* search_m, 8 values of i2 at a time (the same operations per candidate) */
-__attribute__((target("avx2"))) static void search_m_avx2(float px[2][24], float pw[2][24], const float *cst, best_t *r) {
+__attribute__((target("avx2"))) static void search_m_avx2(float px[2][24], float pw[2][24], best_t *r) {
     enum { N = 16 };
-    const __m256 C2p = SET1(cst[1]), C2m = SET1(cst[3]);
+    const __m256 C2p = SET1(CST[1]), C2m = SET1(CST[3]);
     for (int i1 = 0; i1 <= N; i1++) {
         __m256 P1[2], Q1p[2], Q1m[2];
         for (int h = 0; h < 2; h++) {
             P1[h] = SET1(px[h][i1]);
-            Q1p[h] = SET1(pw[h][N] * XP[2] * XP[2] + pw[h][i1] * cst[0]);
-            Q1m[h] = SET1(pw[h][N] * XM[2] * XM[2] + pw[h][i1] * cst[2]);
+            Q1p[h] = SET1(pw[h][N] * XP[2] * XP[2] + pw[h][i1] * CST[0]);
+            Q1m[h] = SET1(pw[h][N] * XM[2] * XM[2] + pw[h][i1] * CST[2]);
         }
         for (int i2 = i1; i2 <= N; i2 += 8) {
             __m256 qxp[2], qxm[2], q2p[2], q2m[2];
@@ -306,16 +292,8 @@ __attribute__((target("avx2"))) static void search_m_avx2(float px[2][24], float
 /* the best cuts and delta signs (k: bit 1 = first half -delta, bit 0 = second half -delta) of a block of 16
  * from the per-half prefix sums px, pw [2][17 used, padded to 24] (ggml's double loop: per cut pair,
  * k = 0 .. 3, with ggml's collapsed sums: per half, sumqx = T v2 - S_i1 - S_i2) */
-static void search_m(float px[2][24], float pw[2][24], int simd, best_t *r) {
+static void search_m(float px[2][24], float pw[2][24], best_t *r) {
     enum { N = 16 };
-    const float cst[4] = {XP[0] * XP[0] - XP[1] * XP[1], XP[1] * XP[1] - XP[2] * XP[2],
-                          XM[0] * XM[0] - XM[1] * XM[1], XM[1] * XM[1] - XM[2] * XM[2]};
-    r->best = -FLT_MAX; r->found = 0;
-#ifdef QC_X86
-    if (simd) { search_m_avx2(px, pw, cst, r); return; }
-#else
-    (void)simd;
-#endif
     for (int i1 = 0; i1 <= N; i1++)
         for (int i2 = i1; i2 <= N; i2++) {
             float qxp[2], qxm[2], q2p[2], q2m[2];
@@ -323,8 +301,8 @@ static void search_m(float px[2][24], float pw[2][24], int simd, best_t *r) {
                 const float s = px[h][i1] + px[h][i2];
                 qxp[h] = px[h][N] * XP[2] - s;
                 qxm[h] = px[h][N] * XM[2] - s;
-                q2p[h] = pw[h][N] * XP[2] * XP[2] + pw[h][i1] * cst[0] + pw[h][i2] * cst[1];
-                q2m[h] = pw[h][N] * XM[2] * XM[2] + pw[h][i1] * cst[2] + pw[h][i2] * cst[3];
+                q2p[h] = pw[h][N] * XP[2] * XP[2] + pw[h][i1] * CST[0] + pw[h][i2] * CST[1];
+                q2m[h] = pw[h][N] * XM[2] * XM[2] + pw[h][i1] * CST[2] + pw[h][i2] * CST[3];
             }
             consider(r, qxp[0] + qxp[1], q2p[0] + q2p[1], i1, i2, 0);
             consider(r, qxp[0] + qxm[1], q2p[0] + q2m[1], i1, i2, 1);
@@ -341,29 +319,25 @@ static void superblock_m(const iq1_ctx *c, const float *xbl, const float *qw, ui
     static const uint8_t masks[4] = {0x00, 0x80, 0x08, 0x88};
     float scales[NB], weight[QC_QK_K], px[2][B + 8], pw[2][B + 8];  /* padded for search_m_avx2 */
     int8_t L[B], shifts[NB];
-    int order[B], index[QC_QK_K / 8];
+    int order[B], index[QC_QK_K / 8] = {0};
     memset(y, 0, QC_IQ1_M_BYTES);
     uint8_t *qs = y, *qh = y + QC_QK_K / 8, *sc = y + QC_QK_K / 8 + QC_QK_K / 16;
     float sumx2 = 0, max_scale = 0;
     for (int i = 0; i < QC_QK_K; i++) sumx2 += xbl[i] * xbl[i];
     const float sigma2 = 2 * sumx2 / QC_QK_K;
     for (int i = 0; i < QC_QK_K; i++) weight[i] = qw ? qw[i] * sqrtf(sigma2 + xbl[i] * xbl[i]) : xbl[i] * xbl[i];
-    memset(index, 0, sizeof index);
     for (int ib = 0; ib < NB; ib++) {
         const float *xb = xbl + B * ib, *wb = weight + B * ib;
         scales[ib] = 0; shifts[ib] = 0;
-        float max = fabsf(xb[0]);
-        for (int i = 1; i < B; i++) max = fmax_ggml(max, fabsf(xb[i]));
-        if (max < 1e-7f) continue;  /* ggml's GROUP_MAX_EPS_IQ1_M */
-        sort_index(xb, B, order);
+        if (!sorted_block(xb, B, 1e-7f, order)) continue;
         memset(px, 0, sizeof px); memset(pw, 0, sizeof pw);
         for (int j = 0; j < B; j++) {
             const int i = order[j], h = i < B / 2 ? 0 : 1;
             px[h][j + 1] = px[h][j] + wb[i] * xb[i]; px[1 - h][j + 1] = px[1 - h][j];
             pw[h][j + 1] = pw[h][j] + wb[i]; pw[1 - h][j + 1] = pw[1 - h][j];
         }
-        best_t r;
-        search_m(px, pw, c->simd, &r);
+        best_t r = {-FLT_MAX, 0, 0, 0, 0, 0};
+        c->search_m(px, pw, &r);
         if (!r.found) continue;
         int flip;
         const float scale0 = cut_levels(&r, order, B, L, &flip);
@@ -371,8 +345,7 @@ static void superblock_m(const iq1_ctx *c, const float *xbl, const float *qw, ui
         int *idx = index + 2 * ib;
         const float *xx[2] = {half_levels(k4, 0), half_levels(k4, 1)};
         const float scale = fit_groups(c, L, 2, xx, xb, wb, scale0, idx);
-        qs[2 * ib] = (uint8_t)(idx[0] & 255);
-        qs[2 * ib + 1] = (uint8_t)(idx[1] & 255);
+        for (int k = 0; k < 2; k++) qs[2 * ib + k] = (uint8_t)(idx[k] & 255);
         qh[ib] = (uint8_t)((idx[0] >> 8) | ((idx[1] >> 8) << 4));
         scales[ib] = scale; shifts[ib] = (int8_t)k4;
         max_scale = fmax_ggml(max_scale, scale);
@@ -402,16 +375,17 @@ static void superblock_m(const iq1_ctx *c, const float *xbl, const float *qw, ui
     memcpy(sc, s4, sizeof s4);
 }
 
-/* ---- entries ---- */
-
-typedef void (*superblock_fn)(const iq1_ctx *c, const float *xbl, const float *qw, uint8_t *y);
-static int quant_rows(int type, superblock_fn f, int64_t bytes, const float *x, uint8_t *out, int64_t rows,
-                      int64_t cols, const float *imatrix) {
+/* rows of whole super-blocks, each by f; the imatrix (NULL: none) applies to every row alike */
+static int quant_rows(int type, void (*f)(const iq1_ctx *, const float *, const float *, uint8_t *), int64_t bytes,
+                      const float *x, uint8_t *out, int64_t rows, int64_t cols, const float *imatrix) {
     const qc_iq_table *t = qc_iq_table_get(type);
     if (!t || !t->map || t->size != 2048 || cols % QC_QK_K) return -1;
     const int64_t nb = cols / QC_QK_K;
-    iq1_ctx c;
-    ctx_init(&c, t);
+    iq1_ctx c = {t, {0}, distances, search_s, search_m};
+    for (int j = 0; j < 8 * t->size; j++) c.key[j / 8] |= ((t->pos[j] - 1) / 2) << 2 * (j % 8);
+#ifdef QC_X86
+    if (has_f16c()) { c.dist = distances_avx2; c.search_s = search_s_avx2; c.search_m = search_m_avx2; }
+#endif
     for (int64_t r = 0; r < rows; r++)
         for (int64_t b = 0; b < nb; b++)
             f(&c, x + r * cols + QC_QK_K * b, imatrix ? imatrix + QC_QK_K * b : NULL, out + (r * nb + b) * bytes);
