@@ -14,7 +14,7 @@ imatrix comes from llama-imatrix (qconvert.testing.peers.llama_tool builds it) o
 with ``--imatrix``; the output says which.
 
     python scripts/bench_iquants.py --types iq2_xxs iq3_s
-    python scripts/bench_iquants.py --model 1.5b --gguf /path/to/qwen2.5-1.5b.gguf
+    python scripts/bench_iquants.py --model 1.5b
 """
 from __future__ import annotations
 
@@ -64,9 +64,7 @@ def make_f16(args: argparse.Namespace, w: Path) -> Path:
     if f16.exists():
         return f16
     if args.gguf is None:
-        if args.model != "0.5b":
-            sys.exit("--model 1.5b: give the model's GGUF with --gguf (or its F16 GGUF with --f16)")
-        args.gguf = fetch_real_model()
+        args.gguf = fetch_real_model(model=args.model)
     hf = w / "hf-bf16"
     if not (hf / "config.json").is_file():
         need([QC, "gguf-to-hf", str(args.gguf), str(hf), "--force", "--quiet"], w / "gguf-to-hf.log")
@@ -121,8 +119,8 @@ def compare(ours: Path, theirs: Path) -> tuple[dict[str, list[int]], bool, list[
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=["0.5b", "1.5b"], default="0.5b", help="which real model (1.5b: --gguf)")
-    ap.add_argument("--gguf", type=Path, help="source GGUF of the model (default for 0.5b: the fetched Q4_K_M)")
+    ap.add_argument("--model", choices=["0.5b", "1.5b"], default="0.5b", help="which real model (qconvert.testing.fetch.MODELS)")
+    ap.add_argument("--gguf", type=Path, help="source GGUF of the model (default: the fetched Q4_K_M of --model)")
     ap.add_argument("--f16", type=Path, help="an F16 GGUF made by llama.cpp's converter (skips the conversion)")
     ap.add_argument("--imatrix", type=Path, help="an imatrix file to use (skips computing one)")
     ap.add_argument("--imatrix-tool", choices=["auto", "llama", "qconvert"], default="auto")
