@@ -52,3 +52,10 @@ def test_lattice_encoders_bit_identical_to_ggml(qtype):
 def test_types_that_need_an_imatrix_refuse_without_one(qtype):
     with pytest.raises(ValueError, match="qconvert imatrix"):
         codec.from_f32(np.ones(256, np.float32), qtype)
+
+
+def test_values_no_grid_point_fits_are_refused_in_one_line():
+    """Where ggml aborts the process (IQ2_XXS on huge values), we raise one clear error instead."""
+    x = np.full((1, 256), 1e30, np.float32)
+    with pytest.raises(ValueError, match="out of the encoder's range"):
+        codec.from_f32(x, "IQ2_XXS", imatrix=np.ones(256, np.float32))

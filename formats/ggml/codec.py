@@ -173,6 +173,9 @@ def _from_f32_weighted(x: np.ndarray, t: str, imatrix: np.ndarray | None) -> np.
     qw = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
     out = np.empty(x.size // block * size, np.uint8)
     rc = _LIB.qc_quant_w(int(GQ[t]), _ptr(x), _ptr(out), x.size // cols, cols, None if qw is None else _ptr(qw))
+    if rc != 0 and t in IQ_LATTICE:
+        raise ValueError(f"{t}: values out of the encoder's range (non-finite, or so large that no grid point "
+                         "fits; llama.cpp aborts on them): check the source tensor")
     if rc != 0:
         raise ValueError(f"no importance-weighted encoder for {t}")
     return out
