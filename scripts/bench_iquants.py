@@ -3,7 +3,7 @@
 hf-to-gguf F16 --outtype TYPE --imatrix IM``) and llama-quantize's (``llama_model_quantize`` of the llama.cpp
 that llama-cpp-python loads, given the same imatrix), made from the same F16 GGUF on the same threads.
 
-Per type it prints how many quantised tensors are byte-identical (of N), whether every tensor's type is equal,
+Per type it prints how many tensors are byte-identical (of all N, F32 ones included), whether every tensor's type is equal,
 and the wall time of each (ours / theirs; both run as a fresh process). A Q2_K tensor without an imatrix entry
 (the token embedding of iq1_s .. iq2_xs) gets our own unweighted Q2_K search and is expected to differ.
 
@@ -98,7 +98,7 @@ def make_imatrix(args: argparse.Namespace, w: Path, f16: Path) -> tuple[Path, st
 
 
 def compare(ours: Path, theirs: Path) -> tuple[dict[str, list[int]], bool, list[str]]:
-    """({type: [identical, count]} over the quantised tensors, every type equal, names that differ)."""
+    """({type: [identical, count]} over every tensor, every type equal, names that differ)."""
     a, b = read_header(ours)[1], {t.name: t for t in read_header(theirs)[1]}
     types_equal = {t.name: t.type for t in a} == {n: t.type for n, t in b.items()}
     ra, rb = ours.read_bytes(), theirs.read_bytes()
@@ -106,7 +106,8 @@ def compare(ours: Path, theirs: Path) -> tuple[dict[str, list[int]], bool, list[
     differ = []
     for t in a:
         u = b.get(t.name)
-        if u is None or u.type == "F32":
+        if u is None:
+            differ.append(f"{t.name} (not in llama-quantize's file)")
             continue
         row = by_type.setdefault(u.type, [0, 0])
         row[1] += 1
@@ -148,8 +149,7 @@ def main() -> None:
             last = (w / f"{t}-ours.log").read_text(errors="replace").strip().splitlines()[-1:]
             by_type, types_equal = {}, None
             for u in read_header(theirs)[1]:
-                if u.type != "F32":
-                    by_type.setdefault(u.type, [0, 0])[1] += 1
+                by_type.setdefault(u.type, [0, 0])[1] += 1
             differ = [f"ours failed: {last[0] if last else '?'}"]
         same, total = sum(v[0] for v in by_type.values()), sum(v[1] for v in by_type.values())
         kinds = ", ".join(f"{k} {v[0]}/{v[1]}" for k, v in sorted(by_type.items(), key=lambda kv: -kv[1][1]))
@@ -157,7 +157,7 @@ def main() -> None:
         rows.append((t, same, total, verdict, dt_o, dt_t, kinds, differ))
         print(f"{t:<8} identical {same}/{total} ({kinds})  types {verdict}  ours {dt_o:.1f}s  "
               f"llama-quantize {dt_t:.1f}s", flush=True)
-    print(f"\n{f16.name} ({args.model}); imatrix: {im_line}; {args.threads} threads each; identical: quantised "
+    print(f"\n{f16.name} ({args.model}); imatrix: {im_line}; {args.threads} threads each; identical: "
           "tensors byte-identical to llama-quantize's (by llama-quantize's type); types: every tensor's type equal")
     print(f"{'type':<8} {'identical':>10} {'types':>6} {'ours s':>7} {'llama s':>8} {'ours/llama':>10}  by type; differ")
     for t, same, total, verdict, dt_o, dt_t, kinds, differ in rows:
