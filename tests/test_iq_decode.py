@@ -57,3 +57,64 @@ def test_to_f32_hostile_scales_match(t):
     with np.errstate(all="ignore"):  # inf * 0 in gguf-py
         ref = quants.dequantize(raw, GQ[t]).reshape(-1)
     assert np.array_equal(ours, ref, equal_nan=True)
+
+
+# ---- the decoder's products over the packed bytes (qconvert/decoder: _dot.c, _dot_iq_simd.h) ----
+from formats.model.stored import KERNEL_TYPES, PackedMatrix  # noqa: E402
+from formats.model.tensor import LazyTensor  # noqa: E402
+from qconvert.decoder import native, products  # noqa: E402
+
+needs_decoder = pytest.mark.skipif(not native.available(), reason="needs the decoder's compiled kernels")
+
+
+def _isa_levels() -> list[int]:
+    levels = [0]
+    for level in (1, 2):
+        if native.set_isa(level) == native.ISA_NAMES[level]:
+            levels.append(level)
+    native.set_isa(-1)
+    return levels
+
+
+def _matrix(t: str, rows: int, cols: int, seed: int = 1) -> tuple[PackedMatrix, np.ndarray]:
+    block, size = GGML_QUANT_SIZES[GQ[t]]
+    raw = random_blocks(t, rows * cols // block, seed).reshape(rows, cols // block * size)
+    return PackedMatrix.ggml(t, raw, cols), raw
+
+
+@needs_decoder
+@pytest.mark.parametrize("t", TYPES)
+def test_products_run_natively_and_match_dequantise_then_multiply(t):
+    assert t in KERNEL_TYPES
+    cols = 768 if GGML_QUANT_SIZES[GQ[t]][0] == 256 else 96 * 3  # 288: 9 blocks, MXFP4 rows of odd bytes
+    m, raw = _matrix(t, 37, cols)
+    assert m.stype == t and np.shares_memory(m.data, raw)  # the stored bytes themselves, not a copy
+    w = codec.to_f32(raw, t).reshape(37, cols)
+    rng = np.random.default_rng(7)
+    try:
+        for level in _isa_levels():
+            native.set_isa(level)
+            assert np.array_equal(products.dequant(m).view(np.uint32), w.view(np.uint32)), level
+            assert np.array_equal(products.dequant(m, 5, 19), w[5:19]), level
+            for T in (1, 3, 8, 20):
+                x = rng.standard_normal((T, cols)).astype(np.float32)
+                ref = x.astype(np.float64) @ w.T.astype(np.float64)
+                y = products.matmul(m, x[0] if T == 1 else x)
+                err = np.linalg.norm(y.reshape(T, -1) - ref) / np.linalg.norm(ref)
+                assert err < 2e-6, (level, T, err)
+    finally:
+        native.set_isa(-1)
+
+
+@needs_decoder
+@pytest.mark.parametrize("t", ["IQ2_XXS", "IQ4_XS", "MXFP4", "TQ1_0"])
+def test_lazy_tensor_packs_in_its_stored_type(t):
+    """LazyTensor.packed hands the decoder the stored blocks (no float32 copy of the matrix)."""
+    block, size = GGML_QUANT_SIZES[GQ[t]]
+    raw = random_blocks(t, 16 * 512 // block).reshape(16, -1)
+    lt = LazyTensor("w", (16, 512), t, lambda a, b: raw[a:b].reshape(-1), mapper=lambda: raw)
+    m = lt.packed()
+    assert m.stype == t and m.nbytes == raw.nbytes and np.shares_memory(m.data, raw)
+    x = np.random.default_rng(3).standard_normal(512).astype(np.float32)
+    ref = lt.numpy().astype(np.float64) @ x
+    assert np.linalg.norm(products.matmul(m, x) - ref) / np.linalg.norm(ref) < 2e-6

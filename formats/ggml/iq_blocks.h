@@ -87,7 +87,8 @@ static inline void iqb_iq1_s(const uint8_t *b, float *y, const int8_t *grid) {
     for (int ib = 0; ib < 8; ib++) {
         const uint16_t h = rd16(b + 34 + 2 * ib);
         const float dl = d * (float)(2 * ((h >> 12) & 7) + 1), delta = h & 0x8000 ? -QC_IQ1_DELTA : QC_IQ1_DELTA;
-        for (int l = 0; l < 4; l++, y += 8) iqb_shift8(y, dl, grid + 8 * (qs[4 * ib + l] | (((h >> (3 * l)) & 7) << 8)), delta);
+        for (int l = 0; l < 4; l++, y += 8)
+            iqb_shift8(y, dl, grid + 8 * (qs[4 * ib + l] | (((h >> (3 * l)) & 7) << 8)), delta);
     }
 }
 static inline float iqb_iq1_m_d(const uint8_t *b) {  /* the f16 scale, spread over the top nibbles of scales */
@@ -118,7 +119,8 @@ static inline void iqb_iq4_xs(const uint8_t *b, float *y) {
         for (int j = 0; j < 16; j++) { y[j] = dl * QC_KV_IQ4[q[j] & 0xF]; y[j + 16] = dl * QC_KV_IQ4[q[j] >> 4]; }
     }
 }
-/* a base-3 digit: byte q holds digits scaled to 0..255 (q = ceil(v * 256 / 243)); digit n is ((q * 3^n mod 256) * 3) >> 8 */
+/* base-3 digit n of byte q (the digits' value v scaled to q = ceil(v * 256 / 243)), minus 1:
+ * ((q * 3^n mod 256) * 3) >> 8 - 1 */
 static inline float iqb_trit(uint8_t q, uint8_t pow3) { return (float)(((((uint8_t)(q * pow3)) * 3) >> 8) - 1); }
 static inline void iqb_tq1_0(const uint8_t *b, float *y) {
     static const uint8_t P3[5] = {1, 3, 9, 27, 81};

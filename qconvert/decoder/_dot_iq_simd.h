@@ -1,0 +1,175 @@
+/* The i-quant, ternary and MXFP4 kernels of _dot.c for one vector width: included by _dot_simd.h once per width
+ * (no include guard), after its QC_BLOCK_ROWS. A block is decoded whole into the row kernel's L1 buffer with
+ * 8-lane AVX2 operations (both widths' targets have AVX2), then multiplied at the pass's width.
+ *
+ * Each decoder gives exactly the values of formats/ggml/iq_blocks.h (the same float operations in the same order;
+ * a sign is applied as a flip of the sign bit, as -v is), so qc_dequant_ggml equals formats.ggml.codec.to_f32
+ * bit for bit (tests/test_iq_decode.py). The grids are _dot.c's registered copies (iq_grids, iq_ksigns). */
+
+/* sign bit set in lane j where bit j of s is set */
+QC_TGT static QC_INL __m256 QC_F(sgn8)(unsigned s) {
+    const __m256i bit = _mm256_set_epi32(128, 64, 32, 16, 8, 4, 2, 1);
+    const __m256i on = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)s), bit), bit);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(on, 31));
+}
+/* 8 signed bytes (low half of x) as floats */
+QC_TGT static QC_INL __m256 QC_F(i8f)(__m128i x) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(x)); }
+QC_TGT static QC_INL void QC_F(sg8)(float *y, float db, __m128i g, unsigned s) {
+    _mm256_storeu_ps(y, _mm256_xor_ps(_mm256_mul_ps(_mm256_set1_ps(db), QC_F(i8f)(g)), QC_F(sgn8)(s)));
+}
+QC_TGT static QC_INL __m128i QC_F(pt8)(const int8_t *g) { return _mm_loadl_epi64((const __m128i *)g); }
+QC_TGT static QC_INL __m128i QC_F(pt44)(const int8_t *grid, int a, int c) {  /* two width-4 points */
+    return _mm_unpacklo_epi32(_mm_cvtsi32_si128((int)rd32((const uint8_t *)grid + 4 * a)),
+                              _mm_cvtsi32_si128((int)rd32((const uint8_t *)grid + 4 * c)));
+}
+QC_TGT static QC_INL void QC_F(sh8)(float *y, float dl, __m128i g, float delta) {
+    _mm256_storeu_ps(y, _mm256_mul_ps(_mm256_set1_ps(dl), _mm256_add_ps(QC_F(i8f)(g), _mm256_set1_ps(delta))));
+}
+
+QC_TGT static QC_INL void QC_F(bi2xxs)(const uint8_t *b, int j, float *y, const int ex) {
+    (void)j; (void)ex;
+    const float d = h2f(rd16(b));
+    const int8_t *grid = iq_grids[0];
+    for (int ib = 0; ib < 8; ib++, y += 32) {
+        const uint8_t *q = b + 2 + 8 * ib;
+        const uint32_t aux = rd32(q + 4);
+        const float db = iqb_half_scale(d, aux >> 28, 0.25f);
+        for (int l = 0; l < 4; l++)
+            QC_F(sg8)(y + 8 * l, db, QC_F(pt8)(grid + 8 * q[l]), iq_ksigns[(aux >> (7 * l)) & 127]);
+    }
+}
+QC_TGT static QC_INL void QC_F(bi2xs)(const uint8_t *b, int j, float *y, const int ex) {
+    (void)j; (void)ex;
+    const float d = h2f(rd16(b));
+    const int8_t *grid = iq_grids[1];
+    for (int i = 0; i < 32; i += 2, y += 16) {
+        const float db = iqb_half_scale(d, (b[66 + i / 4] >> (4 * ((i / 2) & 1))) & 0xF, 0.25f);
+        const uint16_t q0 = rd16(b + 2 + 2 * i), q1 = rd16(b + 4 + 2 * i);
+        QC_F(sg8)(y, db, QC_F(pt8)(grid + 8 * (q0 & 511)), iq_ksigns[q0 >> 9]);
+        QC_F(sg8)(y + 8, db, QC_F(pt8)(grid + 8 * (q1 & 511)), iq_ksigns[q1 >> 9]);
+    }
+}
+QC_TGT static QC_INL void QC_F(bi2s)(const uint8_t *b, int j, float *y, const int ex) {
+    (void)j; (void)ex;
+    const float d = h2f(rd16(b));
+    const int8_t *grid = iq_grids[2];
+    const uint8_t *qs = b + 2, *signs = b + 34, *qh = b + 66, *sc = b + 74;
+    for (int i = 0; i < 32; i++, y += 8) {
+        const int idx = qs[i] | (((qh[i / 4] >> (2 * (i & 3))) & 3) << 8);
+        const float db = iqb_half_scale(d, (sc[i / 4] >> (4 * ((i / 2) & 1))) & 0xF, 0.25f);
+        QC_F(sg8)(y, db, QC_F(pt8)(grid + 8 * idx), signs[i]);
+    }
+}
+QC_TGT static QC_INL void QC_F(bi3xxs)(const uint8_t *b, int j, float *y, const int ex) {
+    (void)j; (void)ex;
+    const float d = h2f(rd16(b));
+    const int8_t *grid = iq_grids[3];
+    const uint8_t *qs = b + 2;
+    for (int ib = 0; ib < 8; ib++, y += 32) {
+        const uint32_t aux = rd32(b + 66 + 4 * ib);
+        const float db = iqb_half_scale(d, aux >> 28, 0.5f);
+        for (int l = 0; l < 4; l++)
+            QC_F(sg8)(y + 8 * l, db, QC_F(pt44)(grid, qs[8 * ib + 2 * l], qs[8 * ib + 2 * l + 1]),
+                      iq_ksigns[(aux >> (7 * l)) & 127]);
+    }
+}
+QC_TGT static QC_INL void QC_F(bi3s)(const uint8_t *b, int j, float *y, const int ex) {
+    (void)j; (void)ex;
+    const float d = h2f(rd16(b));
+    const int8_t *grid = iq_grids[4];
+    const uint8_t *qs = b + 2, *qh = b + 66, *signs = b + 74, *sc = b + 106;
+    for (int i = 0; i < 32; i++, y += 8) {
+        const float db = d * (float)(1 + 2 * ((sc[i / 8] >> (4 * ((i / 4) & 1))) & 0xF));
+        const int a = qs[2 * i] | (((qh[i / 4] >> (2 * (i & 3))) & 1) << 8);
+        const int c = qs[2 * i + 1] | (((qh[i / 4] >> (2 * (i & 3) + 1)) & 1) << 8);
+        QC_F(sg8)(y, db, QC_F(pt44)(grid, a, c), signs[i]);
+    }
+}
+QC_TGT static QC_INL void QC_F(bi1s)(const uint8_t *b, int j, float *y, const int ex) {
+    (void)j; (void)ex;
+    const float d = h2f(rd16(b));
+    const int8_t *grid = iq_grids[5];
+    for (int ib = 0; ib < 8; ib++) {
+        const uint16_t h = rd16(b + 34 + 2 * ib);
+        const float dl = d * (float)(2 * ((h >> 12) & 7) + 1), delta = h & 0x8000 ? -QC_IQ1_DELTA : QC_IQ1_DELTA;
+        for (int l = 0; l < 4; l++, y += 8)
+            QC_F(sh8)(y, dl, QC_F(pt8)(grid + 8 * (b[2 + 4 * ib + l] | (((h >> (3 * l)) & 7) << 8))), delta);
+    }
+}
+QC_TGT static QC_INL void QC_F(bi1m)(const uint8_t *b, int j, float *y, const int ex) {
+    (void)j; (void)ex;
+    const float d = iqb_iq1_m_d(b);
+    const int8_t *grid = iq_grids[5];
+    for (int i = 0; i < 32; i++, y += 8) {
+        const int s = i / 2;
+        const float dl = d * (float)(2 * ((rd16(b + 48 + 2 * (s / 4)) >> (3 * (s & 3))) & 7) + 1);
+        const unsigned h = (b[32 + i / 2] >> (4 * (i & 1))) & 0xF;
+        QC_F(sh8)(y, dl, QC_F(pt8)(grid + 8 * (b[i] | ((h & 7) << 8))), h & 8 ? -QC_IQ1_DELTA : QC_IQ1_DELTA);
+    }
+}
+/* 32 values from 16 bytes of nibbles through a 16-entry table: y[k] = d * T[lo nibble k], y[16 + k] = d * T[hi] */
+QC_TGT static QC_INL void QC_F(nib_lut)(float *y, const uint8_t *q, float d, __m128i table) {
+    const __m128i v = _mm_loadu_si128((const __m128i *)q), m = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_shuffle_epi8(table, _mm_and_si128(v, m));
+    const __m128i hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(v, 4), m));
+    const __m256 dv = _mm256_set1_ps(d);
+    _mm256_storeu_ps(y, _mm256_mul_ps(dv, QC_F(i8f)(lo)));
+    _mm256_storeu_ps(y + 8, _mm256_mul_ps(dv, QC_F(i8f)(_mm_srli_si128(lo, 8))));
+    _mm256_storeu_ps(y + 16, _mm256_mul_ps(dv, QC_F(i8f)(hi)));
+    _mm256_storeu_ps(y + 24, _mm256_mul_ps(dv, QC_F(i8f)(_mm_srli_si128(hi, 8))));
+}
+QC_TGT static QC_INL void QC_F(bi4nl)(const uint8_t *b, int j, float *y, const int ex) {
+    (void)j; (void)ex;
+    QC_F(nib_lut)(y, b + 2, h2f(rd16(b)), _mm_loadu_si128((const __m128i *)QC_KV_IQ4));
+}
+QC_TGT static QC_INL void QC_F(bi4xs)(const uint8_t *b, int j, float *y, const int ex) {
+    (void)j; (void)ex;
+    const float d = h2f(rd16(b));
+    const uint16_t sh = rd16(b + 2);
+    const __m128i table = _mm_loadu_si128((const __m128i *)QC_KV_IQ4);
+    for (int ib = 0; ib < 8; ib++, y += 32) {
+        const int ls = ((b[4 + ib / 2] >> (4 * (ib & 1))) & 0xF) | (((sh >> (2 * ib)) & 3) << 4);
+        QC_F(nib_lut)(y, b + 8 + 16 * ib, d * (float)(ls - 32), table);
+    }
+}
+QC_TGT static QC_INL void QC_F(bmxfp4)(const uint8_t *b, int j, float *y, const int ex) {
+    (void)j; (void)ex;
+    QC_F(nib_lut)(y, b + 1, iqb_e8m0_half(b[0]), _mm_loadu_si128((const __m128i *)QC_KV_MXFP4));
+}
+QC_TGT static QC_INL void QC_F(btq2)(const uint8_t *b, int j, float *y, const int ex) {
+    (void)j; (void)ex;
+    const __m256 d = _mm256_set1_ps(h2f(rd16(b + 64)));
+    for (int h = 0; h < 2; h++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(b + 32 * h));
+        for (int l = 0; l < 4; l++, y += 32) {
+            const __m256i q = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(v, 2 * l), _mm256_set1_epi8(3)),
+                                              _mm256_set1_epi8(1));
+            const __m128i a = _mm256_castsi256_si128(q), c = _mm256_extracti128_si256(q, 1);
+            _mm256_storeu_ps(y, _mm256_mul_ps(d, QC_F(i8f)(a)));
+            _mm256_storeu_ps(y + 8, _mm256_mul_ps(d, QC_F(i8f)(_mm_srli_si128(a, 8))));
+            _mm256_storeu_ps(y + 16, _mm256_mul_ps(d, QC_F(i8f)(c)));
+            _mm256_storeu_ps(y + 24, _mm256_mul_ps(d, QC_F(i8f)(_mm_srli_si128(c, 8))));
+        }
+    }
+}
+QC_TGT static QC_INL void QC_F(btq1)(const uint8_t *b, int j, float *y, const int ex) {  /* base-3 digits: scalar */
+    (void)j; (void)ex;
+    iqb_tq1_0(b, y);
+}
+
+#define QC_DOT_IQ_TYPES(X) X(IQ2_XXS, bi2xxs) X(IQ2_XS, bi2xs) X(IQ2_S, bi2s) X(IQ3_XXS, bi3xxs) X(IQ3_S, bi3s) \
+    X(IQ1_S, bi1s) X(IQ1_M, bi1m) X(IQ4_NL, bi4nl) X(IQ4_XS, bi4xs) X(MXFP4, bmxfp4) X(TQ2_0, btq2) X(TQ1_0, btq1)
+#define QC_IQ_ROWS(T, dec) QC_BLOCK_ROWS(rows_##dec, QC_##T##_BLOCK, QC_##T##_BYTES, 1, dec)
+QC_DOT_IQ_TYPES(QC_IQ_ROWS)
+#undef QC_IQ_ROWS
+
+/* this width's product kernel and row dequantiser of a type here; NULL for other types */
+static dot_fn QC_F(pick_iq)(int type, deq_fn *deq) {
+    switch (type) {
+#define QC_PICK_IQ(T, dec) case QC_##T: *deq = QC_F(rows_##dec##_deq); return QC_F(rows_##dec);
+        QC_DOT_IQ_TYPES(QC_PICK_IQ)
+#undef QC_PICK_IQ
+        default: *deq = NULL; return NULL;
+    }
+}
+#undef QC_DOT_IQ_TYPES
