@@ -17,9 +17,10 @@ static const int8_t QC_KV_IQ4[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1
 static const int8_t QC_KV_MXFP4[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
 #define QC_IQ1_DELTA 0.125f
 
-/* 8 values: db * grid point g, negated where bit j of `signs` is set */
+/* 8 values: db * grid point g, negated (the sign bit flipped, as -v does) where bit j of `signs` is set; no
+ * branch on signs the data sets at random */
 static inline void iqb_signed8(float *y, float db, const int8_t *g, unsigned signs) {
-    for (int j = 0; j < 8; j++) { const float v = db * g[j]; y[j] = (signs >> j) & 1 ? -v : v; }
+    for (int j = 0; j < 8; j++) y[j] = bits_f32(f32_bits(db * g[j]) ^ (((signs >> j) & 1u) << 31));
 }
 /* the f16 scale of the i-quant "0.5 + s" sub-block rule: d * (0.5 + s) * k */
 static inline float iqb_half_scale(float d, unsigned s, float k) { return d * (0.5f + (float)s) * k; }
