@@ -14,6 +14,8 @@
 
 #include "half.h"
 #include "blocks.h"
+#include "iq_blocks.h"
+#include "iq.h"
 #include "types.h"
 
 #ifdef QC_X86
@@ -62,8 +64,15 @@ int qc_type_size(int type, int64_t *block, int64_t *bytes) {
     }
 }
 
-/* type ids are GGMLQuantizationType values; returns 0 on success, -1 for an unhandled type */
-int qc_dequant(int type, const uint8_t *src, float *dst, int64_t n_blocks) { return ggml_dequant(type, src, dst, n_blocks); }
+/* type ids are GGMLQuantizationType values; returns 0 on success, -1 for an unhandled type (or an i-quant whose
+ * grid formats/ggml/codec.py has not registered). blocks.h decodes the affine and K types, iq_blocks.h the rest
+ * with the grids of iq.h. */
+int qc_dequant(int type, const uint8_t *src, float *dst, int64_t n_blocks) {
+    if (ggml_dequant(type, src, dst, n_blocks) == 0) return 0;
+    const qc_iq_table *t = qc_iq_table_get(type);
+    const uint8_t *signs = qc_iq_ksigns[127] ? qc_iq_ksigns : NULL;  /* entry 127 is 0xFF once registered */
+    return iq_dequant(type, src, dst, n_blocks, t ? (const int8_t *)t->values : NULL, signs);
+}
 
 static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_kernels",
     "C kernels for qconvert, called through ctypes (see formats/ggml/codec.py).", -1, NULL};

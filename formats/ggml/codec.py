@@ -73,7 +73,9 @@ def _keep_chunk_buffers() -> None:
 
 
 _keep_chunk_buffers()
-C_DEQUANT = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
+C_DEQUANT = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ1_S", "IQ1_M",
+             "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0", "MXFP4"}
+"""Block types qc_dequant decodes (blocks.h; the i-quants, ternary and MXFP4 types in iq_blocks.h)."""
 C_QUANT = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
 IQ4 = {"IQ4_NL", "IQ4_XS"}  # formats/ggml/_encode_w.c: encoders and decoders
 IQ_LATTICE = {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S"}
@@ -116,11 +118,8 @@ def to_f32(raw: np.ndarray, t: str, use_c: bool = True) -> np.ndarray:
             _LIB.qc_bf16_to_f32(_ptr(raw), _ptr(out), n)
         else:
             nb = raw.nbytes // GGML_QUANT_SIZES[GQ[t]][1]
-            _LIB.qc_dequant(int(GQ[t]), _ptr(raw), _ptr(out), nb)
-        return out
-    if use_c and t in IQ4 and _LIB is not None:
-        out = np.empty(n, np.float32)
-        _LIB.qc_dequant_iq4(int(GQ[t]), _ptr(raw), _ptr(out), raw.nbytes // GGML_QUANT_SIZES[GQ[t]][1])
+            if _LIB.qc_dequant(int(GQ[t]), _ptr(raw), _ptr(out), nb) != 0:
+                raise RuntimeError(f"{t}: the C decoder has no grid for this type (formats/ggml/iq.h)")
         return out
     block, size = GGML_QUANT_SIZES[GQ[t]]
     if t in ("F16", "BF16"):

@@ -1,10 +1,10 @@
 """Stored matrices as the readers hand them out: descriptions of bytes, no maths.
 
 ``PackedMatrix`` is one weight matrix W [rows, cols] in the bytes it is stored in (numpy arrays that may be
-read-only views of a memory-mapped file; never copied): F32, F16, BF16, the GGML block types Q4_0 .. Q6_K
-(``KERNEL_TYPES``) or integer codes of 2-8 bits in groups (formats/int4/layout.py: f16 scales or 8-bit scale
-codes on per-row steps, symmetric or not, float offsets or integer zeros). Products and dequantisation over it
-are the decoder's (qconvert/decoder/products.py).
+read-only views of a memory-mapped file; never copied): F32, F16, BF16, the GGML block types of ``KERNEL_TYPES``
+(Q4_0 .. Q6_K, the i-quants, TQ1_0 / TQ2_0, MXFP4) or integer codes of 2-8 bits in groups (formats/int4/layout.py:
+f16 scales or 8-bit scale codes on per-row steps, symmetric or not, float offsets or integer zeros). Products and
+dequantisation over it are the decoder's (qconvert/decoder/products.py).
 
 ``CodeMatrix`` is a quantised matrix whose integer codes can be read a row range at a time (an int4 folder's,
 a GPTQ / AWQ / compressed-tensors checkpoint's), so writers can repack them into GGML blocks or export them
@@ -16,8 +16,13 @@ import numpy as np
 
 from formats.ggml.dtypes import row_nbytes
 
-KERNEL_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
-"""The GGML storage types a ``PackedMatrix`` describes (the decoder's C kernels run each of them)."""
+KERNEL_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+                "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_NL", "IQ4_XS", "TQ1_0",
+                "TQ2_0", "MXFP4")
+"""The GGML storage types a ``PackedMatrix`` describes (the decoder's C kernels run each of them: the i-quants,
+ternary and MXFP4 types through formats/ggml/iq_blocks.h)."""
+UNALIGNED_TYPES = ("MXFP4",)
+"""Block types without an f16 field to align (17-byte blocks: a row may sit at an odd address)."""
 
 
 class CodeMatrix:
@@ -87,7 +92,7 @@ class PackedMatrix:
                 raise ValueError(f"{d.size} bytes are not whole rows of {cols} {stype} values ({rb} bytes)")
             d = d.reshape(-1, rb)
         d = _rows_view(d)
-        item = {"F32": 4, "F16": 2, "BF16": 2}.get(stype, 2)  # block types start with an f16 scale
+        item = 1 if stype in UNALIGNED_TYPES else {"F32": 4, "F16": 2, "BF16": 2}.get(stype, 2)  # f16 scales
         if d.ctypes.data % item or d.strides[0] % item:  # e.g. F16 after an odd-sized U8 tensor in safetensors
             d = d.copy()
         return cls(d.shape[0], cols, stype, stype, data=d)

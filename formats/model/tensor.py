@@ -14,7 +14,7 @@ import numpy as np
 
 from formats.ggml import codec
 from formats.ggml.dtypes import row_nbytes
-from formats.model.stored import KERNEL_TYPES, PackedMatrix
+from formats.model.stored import PackedMatrix
 
 CHUNK_VALUES = 1 << 20  # values per conversion chunk
 
@@ -70,9 +70,6 @@ class LazyTensor:
 
         if self.packer is not None:
             return self.packer()
-        if self.stype not in KERNEL_TYPES:  # a type the kernels don't run (IQ*, TQ*, MXFP4): float32 once
-            rows = self.rows(0, self.n_rows)
-            return PackedMatrix.ggml("F32", rows.view(np.uint8).reshape(self.n_rows, -1), self.row_len)
         return PackedMatrix.ggml(self.stype, self.packed_view(), self.row_len)
 
     def numpy(self) -> np.ndarray:

@@ -238,6 +238,7 @@ QC_BLOCK_ROWS(rows_q3_k, QC_Q3_K_BLOCK, QC_Q3_K_BYTES, 4, bq3_k)
 QC_BLOCK_ROWS(rows_q4_k, QC_Q4_K_BLOCK, QC_Q4_K_BYTES, 4, bq4_k)
 QC_BLOCK_ROWS(rows_q5_k, QC_Q5_K_BLOCK, QC_Q5_K_BYTES, 4, bq5_k)
 QC_BLOCK_ROWS(rows_q6_k, QC_Q6_K_BLOCK, QC_Q6_K_BYTES, 4, bq6_k)
+#include "_dot_iq_simd.h"
 
 /* ---- float rows: converted in registers, no buffer ---- */
 QC_TGT static QC_INL VF QC_F(ldv)(int type, const uint8_t *p) {
@@ -289,7 +290,7 @@ static dot_fn QC_F(pick)(int type, deq_fn *deq) {
 #define QC_PICK(T, t) case QC_##T: *deq = QC_F(rows_##t##_deq); return QC_F(rows_##t);
         QC_DOT_BLOCK_TYPES(QC_PICK)
 #undef QC_PICK
-        default: *deq = NULL; return NULL;
+        default: return QC_F(pick_iq)(type, deq);
     }
 }
 #undef QC_BLOCK_ROWS

@@ -15,11 +15,36 @@ SIGNATURES = {
     "qc_dequant_int": ([P, I64, P, P, P, INT, INT, INT, I64, I64, I64, P], INT),
     "qc_dot_set_isa": ([INT], INT),
     "qc_dot_isa": ([], INT),
+    "qc_dot_iq_register": ([INT, P, I64], INT),
+    "qc_dot_iq_register_signs": ([P], INT),
     "qc_softmax_causal": ([P, I64, I64, I64, I64, I64], None),
     "qc_silu_mul": ([P, I64, P, I64, I64, P, I64, I64], None),
 }
 LIB = load("qconvert.decoder._kernels", SIGNATURES)
 ISA_NAMES = ("portable C", "AVX2", "AVX-512")
+IQ_GRIDS = ("IQ1_S", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S")
+"""The i-quants whose grids the library holds (IQ1_M uses IQ1_S's); formats/ggml/iq_blocks.h decodes with them."""
+
+
+def _register_grids() -> None:
+    """Hands gguf-py's i-quant grids (each point's values as ggml stores them) and sign table to the library,
+    its own copy: formats/ggml/codec.py gives formats.ggml._kernels the same tables."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as GQ
+    from gguf import quants
+
+    for name in IQ_GRIDS:
+        cls = getattr(quants, name)
+        cls.init_grid()
+        values = np.ascontiguousarray(np.asarray(cls.grid, np.float32).reshape(-1).astype(np.int8))
+        if LIB.qc_dot_iq_register(int(GQ[name]), values.ctypes.data, values.size) != 0:
+            raise RuntimeError(f"gguf-py's {name} grid has an unexpected shape {cls.grid_shape}")
+    signs = np.frombuffer(quants.IQ2_XXS.ksigns, np.uint8).copy()
+    LIB.qc_dot_iq_register_signs(signs.ctypes.data)
+
+
+if LIB is not None:
+    _register_grids()
 
 
 def available() -> bool:
