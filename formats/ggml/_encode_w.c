@@ -309,26 +309,3 @@ int qc_quant_w(int type, const float *x, uint8_t *out, int64_t rows, int64_t col
     }
     return 0;
 }
-
-/* IQ4_NL / IQ4_XS blocks -> float32; returns 0, or -1 for another type */
-int qc_dequant_iq4(int type, const uint8_t *b, float *y, int64_t nb) {
-    if (type == QC_IQ4_NL) {
-        for (int64_t i = 0; i < nb; i++, b += QC_IQ4_NL_BYTES, y += QC_IQ4_NL_BLOCK) {
-            const float d = h2f(rd16(b));
-            for (int j = 0; j < 16; j++) { y[j] = d * IQ4_GRID[b[2 + j] & 0xF]; y[j + 16] = d * IQ4_GRID[b[2 + j] >> 4]; }
-        }
-        return 0;
-    }
-    if (type != QC_IQ4_XS) return -1;
-    for (int64_t i = 0; i < nb; i++, b += QC_IQ4_XS_BYTES) {
-        const float d = h2f(rd16(b));
-        const uint16_t sh = rd16(b + 2);
-        for (int ib = 0; ib < 8; ib++, y += 32) {
-            const int ls = ((b[4 + ib / 2] >> (4 * (ib % 2))) & 0xF) | (((sh >> (2 * ib)) & 3) << 4);
-            const float dl = d * (ls - 32);
-            const uint8_t *q = b + 8 + 16 * ib;
-            for (int j = 0; j < 16; j++) { y[j] = dl * IQ4_GRID[q[j] & 0xF]; y[j + 16] = dl * IQ4_GRID[q[j] >> 4]; }
-        }
-    }
-    return 0;
-}

@@ -24,7 +24,6 @@ SIGNATURES = {
     "qc_dequant": ([INT, P, P, I64], INT),
     "qc_quant": ([INT, P, P, I64], INT),
     "qc_quant_w": ([INT, P, P, I64, I64, P], INT),
-    "qc_dequant_iq4": ([INT, P, P, I64], INT),
     "qc_grid": ([INT, P, I64, P, P], INT),
     "qc_pack_codes": ([INT, P, I64, P], INT),
     "qc_pack_bits": ([P, I64, I64, INT, P], None),

@@ -2,9 +2,10 @@
 tokenizer cut from the real Qwen2 one, so one case converts in milliseconds; plus the real 0.5B GGUF's header
 (tensor data left as a file hole) when that file is cached.
 
-The GGUF seeds cover the C block decoders the GGUF reader runs: F16, Q8_0, Q4_1, and the non-linear IQ4_NL /
-IQ4_XS (formats/ggml/_encode_w.c: qc_dequant_iq4); the IQ4_XS seed comes from a 256-wide micro checkpoint, since
-IQ4_XS needs rows of whole 256-value blocks. ``GGUF_SEEDS`` lists the keys of the micro GGUF seeds."""
+The GGUF seeds cover the C block decoders the GGUF reader runs (formats/ggml/blocks.h, iq_blocks.h): F16, Q8_0,
+Q4_1, IQ4_NL, IQ4_XS (from a 256-wide micro checkpoint, since IQ4_XS needs rows of whole 256-value blocks) and,
+retyped from the IQ4_XS seed, every other block type of ``RETYPED``. ``GGUF_SEEDS`` lists the keys of the micro
+GGUF seeds."""
 from __future__ import annotations
 
 import gzip
