@@ -16,6 +16,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#define QC_GGML_ENCODERS  /* encode.h: this library's shared encoder functions */
 #include "encode.h"
 #include "types.h"
 #include "iq.h"
@@ -194,55 +195,6 @@ static inline void fit_sums(int n, const float *w, const float *x, const int8_t 
     *sqx = a; *sq2 = b;
 }
 
-/* make_qp_quants: x ~ scale * L, L in [0, nmax] (a negative rounding wraps in the uint8 L, as in ggml) */
-static float qp_scale(int n, int nmax, const float *x, uint8_t *L, const float *w) {
-    float max = 0;
-    for (int i = 0; i < n; i++) max = MAXF(max, x[i]);
-    if (max < 1e-15f) { memset(L, 0, n); return 0.0f; }
-    float iscale = nmax / max;
-    for (int i = 0; i < n; i++) L[i] = (uint8_t)rnd(iscale * x[i]);
-    const float scale = 1 / iscale;
-    float best = 0;
-    for (int i = 0; i < n; i++) { const float d = x[i] - scale * L[i]; best += w[i] * d * d; }
-    for (int k = -4; k <= 4; k++) {
-        if (!k) continue;
-        const float is = (0.1f * k + nmax) / max, sc = 1 / is;
-        float mse = 0;
-        for (int i = 0; i < n; i++) {
-            int l = rnd(is * x[i]);
-            l = l < nmax ? l : nmax;
-            const float d = x[i] - sc * l;
-            mse += w[i] * d * d;
-        }
-        if (mse < best) { best = mse; iscale = is; }
-    }
-    float slx = 0, sl2 = 0;
-    for (int i = 0; i < n; i++) {
-        int l = rnd(iscale * x[i]);
-        l = l < nmax ? l : nmax;
-        L[i] = (uint8_t)l;
-        slx += w[i] * x[i] * l;
-        sl2 += w[i] * l * l;
-    }
-    for (int it = 0; it < 5; it++) {  /* move single codes while that raises slx^2 / sl2 */
-        int changed = 0;
-        for (int i = 0; i < n; i++) {
-            float a = slx - w[i] * x[i] * L[i], c = sl2 - w[i] * L[i] * L[i];
-            if (a > 0 && c > 0) {
-                int l = rnd(x[i] * c / a);
-                l = l < nmax ? l : nmax;
-                if (l != L[i]) {
-                    a += w[i] * x[i] * l;
-                    c += w[i] * l * l;
-                    if (a * a * sl2 > slx * slx * c) { L[i] = (uint8_t)l; slx = a; sl2 = c; changed++; }
-                }
-            }
-        }
-        if (!changed) break;
-    }
-    return sl2 > 0.0f ? slx / sl2 : 0.0f;
-}
-
 /* sigma2 of a super-block's 256 values (both types) */
 static float block_sigma2(const float *x) {
     float s = 0;
@@ -266,7 +218,7 @@ static float xxs_sub(const lookup *lk, const float *xb, const float *qw, float s
     float max = xv[0];
     for (int i = 1; i < 32; i++) max = MAXF(max, xv[i]);
     if (max < 1e-15f) return 0;
-    float scale = qp_scale(32, 4, xv, (uint8_t *)L, w);
+    float scale = qc_fit_qp(32, 4, xv, (uint8_t *)L, w);
     const float eff_max = scale * 3;
     if (eff_max <= 0) return 0;
     float best = 0;

@@ -27,10 +27,11 @@ static void importance(const float *x, const float *qw, float sigma2, int n, flo
     for (int j = 0; j < n; j++) w[j] = qw[j] * sqrtf(sigma2 + x[j] * x[j]);
 }
 
-/* weighted fit of the scale of a sum of values, as ggml's make_qp_quants: x ~ scale * L, L in [0, nmax] */
-static float fit_qp(int n, int nmax, const float *x, uint8_t *L, const float *w) {
+/* weighted fit of the scale of non-negative values, as ggml's make_qp_quants: x ~ scale * L, L in [0, nmax]
+ * (a negative rounding wraps in the uint8 L, and the maximum is taken as ggml's MAX(max, x) is, NaN included) */
+float qc_fit_qp(int n, int nmax, const float *x, uint8_t *L, const float *w) {
     float max = 0;
-    for (int i = 0; i < n; i++) max = x[i] > max ? x[i] : max;
+    for (int i = 0; i < n; i++) max = max > x[i] ? max : x[i];
     if (max < 1e-15f) { memset(L, 0, n); return 0.0f; }
     float iscale = nmax / max;
     for (int i = 0; i < n; i++) L[i] = (uint8_t)rnd(iscale * x[i]);
@@ -108,8 +109,8 @@ static void q_q2_k_w(const float *x, uint8_t *b, int64_t nb, const float *qw) {
             for (int l = 0; l < 16; l++) sw[j] += w[l];
             scales[j] = qc_fit_scale_min(16, 3, x + 16 * j, w, L + 16 * j, &mins[j], -0.9f, 0.05f, 36);
         }
-        put16(b + 80, fit_qp(16, 15, scales, Ls, sw));
-        put16(b + 82, fit_qp(16, 15, mins, Lm, sw));
+        put16(b + 80, qc_fit_qp(16, 15, scales, Ls, sw));
+        put16(b + 82, qc_fit_qp(16, 15, mins, Lm, sw));
         const float dm = h2f(rd16(b + 80)), mm = h2f(rd16(b + 82));
         for (int j = 0; j < 16; j++) {
             b[j] = (uint8_t)(Ls[j] | (Lm[j] << 4));
@@ -171,8 +172,8 @@ static void q_k45_w(int five, const float *x, uint8_t *b, int64_t nb, const floa
             scales[j] = qc_fit_scale_min(32, nmax, x + 32 * j, w, L + 32 * j, &mins[j], -0.9f, 0.05f, 36);
         }
         memset(b, 0, size);
-        put16(b, fit_qp(8, 63, scales, Ls, sw));
-        put16(b + 2, fit_qp(8, 63, mins, Lm, sw));
+        put16(b, qc_fit_qp(8, 63, scales, Ls, sw));
+        put16(b + 2, qc_fit_qp(8, 63, mins, Lm, sw));
         uint8_t *sc = b + 4;
         for (int j = 0; j < 8; j++) qc_pack_scale_min_k4(sc, j, Ls[j] < 63 ? Ls[j] : 63, Lm[j] < 63 ? Lm[j] : 63);
         const float d0 = h2f(rd16(b)), m0 = h2f(rd16(b + 2));

@@ -18,7 +18,7 @@ static inline int rnd(float v) {
 static inline int clampi(int v, int lo, int hi) { return v < lo ? lo : v > hi ? hi : v; }
 
 #ifdef QC_GGML_ENCODERS
-/* Defined in _encode.c, for the files of formats.ggml._kernels only (they #define QC_GGML_ENCODERS): another
+/* Defined in _encode.c / _encode_w.c, for the files of formats.ggml._kernels only (they #define QC_GGML_ENCODERS): another
  * library that includes this header gets the static inline helpers alone, so it cannot call into this one. */
 float qc_fit_scale_min(int n, int nmax, const float *x, const float *w, uint8_t *L, float *m_out,
                        float rmin, float rdelta, int nstep);
@@ -27,6 +27,7 @@ void qc_pack_2bit(const uint8_t *L, uint8_t *qs);
 void qc_pack_k45(int five, const uint8_t *L, uint8_t *b);
 void qc_pack_q6k(const uint8_t *L, uint8_t *b);
 void qc_q6k(const float *x, uint8_t *b, int64_t nb, const float *qw);
+float qc_fit_qp(int n, int nmax, const float *x, uint8_t *L, const float *w);  /* _encode_w.c */
 #endif
 /* symmetric: x ~ scale * (L - nmax), L in [0, 2 nmax - 1], weights w (NULL: x^2): the scale from the value
  * of largest magnitude, then 18 nearby grids, each with its weighted least-squares scale; the grid with the
