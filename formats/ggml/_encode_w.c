@@ -27,50 +27,6 @@ static void importance(const float *x, const float *qw, float sigma2, int n, flo
     for (int j = 0; j < n; j++) w[j] = qw[j] * sqrtf(sigma2 + x[j] * x[j]);
 }
 
-/* weighted fit of the scale of non-negative values, as ggml's make_qp_quants: x ~ scale * L, L in [0, nmax]
- * (a negative rounding wraps in the uint8 L, and the maximum is taken as ggml's MAX(max, x) is, NaN included) */
-float qc_fit_qp(int n, int nmax, const float *x, uint8_t *L, const float *w) {
-    float max = 0;
-    for (int i = 0; i < n; i++) max = max > x[i] ? max : x[i];
-    if (max < 1e-15f) { memset(L, 0, n); return 0.0f; }
-    float iscale = nmax / max;
-    for (int i = 0; i < n; i++) L[i] = (uint8_t)rnd(iscale * x[i]);
-    float scale = 1 / iscale, best = 0;
-    for (int i = 0; i < n; i++) { const float d = x[i] - scale * L[i]; best += w[i] * d * d; }
-    for (int k = -4; k <= 4; k++) {
-        if (!k) continue;
-        const float is = (0.1f * k + nmax) / max, sc = 1 / is;
-        float mse = 0;
-        for (int i = 0; i < n; i++) {
-            int l = rnd(is * x[i]); l = l < nmax ? l : nmax;
-            const float d = x[i] - sc * l;
-            mse += w[i] * d * d;
-        }
-        if (mse < best) { best = mse; iscale = is; }
-    }
-    float slx = 0, sl2 = 0;
-    for (int i = 0; i < n; i++) {
-        int l = rnd(iscale * x[i]); l = l < nmax ? l : nmax;
-        L[i] = (uint8_t)l;
-        slx += w[i] * x[i] * l; sl2 += w[i] * l * l;
-    }
-    for (int it = 0; it < 5; it++) {  /* move single codes while that raises slx^2 / sl2 */
-        int changed = 0;
-        for (int i = 0; i < n; i++) {
-            float a = slx - w[i] * x[i] * L[i], c = sl2 - w[i] * L[i] * L[i];
-            if (a > 0 && c > 0) {
-                int l = rnd(x[i] * c / a); l = l < nmax ? l : nmax;
-                if (l != L[i]) {
-                    a += w[i] * x[i] * l; c += w[i] * l * l;
-                    if (a * a * sl2 > slx * slx * c) { L[i] = (uint8_t)l; slx = a; sl2 = c; changed++; }
-                }
-            }
-        }
-        if (!changed) break;
-    }
-    return sl2 > 0.0f ? slx / sl2 : 0.0f;
-}
-
 /* 32-value types on one row (one block length, QC_Q4_0_BLOCK): Q4_0 / Q5_0 (symmetric, nmax 8 / 16), Q4_1 /
  * Q5_1 (scale and min) */
 static void q_legacy_w(int type, const float *x, uint8_t *b, int64_t cols, const float *qw) {

@@ -18,7 +18,7 @@ static inline int rnd(float v) {
 static inline int clampi(int v, int lo, int hi) { return v < lo ? lo : v > hi ? hi : v; }
 
 #ifdef QC_GGML_ENCODERS
-/* Defined in _encode.c / _encode_w.c, for the files of formats.ggml._kernels only (they #define QC_GGML_ENCODERS): another
+/* Defined in _encode.c, for the files of formats.ggml._kernels only (they #define QC_GGML_ENCODERS): another
  * library that includes this header gets the static inline helpers alone, so it cannot call into this one. */
 float qc_fit_scale_min(int n, int nmax, const float *x, const float *w, uint8_t *L, float *m_out,
                        float rmin, float rdelta, int nstep);
@@ -27,7 +27,6 @@ void qc_pack_2bit(const uint8_t *L, uint8_t *qs);
 void qc_pack_k45(int five, const uint8_t *L, uint8_t *b);
 void qc_pack_q6k(const uint8_t *L, uint8_t *b);
 void qc_q6k(const float *x, uint8_t *b, int64_t nb, const float *qw);
-float qc_fit_qp(int n, int nmax, const float *x, uint8_t *L, const float *w);  /* _encode_w.c */
 #endif
 /* symmetric: x ~ scale * (L - nmax), L in [0, 2 nmax - 1], weights w (NULL: x^2): the scale from the value
  * of largest magnitude, then 18 nearby grids, each with its weighted least-squares scale; the grid with the
@@ -59,5 +58,49 @@ static inline float qc_fit_sym(int n, int nmax, const float *x, const float *w, 
         }
     }
     return scale;
+}
+
+/* weighted fit of the scale of non-negative values, as ggml's make_qp_quants: x ~ scale * L, L in [0, nmax]
+ * (a negative rounding wraps in the uint8 L, and the maximum is taken as ggml's MAX(max, x) is, NaN included) */
+static inline float qc_fit_qp(int n, int nmax, const float *x, uint8_t *L, const float *w) {
+    float max = 0;
+    for (int i = 0; i < n; i++) max = max > x[i] ? max : x[i];
+    if (max < 1e-15f) { memset(L, 0, n); return 0.0f; }
+    float iscale = nmax / max;
+    for (int i = 0; i < n; i++) L[i] = (uint8_t)rnd(iscale * x[i]);
+    float scale = 1 / iscale, best = 0;
+    for (int i = 0; i < n; i++) { const float d = x[i] - scale * L[i]; best += w[i] * d * d; }
+    for (int k = -4; k <= 4; k++) {
+        if (!k) continue;
+        const float is = (0.1f * k + nmax) / max, sc = 1 / is;
+        float mse = 0;
+        for (int i = 0; i < n; i++) {
+            int l = rnd(is * x[i]); l = l < nmax ? l : nmax;
+            const float d = x[i] - sc * l;
+            mse += w[i] * d * d;
+        }
+        if (mse < best) { best = mse; iscale = is; }
+    }
+    float slx = 0, sl2 = 0;
+    for (int i = 0; i < n; i++) {
+        int l = rnd(iscale * x[i]); l = l < nmax ? l : nmax;
+        L[i] = (uint8_t)l;
+        slx += w[i] * x[i] * l; sl2 += w[i] * l * l;
+    }
+    for (int it = 0; it < 5; it++) {  /* move single codes while that raises slx^2 / sl2 */
+        int changed = 0;
+        for (int i = 0; i < n; i++) {
+            float a = slx - w[i] * x[i] * L[i], c = sl2 - w[i] * L[i] * L[i];
+            if (a > 0 && c > 0) {
+                int l = rnd(x[i] * c / a); l = l < nmax ? l : nmax;
+                if (l != L[i]) {
+                    a += w[i] * x[i] * l; c += w[i] * l * l;
+                    if (a * a * sl2 > slx * slx * c) { L[i] = (uint8_t)l; slx = a; sl2 = c; changed++; }
+                }
+            }
+        }
+        if (!changed) break;
+    }
+    return sl2 > 0.0f ? slx / sl2 : 0.0f;
 }
 #endif
