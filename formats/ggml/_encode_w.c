@@ -1,6 +1,6 @@
 /* GGML block encoders of formats.ggml._kernels (bound in formats/ggml/codec.py) with an importance matrix (per
  * input column: the mean squared activation over calibration text, formats/gguf/imatrix.py), and the
- * encoders and decoders of the non-linear 4-bit types IQ4_NL / IQ4_XS.
+ * encoders of the non-linear 4-bit types IQ4_NL / IQ4_XS.
  *
  * With an importance matrix every block's fit minimises sum_j w_j (x_j - q_j)^2 with, for column j,
  * w_j = imatrix_j * sqrt(sigma2 + x_j^2) (sigma2: the mean square of the row, or twice that of the
@@ -12,6 +12,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 #include "encode.h"
 #include "types.h"
 #include "iq.h"
@@ -156,13 +159,58 @@ static int nearest_iq4(float v) {
     return v - IQ4_GRID[hi - 1] < IQ4_GRID[hi] - v ? hi - 1 : hi;
 }
 
+#if defined(__x86_64__)
+static int has_avx2(void) {
+    static int v = -1;
+    if (v < 0) { __builtin_cpu_init(); v = __builtin_cpu_supports("avx2") ? 1 : 0; }
+    return v;
+}
+
+/* nearest_iq4(id * x[j]) for 32 values, 8 at a time: lo = how many of grid values 1..14 are <= v (the binary
+ * search's lower end), then the same float comparison of v - g[lo] with g[lo + 1] - v; NaN gives 15, as the
+ * binary search does */
+__attribute__((target("avx2"))) static void nearest_iq4_32_avx2(const float *x, float id, uint8_t *L) {
+    float g[16];
+    for (int k = 0; k < 16; k++) g[k] = IQ4_GRID[k];
+    const __m256 low = _mm256_loadu_ps(g), high = _mm256_loadu_ps(g + 8), s = _mm256_set1_ps(id);
+    const __m256i eight = _mm256_set1_epi32(8), one = _mm256_set1_epi32(1), fifteen = _mm256_set1_epi32(15);
+    for (int j = 0; j < 32; j += 8) {
+        const __m256 v = _mm256_mul_ps(s, _mm256_loadu_ps(x + j));
+        __m256i lo = _mm256_setzero_si256();
+        for (int k = 1; k < 15; k++)
+            lo = _mm256_sub_epi32(lo, _mm256_castps_si256(_mm256_cmp_ps(v, _mm256_set1_ps(g[k]), _CMP_GE_OQ)));
+        const __m256i hi = _mm256_add_epi32(lo, one);
+        const __m256 glo = _mm256_blendv_ps(_mm256_permutevar8x32_ps(low, lo), _mm256_permutevar8x32_ps(high, lo),
+                                            _mm256_castsi256_ps(_mm256_cmpgt_epi32(eight, lo) ^ _mm256_set1_epi32(-1)));
+        const __m256 ghi = _mm256_blendv_ps(_mm256_permutevar8x32_ps(low, hi), _mm256_permutevar8x32_ps(high, hi),
+                                            _mm256_castsi256_ps(_mm256_cmpgt_epi32(eight, hi) ^ _mm256_set1_epi32(-1)));
+        const __m256 pick_lo = _mm256_cmp_ps(_mm256_sub_ps(v, glo), _mm256_sub_ps(ghi, v), _CMP_LT_OQ);
+        __m256i idx = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(hi), _mm256_castsi256_ps(lo), pick_lo));
+        idx = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(idx), _mm256_castsi256_ps(fifteen),
+                                                   _mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+        int32_t out[8];
+        _mm256_storeu_si256((__m256i *)out, idx);
+        for (int i = 0; i < 8; i++) L[j + i] = (uint8_t)out[i];
+    }
+}
+#endif
+
+/* L[j] = nearest_iq4(id * x[j]) for one 32-value sub-block */
+static void nearest_iq4_32(const float *x, float id, uint8_t *L) {
+#if defined(__x86_64__)
+    if (has_avx2()) { nearest_iq4_32_avx2(x, id, L); return; }
+#endif
+    for (int j = 0; j < 32; j++) L[j] = (uint8_t)nearest_iq4(id * x[j]);
+}
+
 /* weighted sums of one candidate inverse scale: sum w q x and sum w q^2 over the nearest grid values */
 static void iq4_sums(const float *x, const float *w, float id, uint8_t *L, float *sqx, float *sq2) {
+    uint8_t own[32];
+    if (!L) L = own;
+    nearest_iq4_32(x, id, L);
     float a = 0, c = 0;
     for (int j = 0; j < 32; j++) {
-        const int l = nearest_iq4(id * x[j]);
-        const float q = IQ4_GRID[l];
-        if (L) L[j] = (uint8_t)l;
+        const float q = IQ4_GRID[L[j]];
         a += w[j] * q * x[j]; c += w[j] * q * q;
     }
     *sqx = a; *sq2 = c;
@@ -202,7 +250,7 @@ static void iq4_block(int n, const float *x, const float *qw, uint8_t *dh, uint8
         for (int ib = 0; ib < n / 32; ib++) {
             const int l = clampi(rnd(id * scales[ib]), -32, 31);
             const float dl = d * l, idl = dl ? 1 / dl : 0.f;
-            for (int j = 0; j < 32; j++) L[32 * ib + j] = (uint8_t)nearest_iq4(idl * x[32 * ib + j]);
+            nearest_iq4_32(x + 32 * ib, idl, L + 32 * ib);
             const int u = l + 32;
             if (ib % 2 == 0) sl[ib / 2] = (uint8_t)(u & 0xF);
             else sl[ib / 2] |= (uint8_t)((u & 0xF) << 4);
@@ -212,7 +260,7 @@ static void iq4_block(int n, const float *x, const float *qw, uint8_t *dh, uint8
     } else {
         put16(dh, scales[0]);
         const float id = scales[0] ? 1 / scales[0] : 0;
-        for (int j = 0; j < 32; j++) L[j] = (uint8_t)nearest_iq4(id * x[j]);
+        nearest_iq4_32(x, id, L);
     }
     for (int i = 0; i < n / 32; i++)
         for (int j = 0; j < 16; j++) qs[16 * i + j] = (uint8_t)(L[32 * i + j] | (L[32 * i + 16 + j] << 4));
