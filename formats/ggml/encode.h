@@ -30,30 +30,30 @@ void qc_q6k(const float *x, uint8_t *b, int64_t nb, const float *qw);
 #endif
 /* symmetric: x ~ scale * (L - nmax), L in [0, 2 nmax - 1], weights w (NULL: x^2): the scale from the value
  * of largest magnitude, then 18 nearby grids, each with its weighted least-squares scale; the grid with the
- * largest explained sum wins. Same operation order as ggml's make_qx_quants (bit-identical results). */
+ * largest explained sum wins. Same operation order as ggml's make_qx_quants (bit-identical results); each
+ * grid's codes are rounded in a loop of their own (which the compiler vectorises), then summed in index order.
+ * n <= 256. */
 static inline float qc_fit_sym(int n, int nmax, const float *x, const float *w, int8_t *L) {
-    float amax = 0, max = 0;
+    float amax = 0, max = 0, wx[256];
+    int l[256];
     for (int i = 0; i < n; i++) { const float a = fabsf(x[i]); if (a > amax) { amax = a; max = x[i]; } }
     if (amax < 1e-15f) { memset(L, 0, n); return 0.0f; }
+    for (int i = 0; i < n; i++) wx[i] = w ? w[i] : x[i] * x[i];
     float is = -nmax / max, sxl = 0, sl2 = 0;
+    for (int i = 0; i < n; i++) l[i] = clampi(rnd(is * x[i]), -nmax, nmax - 1);
     for (int i = 0; i < n; i++) {
-        const int l = clampi(rnd(is * x[i]), -nmax, nmax - 1);
-        const float wi = w ? w[i] : x[i] * x[i];
-        L[i] = (int8_t)(l + nmax);
-        sxl += wi * x[i] * l; sl2 += wi * l * l;
+        L[i] = (int8_t)(l[i] + nmax);
+        sxl += wx[i] * x[i] * l[i]; sl2 += wx[i] * l[i] * l[i];
     }
     float scale = sl2 ? sxl / sl2 : 0.0f, best = scale * sxl;
     for (int k = -9; k <= 9; k++) {
         if (!k) continue;
         is = -(nmax + 0.1f * k) / max;
         sxl = sl2 = 0;
-        for (int i = 0; i < n; i++) {
-            const int l = clampi(rnd(is * x[i]), -nmax, nmax - 1);
-            const float wi = w ? w[i] : x[i] * x[i];
-            sxl += wi * x[i] * l; sl2 += wi * l * l;
-        }
+        for (int i = 0; i < n; i++) l[i] = clampi(rnd(is * x[i]), -nmax, nmax - 1);
+        for (int i = 0; i < n; i++) { sxl += wx[i] * x[i] * l[i]; sl2 += wx[i] * l[i] * l[i]; }
         if (sl2 > 0 && sxl * sxl > best * sl2) {
-            for (int i = 0; i < n; i++) L[i] = (int8_t)(clampi(rnd(is * x[i]), -nmax, nmax - 1) + nmax);
+            for (int i = 0; i < n; i++) L[i] = (int8_t)(l[i] + nmax);
             scale = sxl / sl2; best = scale * sxl;
         }
     }
