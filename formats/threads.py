@@ -16,6 +16,7 @@ from typing import Callable
 
 _CGROUP = Path("/sys/fs/cgroup")
 _override: int | None = None
+_detected: int | None = None  # available(), read once: count() is asked for every product the decoder runs
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
 
@@ -47,11 +48,17 @@ def available(root: Path = _CGROUP) -> int:
 
 
 def count() -> int:
-    """Threads every kernel uses: ``set_count``'s value, else ``QCONVERT_THREADS``, else ``available()``."""
+    """Threads every kernel uses: ``set_count``'s value, else ``QCONVERT_THREADS``, else ``available()`` (as it
+    was at the first call)."""
+    global _detected
     if _override is not None:
         return _override
     env = os.environ.get("QCONVERT_THREADS", "")
-    return int(env) if env.isdigit() and int(env) > 0 else available()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    if _detected is None:
+        _detected = available()
+    return _detected
 
 
 def set_count(n: int | None) -> None:
@@ -69,6 +76,8 @@ def pool() -> ThreadPoolExecutor | None:
     if n < 1:
         return None
     if _pool is None or _pool_size != n:
+        if _pool is not None:
+            _pool.shutdown(wait=False)
         _pool, _pool_size = ThreadPoolExecutor(n, thread_name_prefix="qconvert"), n
     return _pool
 

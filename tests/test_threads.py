@@ -48,6 +48,16 @@ def test_override_and_environment(monkeypatch):
         threads.set_count(0)
 
 
+def test_count_reads_the_cgroup_once(monkeypatch):
+    """The decoder asks count() for every product: the affinity and quota are read once per process."""
+    reads = []
+    monkeypatch.delenv("QCONVERT_THREADS", raising=False)
+    monkeypatch.setattr(threads, "_detected", None)
+    monkeypatch.setattr(threads, "available", lambda: reads.append(1) or 2)
+    assert [threads.count() for _ in range(100)] == [2] * 100
+    assert len(reads) == 1
+
+
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity on this platform")
 def test_affinity_gives_one_thread_under_taskset():
     code = "from formats import threads; print(threads.count())"
