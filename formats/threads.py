@@ -4,21 +4,27 @@
 the CPUs this process may run on: its affinity mask (``taskset``), capped by the cgroup CPU quota (v2
 ``cpu.max``, v1 ``cpu.cfs_quota_us / cpu.cfs_period_us``, rounded up). ``split`` cuts [0, n) into one
 contiguous range per thread, so each range's result is what one thread would compute: results do not depend
-on the thread count (tests/test_threads.py).
+on the thread count (tests/test_threads.py). ``sync_libraries()`` gives numpy's BLAS (prefill products) and
+torch, when loaded, the same count.
 """
 from __future__ import annotations
 
 import math
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
+
+from threadpoolctl import ThreadpoolController
 
 _CGROUP = Path("/sys/fs/cgroup")
 _override: int | None = None
 _detected: int | None = None  # available(), read once: count() is asked for every product the decoder runs
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
+_blas: ThreadpoolController | None = None
+_blas_count: int | None = None
 
 
 def _quota(root: Path = _CGROUP) -> int | None:
@@ -67,6 +73,22 @@ def set_count(n: int | None) -> None:
     if n is not None and n < 1:
         raise ValueError(f"--threads must be at least 1, got {n}")
     _override = n
+
+
+def sync_libraries() -> int:
+    """Make numpy's BLAS and torch (when it is loaded) use ``count()`` threads; returns the count. Cheap when
+    nothing changed, so callers run it before each BLAS or torch product."""
+    global _blas, _blas_count
+    n = count()
+    if n != _blas_count:
+        if _blas is None:
+            _blas = ThreadpoolController()
+        _blas.limit(limits=n, user_api="blas")
+        _blas_count = n
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
 
 
 def pool() -> ThreadPoolExecutor | None:

@@ -88,3 +88,58 @@ def test_split_covers_every_row_once_and_products_do_not_depend_on_it(n_threads)
     threads.set_count(n_threads)
     assert np.array_equal(products.matmul(m, x), ref)
     assert np.array_equal(products.dequant(m), w)
+
+
+@pytest.mark.parametrize("t", ["F16", "Q8_0", "Q4_K", "IQ2_XXS", "IQ4_XS"])
+def test_decode_products_do_not_depend_on_the_thread_count(t):
+    """The C dot kernels' row split (_dot_par.c) over 1, 2, 3, 8 and 13 threads (more than the CPUs: nobody
+    spins) gives the one-thread product bit for bit, for decoding widths T = 1 and 5."""
+    from gguf import GGMLQuantizationType as GQ
+    from gguf.constants import GGML_QUANT_SIZES
+
+    from formats.ggml import codec
+    from formats.model.stored import PackedMatrix
+    from qconvert.decoder import products
+
+    if not codec.available():
+        pytest.skip("needs the compiled kernels")
+    rows, cols = 701, 512
+    rng = np.random.default_rng(1)
+    if t == "F16":
+        raw = rng.standard_normal((rows, cols)).astype(np.float16).view(np.uint8)
+    else:  # random blocks with moderate f16 scales in front (d at byte 0 in every type here; Q4_K's dmin at 2)
+        bv, bb = GGML_QUANT_SIZES[GQ[t]]
+        raw = rng.integers(0, 256, (rows * cols // bv, bb), dtype=np.uint8)
+        raw[:, :4] = rng.uniform(0.01, 0.5, (len(raw), 2)).astype(np.float16).view(np.uint8)
+        raw = raw.reshape(rows, -1)
+    m = PackedMatrix.ggml(t, raw, cols)
+    for T in (1, 5):
+        x = rng.standard_normal((T, cols)).astype(np.float32)
+        threads.set_count(1)
+        ref = products.matmul(m, x)
+        assert np.isfinite(ref).all() and np.abs(ref).max() > 0
+        for n in (2, 3, 8, 13):
+            threads.set_count(n)
+            got = products.matmul(m, x)
+            assert got.view(np.uint32).tobytes() == ref.view(np.uint32).tobytes(), (t, T, n)
+
+
+def test_logits_are_bit_identical_for_any_thread_count(tiny, tmp_path):
+    """``qconvert logits --threads N`` for N = 1, 2, 3, 8: the same float32 logits, bit for bit, for a decoding
+    width (the C kernels) and a prefill width (BLAS on dequantised blocks), on a Q8_0 GGUF and the f32 HF folder."""
+    from conftest import ROOT, qconvert
+
+    ref = tiny("tied")
+    gg = tmp_path / "q8.gguf"
+    qconvert("hf-to-gguf", str(ref), str(gg), "--outtype", "q8_0")
+    text = str(ROOT / "tests" / "data" / "sample.txt")
+    for src in (ref, gg):
+        for ctx in ("6", "40"):
+            outs = []
+            for n in ("1", "2", "3", "8"):
+                out = tmp_path / f"{src.name}-{ctx}-{n}.npz"
+                qconvert("logits", str(src), "--text", text, "--ctx", ctx, "--threads", n, "--out", str(out))
+                outs.append(np.load(out)["logits"])
+            assert np.isfinite(outs[0]).all() and outs[0].std() > 0
+            for o in outs[1:]:
+                assert o.view(np.uint32).tobytes() == outs[0].view(np.uint32).tobytes(), (src.name, ctx)

@@ -1,18 +1,25 @@
-/* Two-thread products for decoding: the caller computes one half of the rows, one persistent worker thread
- * the other. Part of qconvert.decoder._kernels (qconvert/decoder/products.py calls qc_matmul_ggml /
- * qc_matmul_int).
+/* Multi-threaded products for decoding: the rows of a product are cut into `threads` contiguous ranges; the
+ * caller computes the first, persistent worker threads the others. Part of qconvert.decoder._kernels
+ * (qconvert/decoder/products.py calls qc_matmul_ggml / qc_matmul_int).
  *
- * Rule: a decoding product is short, so handing half of it over must cost far less than the product; a
- * Python thread pool does not meet that (a wake-up through a condition variable and the GIL per call), this
- * worker does: it waits for the next job spinning for a short while (decoding calls come back to back), then
- * sleeps on a condition variable. scripts/bench_codecs.py measures the split (default) against one thread
- * (--threads 1). One job at a time: a second caller while one runs computes all its rows itself. After
- * fork() the child starts without a worker and makes a new one on first use. */
+ * Rule: a decoding product is short, so handing part of it over must cost far less than the product; a
+ * Python thread pool does not meet that (a wake-up through a condition variable and the GIL per call), these
+ * workers do: each waits for its next range spinning for a short while (decoding calls come back to back),
+ * then sleeps on its condition variable. When more threads are asked for than the process has CPUs, nobody
+ * spins (a spinning thread would hold the CPU the others need): workers sleep at once and the caller yields
+ * while it waits. Each row is computed by the same code whatever range holds it, so results do not depend on
+ * the thread count (tests/test_threads.py). scripts/bench_decoder.py --threads measures the split.
+ * One job at a time: a second caller while one runs computes all its rows itself. After fork() the child
+ * starts without workers and makes new ones on first use. */
+#define _GNU_SOURCE
 #include <pthread.h>
+#include <sched.h>
 #include <stdint.h>
+#include <unistd.h>
 #include "_dot.h"
 
-#define QC_SPINS 4000  /* the worker's polls before it sleeps: longer than the gap between a decoding step's calls */
+#define QC_SPINS 4000       /* a worker's polls before it sleeps: longer than the gap between a step's calls */
+#define QC_MAX_THREADS 64   /* the caller and up to 63 workers */
 
 typedef struct {  /* the arguments of a qc_dot_ggml / qc_dot_int call */
     int is_int, type, bits, group, flags;
@@ -20,6 +27,13 @@ typedef struct {  /* the arguments of a qc_dot_ggml / qc_dot_int call */
     const void *scales, *offsets; const uint16_t *steps;
     const float *x; int64_t T, cols; float *y; int64_t ldy, r0;
 } qc_call;
+
+typedef struct {  /* one worker's mailbox: its range of the current job and the job counters */
+    uint64_t posted, done;  /* atomic accesses */
+    int64_t a, b;
+    int sleeping;           /* guarded by mu */
+    pthread_cond_t wake;
+} QC_ALIGN qc_slot;
 
 static void run_rows(const qc_call *c, int64_t a, int64_t b) {  /* rows [a, b) of the call */
     float *y = c->y + (a - c->r0);
@@ -31,12 +45,10 @@ static void run_rows(const qc_call *c, int64_t a, int64_t b) {  /* rows [a, b) o
 }
 
 static pthread_mutex_t busy = PTHREAD_MUTEX_INITIALIZER;  /* held by the caller of the running job */
-static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;    /* guards sleeping, with wake */
-static pthread_cond_t wake = PTHREAD_COND_INITIALIZER;
-static int started, sleeping;
-static uint64_t posted, done;  /* job counters (atomic accesses) */
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;    /* guards the slots' sleeping flags */
+static qc_slot slots[QC_MAX_THREADS];                     /* slots[1..workers]: slot 0 is the caller's */
+static int workers, spins;                                /* written with busy held, before a job is posted */
 static qc_call job;
-static int64_t job_a, job_b;
 
 static inline void pause_once(void) {
 #ifdef QC_X86
@@ -44,74 +56,100 @@ static inline void pause_once(void) {
 #endif
 }
 
+static int cpus(void) {  /* the CPUs this process may run on */
+#ifdef CPU_COUNT
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0) return CPU_COUNT(&set);
+#endif
+    const long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? (int)n : 1;
+}
+
 static void *worker(void *arg) {
-    (void)arg;
-    uint64_t seen = 0;
+    qc_slot *s = arg;
+    uint64_t seen = __atomic_load_n(&s->done, __ATOMIC_ACQUIRE);  /* = posted when the slot is made */
     for (;;) {
-        int spins = 0;
-        while (__atomic_load_n(&posted, __ATOMIC_ACQUIRE) == seen && spins < QC_SPINS) { pause_once(); spins++; }
-        if (__atomic_load_n(&posted, __ATOMIC_ACQUIRE) == seen) {
+        const int limit = __atomic_load_n(&spins, __ATOMIC_RELAXED);
+        for (int i = 0; i < limit && __atomic_load_n(&s->posted, __ATOMIC_ACQUIRE) == seen; i++) pause_once();
+        if (__atomic_load_n(&s->posted, __ATOMIC_ACQUIRE) == seen) {
             pthread_mutex_lock(&mu);
-            sleeping = 1;
-            while (__atomic_load_n(&posted, __ATOMIC_ACQUIRE) == seen) pthread_cond_wait(&wake, &mu);
-            sleeping = 0;
+            s->sleeping = 1;
+            while (__atomic_load_n(&s->posted, __ATOMIC_ACQUIRE) == seen) pthread_cond_wait(&s->wake, &mu);
+            s->sleeping = 0;
             pthread_mutex_unlock(&mu);
         }
-        seen = __atomic_load_n(&posted, __ATOMIC_ACQUIRE);
-        run_rows(&job, job_a, job_b);
-        __atomic_store_n(&done, seen, __ATOMIC_RELEASE);
+        seen = __atomic_load_n(&s->posted, __ATOMIC_ACQUIRE);
+        run_rows(&job, s->a, s->b);
+        __atomic_store_n(&s->done, seen, __ATOMIC_RELEASE);
     }
     return NULL;
 }
 
-static void after_fork_child(void) {  /* the worker thread does not exist in a forked child */
+static void after_fork_child(void) {  /* the worker threads do not exist in a forked child */
     pthread_mutex_init(&busy, NULL);
     pthread_mutex_init(&mu, NULL);
-    pthread_cond_init(&wake, NULL);
-    started = sleeping = 0;
-    posted = done = 0;
+    for (int i = 0; i < QC_MAX_THREADS; i++) {
+        slots[i].posted = slots[i].done = 0;
+        slots[i].sleeping = 0;
+        pthread_cond_init(&slots[i].wake, NULL);
+    }
+    workers = 0;
 }
 
-static int ensure_worker(void) {  /* called with busy held */
-    if (started) return started > 0;
+static int ensure_workers(int n) {  /* at least n workers (called with busy held); returns how many exist */
     static int atfork;
-    if (!atfork) { pthread_atfork(NULL, NULL, after_fork_child); atfork = 1; }
-    pthread_t t;
+    if (!atfork) {
+        pthread_atfork(NULL, NULL, after_fork_child);
+        for (int i = 0; i < QC_MAX_THREADS; i++) pthread_cond_init(&slots[i].wake, NULL);
+        atfork = 1;
+    }
     pthread_attr_t at;
     pthread_attr_init(&at);
     pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
-    started = pthread_create(&t, &at, worker, NULL) == 0 ? 1 : -1;
+    while (workers < n) {
+        pthread_t t;
+        if (pthread_create(&t, &at, worker, &slots[workers + 1]) != 0) break;
+        workers++;
+    }
     pthread_attr_destroy(&at);
-    return started > 0;
+    return workers;
 }
 
-/* rows [r0, r1) of the call, split over the caller and the worker when threads == 2 */
-static void par2(const qc_call *c, int64_t r1, int threads) {
-    const int64_t r0 = c->r0;
-    if (threads < 2 || r1 - r0 < 2 || pthread_mutex_trylock(&busy) != 0) { run_rows(c, r0, r1); return; }
-    if (!ensure_worker()) { pthread_mutex_unlock(&busy); run_rows(c, r0, r1); return; }
-    const int64_t mid = r0 + (r1 - r0) / 2;
-    job = *c, job_a = mid, job_b = r1;
-    const uint64_t n = posted + 1;
-    __atomic_store_n(&posted, n, __ATOMIC_RELEASE);
-    pthread_mutex_lock(&mu);
-    if (sleeping) pthread_cond_signal(&wake);
-    pthread_mutex_unlock(&mu);
-    run_rows(c, r0, mid);
-    while (__atomic_load_n(&done, __ATOMIC_ACQUIRE) != n) pause_once();
+/* rows [c->r0, r1) of the call, cut into `threads` contiguous ranges run at once */
+static void run_split(const qc_call *c, int64_t r1, int threads) {
+    const int64_t r0 = c->r0, n = r1 - r0;
+    int parts = threads < QC_MAX_THREADS ? threads : QC_MAX_THREADS;
+    if (parts > n) parts = (int)n;
+    if (parts < 2 || pthread_mutex_trylock(&busy) != 0) { run_rows(c, r0, r1); return; }
+    parts = 1 + (ensure_workers(parts - 1) < parts - 1 ? workers : parts - 1);
+    __atomic_store_n(&spins, threads <= cpus() ? QC_SPINS : 0, __ATOMIC_RELAXED);
+    job = *c;
+    for (int i = 1; i < parts; i++) {
+        qc_slot *s = &slots[i];
+        s->a = r0 + n * i / parts, s->b = r0 + n * (i + 1) / parts;
+        __atomic_store_n(&s->posted, s->posted + 1, __ATOMIC_RELEASE);
+        pthread_mutex_lock(&mu);
+        if (s->sleeping) pthread_cond_signal(&s->wake);
+        pthread_mutex_unlock(&mu);
+    }
+    run_rows(c, r0, r0 + n / parts);
+    const int limit = __atomic_load_n(&spins, __ATOMIC_RELAXED);
+    for (int i = 1; i < parts; i++)
+        for (int k = 0; __atomic_load_n(&slots[i].done, __ATOMIC_ACQUIRE) != slots[i].posted; k++)
+            if (k < limit) pause_once(); else sched_yield();
     pthread_mutex_unlock(&busy);
 }
 
-/* qc_dot_ggml over rows [r0, r1) (y for row r at y + (r - r0)) on `threads` (1 or 2) threads */
+/* qc_dot_ggml over rows [r0, r1) (y for row r at y + (r - r0)) on `threads` threads */
 int qc_matmul_ggml(int type, const uint8_t *W, int64_t row_bytes, const float *x, int64_t T, int64_t cols,
                    float *y, int64_t ldy, int64_t r0, int64_t r1, int threads) {
     if (qc_dot_ggml(type, W, row_bytes, x, 0, cols, y, ldy, r0, r0)) return -1;  /* type check, no work */
     const qc_call c = {0, type, 0, 0, 0, W, row_bytes, NULL, NULL, NULL, x, T, cols, y, ldy, r0};
-    par2(&c, r1, threads);
+    run_split(&c, r1, threads);
     return 0;
 }
 
-/* qc_dot_int over rows [r0, r1) on `threads` (1 or 2) threads */
+/* qc_dot_int over rows [r0, r1) on `threads` threads */
 int qc_matmul_int(const uint8_t *codes, int64_t code_row_bytes, const void *scales, const void *offsets,
                   const uint16_t *steps, int bits, int group, int flags, const float *x, int64_t T,
                   int64_t cols, float *y, int64_t ldy, int64_t r0, int64_t r1, int threads) {
@@ -119,6 +157,6 @@ int qc_matmul_int(const uint8_t *codes, int64_t code_row_bytes, const void *scal
                    r0, r0)) return -1;
     const qc_call c = {1, 0, bits, group, flags, codes, code_row_bytes, scales, offsets, steps, x, T, cols,
                        y, ldy, r0};
-    par2(&c, r1, threads);
+    run_split(&c, r1, threads);
     return 0;
 }

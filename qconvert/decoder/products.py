@@ -2,8 +2,8 @@
 
 ``matmul(m, x)`` = x @ W.T in float32 for every storage type, read from the stored bytes: a few rows of x
 (decoding, at most ``DECODE_ROWS``) go through the C dot kernels (_dot.c: GGML blocks, _dot_int.c: integer
-codes), which dequantise in registers and split the rows over the caller and one C worker thread
-(_dot_par.c); more rows (prefill) dequantise a block of rows at a time into a reused float32 buffer and use
+codes), which dequantise in registers and split the rows over the caller and C worker threads (_dot_par.c,
+``formats.threads.count()`` threads in all); more rows (prefill) dequantise a block of rows at a time into a reused float32 buffer and use
 numpy's BLAS. ``dequant`` gives exactly formats.ggml.codec.to_f32's / formats.int4.layout.dequant_rows'
 values (tests/test_codecs.py); without the compiled kernels everything runs through those numpy paths.
 """
@@ -23,7 +23,7 @@ from qconvert.decoder.native import LIB as _LIB
 DECODE_ROWS = 8          # up to this many rows of x use the C dot kernels; more use BLAS on dequantised blocks
 BLOCK_VALUES = 16 << 20  # most float32 values dequantised at a time for the BLAS path (per thread)
 MIN_SPLIT = 1 << 16      # fewer weights than this run on one thread (scripts/bench_codecs.py measures the split)
-C_THREADS = 2            # the C dot kernels split rows over the caller and one worker (_dot_par.c)
+MIN_PART = MIN_SPLIT // 2  # the fewest weights a decoding product hands to one of its threads
 _LOCAL = threading.local()
 
 
@@ -100,7 +100,7 @@ def take(m: PackedMatrix, idx: np.ndarray) -> np.ndarray:
 
 def _dot(m: PackedMatrix, x: np.ndarray, y: np.ndarray, ldy: int, r0: int, r1: int, threads: int = 1) -> None:
     """C dot kernels: y's columns [r0, r1) (y: row stride ``ldy`` floats) = x @ W[r0:r1].T, the rows split
-    over the caller and the kernels' worker thread when ``threads`` is 2 (_dot_par.c)."""
+    over ``threads`` threads: the caller and the kernels' workers (_dot_par.c)."""
     T = x.shape[0]
     yp = y.ctypes.data + 4 * r0
     if m.is_int:
@@ -140,9 +140,9 @@ def matmul(m: PackedMatrix, x: np.ndarray, out: np.ndarray | None = None) -> np.
         o2[...] = x @ _dequant_numpy(m, 0, m.rows).T  # stored order, as x is
     elif T <= DECODE_ROWS:
         ldy = o2.strides[0] // 4 if T > 1 else m.rows
-        split = threads.count() > 1 and m.rows * m.cols >= MIN_SPLIT
-        _dot(m, x, o2, ldy, 0, m.rows, C_THREADS if split else 1)
+        _dot(m, x, o2, ldy, 0, m.rows, min(threads.count(), max(1, m.rows * m.cols // MIN_PART)))
     else:
+        threads.sync_libraries()
         step = max(1, min(m.rows, BLOCK_VALUES // max(1, m.cols)))
         for r0 in range(0, m.rows, step):
             r1 = min(m.rows, r0 + step)

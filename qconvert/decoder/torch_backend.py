@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from formats import threads
 from formats.errors import QConvertError
 from formats.model.source import Source
 from qconvert.decoder.dca import DualChunk
@@ -40,6 +41,7 @@ class TorchDecoder:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise QConvertError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
         self.torch = torch
+        threads.sync_libraries()
         self.cfg = cfg = src.config
         self.device = torch.device(device)
         self.dtype = getattr(torch, dtype)

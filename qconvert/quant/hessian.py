@@ -8,6 +8,8 @@ from typing import Callable
 
 import numpy as np
 
+from formats import threads
+
 KEEP_ACTIVATIONS = 1 << 30  # bytes of down_proj inputs kept between its two passes (more are recomputed)
 TRI_BLOCK = 1024  # column block of the upper-triangle Hessian update (wider Hessians only)
 
@@ -20,6 +22,7 @@ class Hessian:
         self.n, self._cross, self._upper = 0, None, False
         try:
             import torch
+            threads.sync_libraries()
             self._t = torch.zeros((cols, cols), dtype=torch.float32, device=device)
             if cross:
                 self._cross = torch.zeros((cols, cols), dtype=torch.float32, device=device)
