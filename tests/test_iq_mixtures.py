@@ -161,8 +161,8 @@ def h256_f16_and_imatrix(f16_h256):
 @pytest.mark.parametrize("mix", [m if m == "iq2_xxs" else pytest.param(m, marks=pytest.mark.heavy) for m in NEW])
 def test_iq_gguf_with_imatrix_equals_llama_quantize(h256_f16_and_imatrix, tmp_path, mix):
     """From the same F16 GGUF and imatrix file, every tensor of our file has llama-quantize --imatrix's type
-    and bytes; the one exception is a Q2_K tensor without an imatrix entry (the token embedding of iq1_s ..
-    iq2_xs), which gets our own unweighted Q2_K search (tests/test_kquants.py) with no more error than ggml's."""
+    and bytes, including a Q2_K tensor without an imatrix entry (the token embedding of iq1_s .. iq2_xs), which
+    both code with ggml's reference Q2_K."""
     f16, imf = h256_f16_and_imatrix
     im = read_imatrix(imf)
     ours, theirs = tmp_path / "o.gguf", tmp_path / "t.gguf"
@@ -174,17 +174,8 @@ def test_iq_gguf_with_imatrix_equals_llama_quantize(h256_f16_and_imatrix, tmp_pa
     assert MIXTURES[mix][0] in types.values()  # the h256 rows fit the base type's blocks
     ra, rb = ours.read_bytes(), theirs.read_bytes()
     B = {t.name: t for t in b}
-    raw16 = np.frombuffer(f16.read_bytes(), np.uint8)
-    T16 = {t.name: t for t in read_header(f16)[1]}
-    for t in a:
-        u = B[t.name]
-        if ra[t.offset:t.offset + t.nbytes] == rb[u.offset:u.offset + u.nbytes]:
-            continue
-        assert t.type == "Q2_K" and t.name not in im.entries, (mix, t.name, t.type)
-        x = raw16[T16[t.name].offset:T16[t.name].offset + T16[t.name].nbytes].view(np.float16).astype(np.float32)
-        err = [float(((codec.to_f32(np.frombuffer(r[v.offset:v.offset + v.nbytes], np.uint8), v.type) - x) ** 2).sum())
-               for r, v in ((ra, t), (rb, u))]
-        assert err[0] <= err[1], (t.name, err)
+    differ = [t.name for t in a if ra[t.offset:t.offset + t.nbytes] != rb[B[t.name].offset:B[t.name].offset + B[t.name].nbytes]]
+    assert differ == [], (mix, differ)
     assert read_header(ours)[0]["general.file_type"] == MIXTURES[mix][1]
 
 

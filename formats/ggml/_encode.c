@@ -96,9 +96,9 @@ static void q_q5_1(const float *x, uint8_t *b, int64_t nb) {
 /* x ~ scale * L - m with L in [0, nmax], m >= 0; weights w. Returns scale, writes L and m.
  * As in ggml's reference, a better candidate's offset becomes the origin of the later candidates' grids
  * (lo is updated inside the search); together with the same operation order this makes the result
- * bit-identical to ggml's (tests/test_kquants.py). */
-float qc_fit_scale_min(int n, int nmax, const float *x, const float *w, uint8_t *L, float *m_out,
-                           float rmin, float rdelta, int nstep) {
+ * bit-identical to ggml's (tests/test_kquants.py). mad: the error weighs |diff| instead of diff^2 (ggml's use_mad). */
+static float fit_scale_min(int n, int nmax, const float *x, const float *w, uint8_t *L, float *m_out,
+                           float rmin, float rdelta, int nstep, int mad) {
     float lo = x[0], hi = x[0], sw = 0, sx = 0;
     for (int i = 0; i < n; i++) { lo = x[i] < lo ? x[i] : lo; hi = x[i] > hi ? x[i] : hi; sw += w[i]; sx += w[i] * x[i]; }
     if (lo > 0) lo = 0;
@@ -107,7 +107,7 @@ float qc_fit_scale_min(int n, int nmax, const float *x, const float *w, uint8_t 
     for (int i = 0; i < n; i++) {
         L[i] = (uint8_t)clampi(rnd(iscale * (x[i] - lo)), 0, nmax);
         const float d = scale * L[i] + lo - x[i];
-        best += w[i] * (d * d);
+        best += w[i] * (mad ? fabsf(d) : d * d);
     }
     uint8_t aux[32];
     for (int k = 0; k <= nstep; k++) {
@@ -123,11 +123,16 @@ float qc_fit_scale_min(int n, int nmax, const float *x, const float *w, uint8_t 
         float sc = (sw * sxl - sx * sl) / D, m = (sl2 * sx - sl * sxl) / D;
         if (m > 0) { m = 0; sc = sxl / sl2; }
         float err = 0;
-        for (int i = 0; i < n; i++) { const float d = sc * aux[i] + m - x[i]; err += w[i] * (d * d); }
+        for (int i = 0; i < n; i++) { const float d = sc * aux[i] + m - x[i]; err += w[i] * (mad ? fabsf(d) : d * d); }
         if (err < best) { memcpy(L, aux, n); best = err; scale = sc; lo = m; }
     }
     *m_out = -lo;
     return scale;
+}
+
+float qc_fit_scale_min(int n, int nmax, const float *x, const float *w, uint8_t *L, float *m_out,
+                       float rmin, float rdelta, int nstep) {
+    return fit_scale_min(n, nmax, x, w, L, m_out, rmin, rdelta, nstep, 0);
 }
 
 void qc_pack_scale_min_k4(uint8_t *sc, int j, int ls, int lm) {
@@ -278,6 +283,40 @@ static void q_q2_k(const float *x, uint8_t *b, int64_t nb) {
     }
 }
 
+/* Q2_K as ggml's reference quantiser (quantize_row_q2_K_ref) codes it: the same per sub-block fit, then each
+ * sub-block's 4-bit scale and min rounded from the fit alone (no re-scoring) and the values re-coded on them.
+ * llama-quantize uses it for a tensor its importance matrix has no entry for (tests/test_iq_mixtures.py). */
+static void q_q2_k_ref(const float *x, uint8_t *b, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, x += QC_Q2_K_BLOCK, b += QC_Q2_K_BYTES) {
+        uint8_t L[256]; float w[16], scales[16], mins[16], max_scale = 0, max_min = 0;
+        memset(b, 0, QC_Q2_K_BYTES);
+        for (int j = 0; j < 16; j++) {
+            const float *xs = x + 16 * j;
+            for (int l = 0; l < 16; l++) w[l] = fabsf(xs[l]);
+            scales[j] = fit_scale_min(16, 3, xs, w, L + 16 * j, &mins[j], -0.5f, 0.1f, 15, 1);  /* |error| */
+            if (scales[j] > max_scale) max_scale = scales[j];
+            if (mins[j] > max_min) max_min = mins[j];
+        }
+        if (max_scale > 0) {
+            const float is = 15.f / max_scale;
+            for (int j = 0; j < 16; j++) b[j] = (uint8_t)rnd(is * scales[j]);
+            put16(b + 80, max_scale / 15.f);
+        }
+        if (max_min > 0) {
+            const float is = 15.f / max_min;
+            for (int j = 0; j < 16; j++) b[j] |= (uint8_t)((unsigned)rnd(is * mins[j]) << 4);
+            put16(b + 82, max_min / 15.f);
+        }
+        for (int j = 0; j < 16; j++) {
+            const float dl = h2f(rd16(b + 80)) * (b[j] & 0xF);
+            if (!dl) continue;
+            const float ml = h2f(rd16(b + 82)) * (b[j] >> 4);
+            for (int l = 0; l < 16; l++) L[16 * j + l] = (uint8_t)clampi(rnd((x[16 * j + l] + ml) / dl), 0, 3);
+        }
+        qc_pack_2bit(L, b + 16);
+    }
+}
+
 /* Squared error of 16 values coded as dl * (L - 4), L in [0, 7]; writes L. */
 static float q3_sub_err(const float *x, float dl, uint8_t *L) {
     float err = 0;
@@ -341,4 +380,10 @@ int qc_quant(int type, const float *x, uint8_t *out, int64_t n_blocks) {
         case QC_Q6_K: qc_q6k(x, out, n_blocks, NULL); return 0;
         default: return -1;
     }
+}
+
+/* ggml's reference quantisers where ours differ (Q2_K), else qc_quant's */
+int qc_quant_ref(int type, const float *x, uint8_t *out, int64_t n_blocks) {
+    if (type == QC_Q2_K) { q_q2_k_ref(x, out, n_blocks); return 0; }
+    return qc_quant(type, x, out, n_blocks);
 }

@@ -23,6 +23,7 @@ SIGNATURES = {
                                                  ("bf16", "f16"), ("f16", "bf16"))},
     "qc_dequant": ([INT, P, P, I64], INT),
     "qc_quant": ([INT, P, P, I64], INT),
+    "qc_quant_ref": ([INT, P, P, I64], INT),
     "qc_quant_w": ([INT, P, P, I64, I64, P], INT),
     "qc_grid": ([INT, P, I64, P, P], INT),
     "qc_pack_codes": ([INT, P, I64, P], INT),
@@ -126,11 +127,14 @@ def to_f32(raw: np.ndarray, t: str, use_c: bool = True) -> np.ndarray:
     return dtypes.decode_rows(raw.view(np.uint8).reshape(-1, size), t).reshape(-1)
 
 
-def from_f32(x: np.ndarray, t: str, use_c: bool = True, imatrix: np.ndarray | None = None) -> np.ndarray:
+def from_f32(x: np.ndarray, t: str, use_c: bool = True, imatrix: np.ndarray | None = None,
+             reference: bool = False) -> np.ndarray:
     """float32 values -> flat raw values of type ``t`` (uint8 for block types, uint16 for F16/BF16).
 
     ``imatrix``: importance weights of the columns (x is then whole rows of ``len(imatrix)`` values), used
     by the types in ``WEIGHTED`` exactly as llama-quantize --imatrix uses them; other types ignore it.
+    ``reference``: without an imatrix, ggml's reference quantisers where ours differ (Q2_K; Q2_K and Q3_K
+    otherwise use our lower-error search), as llama-quantize --imatrix codes a tensor the file has no entry for.
     The IQ4 types and the weighted fits need the compiled kernels.
     """
     x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
@@ -143,7 +147,7 @@ def from_f32(x: np.ndarray, t: str, use_c: bool = True, imatrix: np.ndarray | No
         if t in C_QUANT:
             block, size = GGML_QUANT_SIZES[GQ[t]]
             out = np.empty(n // block * size, np.uint8)
-            _LIB.qc_quant(int(GQ[t]), _ptr(x), _ptr(out), n // block)
+            (_LIB.qc_quant_ref if reference else _LIB.qc_quant)(int(GQ[t]), _ptr(x), _ptr(out), n // block)
         else:
             out = np.empty(n, np.uint16)
             (_LIB.qc_f32_to_f16 if t == "F16" else _LIB.qc_f32_to_bf16)(_ptr(x), _ptr(out), n)
@@ -252,9 +256,10 @@ def pack_codes(raw: np.ndarray, t: str, codes: np.ndarray) -> np.ndarray:
     return out
 
 
-def convert(raw: np.ndarray, src: str, dst: str, use_c: bool = True, imatrix: np.ndarray | None = None) -> np.ndarray:
+def convert(raw: np.ndarray, src: str, dst: str, use_c: bool = True, imatrix: np.ndarray | None = None,
+            reference: bool = False) -> np.ndarray:
     """Raw values of type ``src`` -> flat raw values of type ``dst`` (a copy-free view when equal); ``imatrix``:
-    column importance for the encoder (see ``from_f32``)."""
+    column importance for the encoder, ``reference``: ggml's reference quantisers (see ``from_f32``)."""
     if src == dst:
         return np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
     if use_c and _LIB is not None and (src, dst) in (("BF16", "F16"), ("F16", "BF16")):
@@ -262,4 +267,4 @@ def convert(raw: np.ndarray, src: str, dst: str, use_c: bool = True, imatrix: np
         out = np.empty(n, np.uint16)
         (_LIB.qc_bf16_to_f16 if src == "BF16" else _LIB.qc_f16_to_bf16)(_ptr(raw), _ptr(out), n)
         return out.view(np.uint8)
-    return from_f32(to_f32(raw, src, use_c), dst, use_c, imatrix).view(np.uint8)
+    return from_f32(to_f32(raw, src, use_c), dst, use_c, imatrix, reference).view(np.uint8)

@@ -136,7 +136,9 @@ def write_gguf(src: Source, out: Path, outtype: str = "auto", force: bool = Fals
                 for j, m in enumerate(members):
                     chunks = raw_chunks(m, t, pool) if raw_chunks else None
                     if chunks is None:
-                        chunks = stream_converted(src.tensors[m], t, pool, None if qw is None else qw[j])
+                        # a tensor the imatrix has no entry for: coded as llama-quantize --imatrix codes it
+                        chunks = stream_converted(src.tensors[m], t, pool, None if qw is None else qw[j],
+                                                  reference=imatrix is not None and qw is None)
                     for chunk in chunks:
                         fout.write(memoryview(chunk).cast("B"))
                         n += chunk.nbytes

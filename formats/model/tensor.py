@@ -84,13 +84,14 @@ def row_chunks(t: LazyTensor, chunk_values: int = CHUNK_VALUES) -> list[tuple[in
 
 
 def stream_converted(t: LazyTensor, dst: str, pool: ThreadPoolExecutor | None = None,
-                     imatrix: np.ndarray | None = None) -> Iterator[np.ndarray]:
+                     imatrix: np.ndarray | None = None, reference: bool = False) -> Iterator[np.ndarray]:
     """Yield the tensor's data as raw ``dst`` bytes, chunk by chunk, in order (``imatrix``: importance of the
-    columns, for the encoders that use one).
+    columns, for the encoders that use one; ``reference``: ggml's reference quantisers, codec.from_f32).
 
     With a thread pool, up to two chunks ahead are converted while the caller writes the current one.
     """
-    return pipelined(lambda r: codec.convert(t.raw_rows(*r), t.stype, dst, imatrix=imatrix), row_chunks(t), pool)
+    return pipelined(lambda r: codec.convert(t.raw_rows(*r), t.stype, dst, imatrix=imatrix,
+                                                   reference=reference), row_chunks(t), pool)
 
 
 def pipelined(work: Callable[[tuple[int, int]], np.ndarray], ranges: list[tuple[int, int]],
