@@ -248,21 +248,30 @@ static float q2_sub_err(const float *x, float dl, float ml, uint8_t *L) {
     return err;
 }
 
+/* The per sub-block fit of a Q2_K block (weights |x|; mad: ggml's |error| criterion), with the largest scale
+ * and min */
+static void q2_fit(const float *x, uint8_t *L, float *scales, float *mins, float *max_scale, float *max_min,
+                   int mad) {
+    float w[16];
+    *max_scale = *max_min = 0;
+    for (int j = 0; j < 16; j++) {
+        const float *xs = x + 16 * j;
+        for (int l = 0; l < 16; l++) w[l] = fabsf(xs[l]);
+        scales[j] = fit_scale_min(16, 3, xs, w, L + 16 * j, &mins[j], -0.5f, 0.1f, 15, mad);
+        if (scales[j] > *max_scale) *max_scale = scales[j];
+        if (mins[j] > *max_min) *max_min = mins[j];
+    }
+}
+
 /* Q2_K: 16 sub-blocks of 16, x ~ d * sc * L - dmin * m with L in [0, 3] and 4-bit sc, m. The per
  * sub-block fit is the weighted search of qc_fit_scale_min; once the super-block scales are rounded to f16,
  * each sub-block picks, among the 4-bit (sc, m) pairs next to the rounded ones, the pair whose re-coded
  * values have the smallest squared error. */
 static void q_q2_k(const float *x, uint8_t *b, int64_t nb) {
     for (int64_t i = 0; i < nb; i++, x += QC_Q2_K_BLOCK, b += QC_Q2_K_BYTES) {
-        uint8_t L[256], La[16]; float w[16], scales[16], mins[16], max_scale = 0, max_min = 0;
+        uint8_t L[256], La[16]; float scales[16], mins[16], max_scale, max_min;
         memset(b, 0, QC_Q2_K_BYTES);
-        for (int j = 0; j < 16; j++) {
-            const float *xs = x + 16 * j;
-            for (int l = 0; l < 16; l++) w[l] = fabsf(xs[l]);
-            scales[j] = qc_fit_scale_min(16, 3, xs, w, L + 16 * j, &mins[j], -0.5f, 0.1f, 15);
-            if (scales[j] > max_scale) max_scale = scales[j];
-            if (mins[j] > max_min) max_min = mins[j];
-        }
+        q2_fit(x, L, scales, mins, &max_scale, &max_min, 0);
         put16(b + 80, max_scale / 15.f); put16(b + 82, max_min / 15.f);
         const float d = h2f(rd16(b + 80)), dmin = h2f(rd16(b + 82));
         for (int j = 0; j < 16; j++) {
@@ -288,15 +297,9 @@ static void q_q2_k(const float *x, uint8_t *b, int64_t nb) {
  * llama-quantize uses it for a tensor its importance matrix has no entry for (tests/test_iq_mixtures.py). */
 static void q_q2_k_ref(const float *x, uint8_t *b, int64_t nb) {
     for (int64_t i = 0; i < nb; i++, x += QC_Q2_K_BLOCK, b += QC_Q2_K_BYTES) {
-        uint8_t L[256]; float w[16], scales[16], mins[16], max_scale = 0, max_min = 0;
+        uint8_t L[256]; float scales[16], mins[16], max_scale, max_min;
         memset(b, 0, QC_Q2_K_BYTES);
-        for (int j = 0; j < 16; j++) {
-            const float *xs = x + 16 * j;
-            for (int l = 0; l < 16; l++) w[l] = fabsf(xs[l]);
-            scales[j] = fit_scale_min(16, 3, xs, w, L + 16 * j, &mins[j], -0.5f, 0.1f, 15, 1);  /* |error| */
-            if (scales[j] > max_scale) max_scale = scales[j];
-            if (mins[j] > max_min) max_min = mins[j];
-        }
+        q2_fit(x, L, scales, mins, &max_scale, &max_min, 1);
         if (max_scale > 0) {
             const float is = 15.f / max_scale;
             for (int j = 0; j < 16; j++) b[j] = (uint8_t)rnd(is * scales[j]);

@@ -8,7 +8,7 @@
  * then sleeps on its condition variable. When more threads are asked for than the process has CPUs, nobody
  * spins (a spinning thread would hold the CPU the others need): workers sleep at once and the caller yields
  * while it waits. Each row is computed by the same code whatever range holds it, so results do not depend on
- * the thread count (tests/test_threads.py). scripts/bench_decoder.py --threads measures the split.
+ * the thread count (tests/test_threads.py); `qconvert generate --threads N` reports the decode speed it gives.
  * One job at a time: a second caller while one runs computes all its rows itself. After fork() the child
  * starts without workers and makes new ones on first use. */
 #define _GNU_SOURCE
@@ -47,7 +47,7 @@ static void run_rows(const qc_call *c, int64_t a, int64_t b) {  /* rows [a, b) o
 static pthread_mutex_t busy = PTHREAD_MUTEX_INITIALIZER;  /* held by the caller of the running job */
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;    /* guards the slots' sleeping flags */
 static qc_slot slots[QC_MAX_THREADS];                     /* slots[1..workers]: slot 0 is the caller's */
-static int workers, spins;                                /* written with busy held, before a job is posted */
+static int workers, spins, n_cpus;                       /* written with busy held, before a job is posted */
 static qc_call job;
 
 static inline void pause_once(void) {
@@ -56,13 +56,14 @@ static inline void pause_once(void) {
 #endif
 }
 
-static int cpus(void) {  /* the CPUs this process may run on */
+static int cpus(void) {  /* the CPUs this process may run on, read once (as formats/threads.py reads them) */
+    if (n_cpus) return n_cpus;
 #ifdef CPU_COUNT
     cpu_set_t set;
-    if (sched_getaffinity(0, sizeof set, &set) == 0) return CPU_COUNT(&set);
+    if (sched_getaffinity(0, sizeof set, &set) == 0) return n_cpus = CPU_COUNT(&set);
 #endif
     const long n = sysconf(_SC_NPROCESSORS_ONLN);
-    return n > 0 ? (int)n : 1;
+    return n_cpus = n > 0 ? (int)n : 1;
 }
 
 static void *worker(void *arg) {
@@ -93,7 +94,7 @@ static void after_fork_child(void) {  /* the worker threads do not exist in a fo
         slots[i].sleeping = 0;
         pthread_cond_init(&slots[i].wake, NULL);
     }
-    workers = 0;
+    workers = n_cpus = 0;
 }
 
 static int ensure_workers(int n) {  /* at least n workers (called with busy held); returns how many exist */
@@ -121,7 +122,8 @@ static void run_split(const qc_call *c, int64_t r1, int threads) {
     int parts = threads < QC_MAX_THREADS ? threads : QC_MAX_THREADS;
     if (parts > n) parts = (int)n;
     if (parts < 2 || pthread_mutex_trylock(&busy) != 0) { run_rows(c, r0, r1); return; }
-    parts = 1 + (ensure_workers(parts - 1) < parts - 1 ? workers : parts - 1);
+    const int have = ensure_workers(parts - 1);
+    if (have < parts - 1) parts = 1 + have;
     __atomic_store_n(&spins, threads <= cpus() ? QC_SPINS : 0, __ATOMIC_RELAXED);
     job = *c;
     for (int i = 1; i < parts; i++) {

@@ -2,9 +2,9 @@
 
 ``matmul(m, x)`` = x @ W.T in float32 for every storage type, read from the stored bytes: a few rows of x
 (decoding, at most ``DECODE_ROWS``) go through the C dot kernels (_dot.c: GGML blocks, _dot_int.c: integer
-codes), which dequantise in registers and split the rows over the caller and C worker threads (_dot_par.c,
-``formats.threads.count()`` threads in all); more rows (prefill) dequantise a block of rows at a time into a reused float32 buffer and use
-numpy's BLAS. ``dequant`` gives exactly formats.ggml.codec.to_f32's / formats.int4.layout.dequant_rows'
+codes), which dequantise in registers and split the rows over ``formats.threads.count()`` threads (the caller
+and C workers, _dot_par.c); more rows (prefill) dequantise a block of rows at a time into a reused float32
+buffer and use numpy's BLAS. ``dequant`` gives exactly formats.ggml.codec.to_f32's / formats.int4.layout.dequant_rows'
 values (tests/test_codecs.py); without the compiled kernels everything runs through those numpy paths.
 """
 from __future__ import annotations
