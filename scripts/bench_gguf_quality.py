@@ -34,7 +34,9 @@ GPTQ_VARIANTS = {"ours-gptq": [], "ours-gptq-ep": ["--damp", "0.1", "--propagate
 # our mixture name -> llama-quantize's type name
 LLAMA_NAME = {"q4_0": "Q4_0", "q4_1": "Q4_1", "q5_0": "Q5_0", "q5_1": "Q5_1", "q3_k_m": "Q3_K_M", "q4_k_m": "Q4_K_M",
               "q4_k_s": "Q4_K_S", "q5_k_m": "Q5_K_M", "q6_k": "Q6_K", "q2_k": "Q2_K", "iq4_xs": "IQ4_XS",
-              "iq4_nl": "IQ4_NL"}
+              "iq4_nl": "IQ4_NL", "iq1_s": "IQ1_S", "iq1_m": "IQ1_M", "iq2_xxs": "IQ2_XXS", "iq2_xs": "IQ2_XS",
+              "iq2_s": "IQ2_S", "iq2_m": "IQ2_M", "iq3_xxs": "IQ3_XXS", "iq3_xs": "IQ3_XS", "iq3_s": "IQ3_S",
+              "iq3_m": "IQ3_M"}
 
 
 def ours_mixture(t: str) -> str:
