@@ -167,10 +167,40 @@ LATTICES: dict[str, Lattice] = {
 assert set(LATTICES) == {t.name for t in (GQ.IQ2_XXS, GQ.IQ2_XS, GQ.IQ2_S, GQ.IQ3_XXS, GQ.IQ3_S, GQ.IQ1_S, GQ.IQ1_M)}
 
 
+PARITY_CANDIDATES = 4  # grid points per half that an odd-parity group weighs against its sign flip
+
+
+def _scores(x: np.ndarray, s: np.ndarray, G: np.ndarray, wt: np.ndarray) -> np.ndarray:
+    """[rows, points]: sum_j wt_j (x_j - s G[i, j])^2 less its part that does not depend on i."""
+    return np.square(s)[:, None] * (np.square(G) @ wt)[None, :] - (2 * s)[:, None] * ((x * wt) @ G.T)
+
+
 def _nearest(x: np.ndarray, s: np.ndarray, G: np.ndarray, wt: np.ndarray) -> np.ndarray:
     """Per row, the index of the grid point minimising sum_j wt_j (x_j - s G[i, j])^2 (first on ties)."""
-    score = np.square(s)[:, None] * (np.square(G) @ wt)[None, :] - (2 * s)[:, None] * ((x * wt) @ G.T)
-    return np.argmin(score, axis=1)
+    return np.argmin(_scores(x, s, G, wt), axis=1)
+
+
+def _odd_parity(a: np.ndarray, m: np.ndarray, G: np.ndarray, wt: np.ndarray, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows whose signs must flip one value: the grid points (each half's ``PARITY_CANDIDATES`` best) and the
+    value to flip minimising distance + flip cost (4 wt_j a_j v_j). Returns (idx [n, 8 // w], flip [n])."""
+    n, T = a.shape[0], PARITY_CANDIDATES
+    halves = []
+    for h in range(0, 8, w):
+        sc = _scores(a[:, h:h + w], m, G, wt[h:h + w])
+        top = np.argpartition(sc, T, axis=1)[:, :T]
+        halves.append((top, np.take_along_axis(sc, top, axis=1)))
+    if len(halves) == 1:
+        cand, free = halves[0][0][:, :, None], halves[0][1]
+    else:
+        (t0, s0), (t1, s1) = halves
+        cand = np.stack([np.repeat(t0, T, axis=1), np.tile(t1, (1, T))], axis=2)  # [n, T*T, 2]
+        free = (s0[:, :, None] + s1[:, None, :]).reshape(n, -1)
+    v = m[:, None, None] * G[cand].reshape(n, cand.shape[1], 8)
+    cost = 4 * wt[None, None, :] * a[:, None, :] * v
+    total = free + cost.min(axis=2)
+    best = np.argmin(total, axis=1)
+    rows = np.arange(n)
+    return cand[rows, best], np.argmin(cost[rows, best], axis=1)
 
 
 def round_group(lat: Lattice, b: np.ndarray, k: int, x: np.ndarray, wt: np.ndarray) -> np.ndarray:
@@ -179,7 +209,8 @@ def round_group(lat: Lattice, b: np.ndarray, k: int, x: np.ndarray, wt: np.ndarr
     new codes decode to [rows, 8] float32.
 
     Signed types fold the signs: the magnitude grid point nearest to |x|, the signs of x (times the scale's);
-    under ``parity`` an odd count of negatives flips the value whose flip costs least (4 wt_j |x_j| v_j).
+    under ``parity`` an odd count of negatives flips one value: the grid point and value whose distance plus
+    flip cost (4 wt_j |x_j| v_j) is least, among each half's few nearest points.
     IQ1_M tries both shifts; IQ1_S keeps its sub-block's.
     """
     x = np.asarray(x, np.float32)
@@ -219,10 +250,11 @@ def round_group(lat: Lattice, b: np.ndarray, k: int, x: np.ndarray, wt: np.ndarr
     mag = s[:, None] * G[idx].reshape(rows, 8)  # the decoder's s * grid; signs below
     neg = (x < 0) != (s < 0)[:, None]
     if lat.signs == "parity":
-        odd = (np.count_nonzero(neg, axis=1) % 2).astype(bool)
-        if odd.any():
-            j = np.argmin(wt[None, :] * a[odd] * np.abs(mag[odd]), axis=1)
-            neg[np.flatnonzero(odd), j] ^= True
+        odd = np.flatnonzero(np.count_nonzero(neg, axis=1) % 2)
+        if odd.size:
+            idx[odd], j = _odd_parity(a[odd], m[odd], G, wt, w)
+            mag[odd] = s[odd, None] * G[idx[odd]].reshape(odd.size, 8)
+            neg[odd, j] ^= True
     signs = (neg.astype(np.uint32) << np.arange(8, dtype=np.uint32)).sum(axis=1).astype(np.uint32)
     lat.write(b, k, idx.astype(np.uint32), signs, None)
     return np.where(neg, -mag, mag).astype(np.float32)
