@@ -18,6 +18,7 @@ and in our C decoder, to exactly the values ``round_group`` returns.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable
 
 import numpy as np
@@ -148,9 +149,9 @@ class Lattice:
     scale: Callable
     write: Callable
 
-    @property
+    @cached_property
     def grid(self) -> np.ndarray:
-        """[points, width] float32: the grid as the ``gguf`` package decodes it."""
+        """[points, width] float32: the grid as the ``gguf`` package decodes it (built once per type)."""
         self.cls.init_grid()
         return self.cls.grid.reshape(-1, self.width).astype(np.float32)
 
@@ -220,19 +221,15 @@ def round_group(lat: Lattice, b: np.ndarray, k: int, x: np.ndarray, wt: np.ndarr
     rows = x.shape[0]
     if lat.signs == "grid":
         neg = np.zeros(rows, bool)
-        if delta is None:  # IQ1_M: the shift is the group's own
-            best = None
-            for sign in (1, -1):
-                Gd = G + sign * IQ1_DELTA
-                i = _nearest(x, s, Gd, wt)
-                v = s[:, None] * Gd[i]
-                e = np.square(x - v) @ wt
-                if best is None:
-                    best, idx, vals = e, i, v
-                else:
-                    take = e < best
-                    best, idx, vals = np.where(take, e, best), np.where(take, i, idx), np.where(take[:, None], v, vals)
-                    neg = take
+        if delta is None:  # IQ1_M: the shift is the group's own; the negative one where it is strictly closer
+            tries = []
+            for dv in (IQ1_DELTA, -IQ1_DELTA):
+                i = _nearest(x, s, G + dv, wt)
+                v = s[:, None] * (G + dv)[i]
+                tries.append((i, v, np.square(x - v) @ wt))
+            (i0, v0, e0), (i1, v1, e1) = tries
+            neg = e1 < e0
+            idx, vals = np.where(neg, i1, i0), np.where(neg[:, None], v1, v0)
         else:
             idx = np.empty(rows, np.int64)
             vals = np.empty_like(x)
