@@ -1,11 +1,11 @@
 /* Multi-threaded products for decoding: the rows of a product are cut into `threads` contiguous ranges; the
  * caller computes the first, persistent worker threads the others. Part of qconvert.decoder._kernels
- * (qconvert/decoder/products.py calls qc_matmul_ggml / qc_matmul_int).
+ * (qconvert/decoder/products.py calls qc_matmul_ggml / qc_matmul_int; _step.c those and qc_parallel).
  *
  * Rule: a decoding product is short, so handing part of it over must cost far less than the product; a
  * Python thread pool does not meet that (a wake-up through a condition variable and the GIL per call), these
- * workers do: each waits for its next range spinning for a short while (decoding calls come back to back),
- * then sleeps on its condition variable. When more threads are asked for than the process has CPUs, nobody
+ * workers do: each waits for its next range spinning for QC_SPIN_NS (decoding calls come back to back, a
+ * wake-up from sleep costs tens of microseconds), then sleeps on its condition variable. When more threads are asked for than the process has CPUs, nobody
  * spins (a spinning thread would hold the CPU the others need): workers sleep at once and the caller yields
  * while it waits. Each row is computed by the same code whatever range holds it, so results do not depend on
  * the thread count (tests/test_threads.py); `qconvert generate --threads N` reports the decode speed it gives.
@@ -15,13 +15,18 @@
 #include <pthread.h>
 #include <sched.h>
 #include <stdint.h>
+#include <time.h>
 #include <unistd.h>
 #include "_dot.h"
 
-#define QC_SPINS 4000       /* a worker's polls before it sleeps: longer than the gap between a step's calls */
+#define QC_SPIN_NS 3000000  /* how long a worker polls before it sleeps: longer than the gap between a decoding
+                              * step's calls, one token's Python between two forward passes included */
 #define QC_MAX_THREADS 64   /* the caller and up to 63 workers */
 
-typedef struct {  /* the arguments of a qc_dot_ggml / qc_dot_int call */
+typedef void (*qc_rows_fn)(const void *ctx, int64_t a, int64_t b);
+
+typedef struct {  /* the arguments of a qc_dot_ggml / qc_dot_int call, or of any row function (qc_parallel) */
+    qc_rows_fn fn; const void *ctx;
     int is_int, type, bits, group, flags;
     const uint8_t *W; int64_t rb;
     const void *scales, *offsets; const uint16_t *steps;
@@ -37,7 +42,9 @@ typedef struct {  /* one worker's mailbox: its range of the current job and the 
 
 static void run_rows(const qc_call *c, int64_t a, int64_t b) {  /* rows [a, b) of the call */
     float *y = c->y + (a - c->r0);
-    if (c->is_int)
+    if (c->fn)
+        c->fn(c->ctx, a, b);
+    else if (c->is_int)
         qc_dot_int(c->W, c->rb, c->scales, c->offsets, c->steps, c->bits, c->group, c->flags, c->x, c->T,
                    c->cols, y, c->ldy, a, b);
     else
@@ -47,7 +54,7 @@ static void run_rows(const qc_call *c, int64_t a, int64_t b) {  /* rows [a, b) o
 static pthread_mutex_t busy = PTHREAD_MUTEX_INITIALIZER;  /* held by the caller of the running job */
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;    /* guards the slots' sleeping flags */
 static qc_slot slots[QC_MAX_THREADS];                     /* slots[1..workers]: slot 0 is the caller's */
-static int workers, spins, n_cpus;                       /* written with busy held, before a job is posted */
+static int workers, spins, n_cpus;                        /* written with busy held, before a job is posted */
 static qc_call job;
 
 static inline void pause_once(void) {
@@ -66,12 +73,23 @@ static int cpus(void) {  /* the CPUs this process may run on, read once (as form
     return n_cpus = n > 0 ? (int)n : 1;
 }
 
+static int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
 static void *worker(void *arg) {
     qc_slot *s = arg;
     uint64_t seen = __atomic_load_n(&s->done, __ATOMIC_ACQUIRE);  /* = posted when the slot is made */
     for (;;) {
-        const int limit = __atomic_load_n(&spins, __ATOMIC_RELAXED);
-        for (int i = 0; i < limit && __atomic_load_n(&s->posted, __ATOMIC_ACQUIRE) == seen; i++) pause_once();
+        if (__atomic_load_n(&spins, __ATOMIC_RELAXED)) {
+            const int64_t t0 = now_ns();
+            for (int i = 1; __atomic_load_n(&s->posted, __ATOMIC_ACQUIRE) == seen; i++) {
+                pause_once();
+                if (i % 64 == 0 && now_ns() - t0 > QC_SPIN_NS) break;
+            }
+        }
         if (__atomic_load_n(&s->posted, __ATOMIC_ACQUIRE) == seen) {
             pthread_mutex_lock(&mu);
             s->sleeping = 1;
@@ -124,7 +142,7 @@ static void run_split(const qc_call *c, int64_t r1, int threads) {
     if (parts < 2 || pthread_mutex_trylock(&busy) != 0) { run_rows(c, r0, r1); return; }
     const int have = ensure_workers(parts - 1);
     if (have < parts - 1) parts = 1 + have;
-    __atomic_store_n(&spins, threads <= cpus() ? QC_SPINS : 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&spins, threads <= cpus(), __ATOMIC_RELAXED);
     job = *c;
     for (int i = 1; i < parts; i++) {
         qc_slot *s = &slots[i];
@@ -135,10 +153,14 @@ static void run_split(const qc_call *c, int64_t r1, int threads) {
         pthread_mutex_unlock(&mu);
     }
     run_rows(c, r0, r0 + n / parts);
-    const int limit = __atomic_load_n(&spins, __ATOMIC_RELAXED);
+    int spin = __atomic_load_n(&spins, __ATOMIC_RELAXED);
+    const int64_t t0 = spin ? now_ns() : 0;
     for (int i = 1; i < parts; i++)
-        for (int k = 0; __atomic_load_n(&slots[i].done, __ATOMIC_ACQUIRE) != slots[i].posted; k++)
-            if (k < limit) pause_once(); else sched_yield();
+        for (int k = 1; __atomic_load_n(&slots[i].done, __ATOMIC_ACQUIRE) != slots[i].posted; k++) {
+            if (!spin) { sched_yield(); continue; }
+            pause_once();
+            if (k % 64 == 0 && now_ns() - t0 > QC_SPIN_NS) spin = 0;
+        }
     pthread_mutex_unlock(&busy);
 }
 
@@ -146,7 +168,7 @@ static void run_split(const qc_call *c, int64_t r1, int threads) {
 int qc_matmul_ggml(int type, const uint8_t *W, int64_t row_bytes, const float *x, int64_t T, int64_t cols,
                    float *y, int64_t ldy, int64_t r0, int64_t r1, int threads) {
     if (qc_dot_ggml(type, W, row_bytes, x, 0, cols, y, ldy, r0, r0)) return -1;  /* type check, no work */
-    const qc_call c = {0, type, 0, 0, 0, W, row_bytes, NULL, NULL, NULL, x, T, cols, y, ldy, r0};
+    const qc_call c = {NULL, NULL, 0, type, 0, 0, 0, W, row_bytes, NULL, NULL, NULL, x, T, cols, y, ldy, r0};
     run_split(&c, r1, threads);
     return 0;
 }
@@ -157,8 +179,15 @@ int qc_matmul_int(const uint8_t *codes, int64_t code_row_bytes, const void *scal
                   int64_t cols, float *y, int64_t ldy, int64_t r0, int64_t r1, int threads) {
     if (qc_dot_int(codes, code_row_bytes, scales, offsets, steps, bits, group, flags, x, 0, cols, y, ldy,
                    r0, r0)) return -1;
-    const qc_call c = {1, 0, bits, group, flags, codes, code_row_bytes, scales, offsets, steps, x, T, cols,
-                       y, ldy, r0};
+    const qc_call c = {NULL, NULL, 1, 0, bits, group, flags, codes, code_row_bytes, scales, offsets, steps, x, T,
+                       cols, y, ldy, r0};
     run_split(&c, r1, threads);
     return 0;
+}
+
+/* fn(ctx, a, b) over [0, n) cut into `threads` contiguous ranges run at once (the same workers): for work
+ * whose rows are independent, e.g. the attention heads of a decoding step (_step.c) */
+void qc_parallel(qc_rows_fn fn, const void *ctx, int64_t n, int threads) {
+    const qc_call c = {fn, ctx, 0, 0, 0, 0, 0, NULL, 0, NULL, NULL, NULL, NULL, 0, 0, NULL, 0, 0};
+    run_split(&c, n, threads);
 }

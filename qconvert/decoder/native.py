@@ -1,6 +1,8 @@
-"""The decoder's C library (``qconvert.decoder._kernels``: _kernels.c, _dot.c, _dot_int.c, _dot_par.c) and
+"""The decoder's C library (``qconvert.decoder._kernels``: _kernels.c, _dot.c, _dot_int.c, _dot_par.c, _step.c) and
 its signatures, declared once. ``LIB`` is None when the library is not built (the numpy paths run)."""
 from __future__ import annotations
+
+import ctypes
 
 from formats.native import I64, INT, P, load
 
@@ -19,6 +21,8 @@ SIGNATURES = {
     "qc_dot_iq_register_signs": ([P], INT),
     "qc_softmax_causal": ([P, I64, I64, I64, I64, I64], None),
     "qc_silu_mul": ([P, I64, P, I64, I64, P, I64, I64], None),
+    "qc_decode_layer": ([P, P, P, P, I64, I64, P, P, ctypes.c_float, INT, P], INT),
+    "qc_decode_scratch": ([P, I64], I64),
 }
 LIB = load("qconvert.decoder._kernels", SIGNATURES)
 ISA_NAMES = ("portable C", "AVX2", "AVX-512")

@@ -17,6 +17,7 @@ from qconvert.decoder.dca import DualChunk
 from qconvert.decoder.matvec import Matrix, silu_mul, softmax_causal
 from qconvert.decoder.model import LayerNames, lm_head_name, load_f32
 from qconvert.decoder.rope import cos_sin, inv_freq_and_scale
+from qconvert.decoder.step import LayerStep
 
 ATTN_BLOCK = 128
 
@@ -64,6 +65,8 @@ class NumpyDecoder:
     ``stream``: each layer's pages are dropped from the process after the layer ran (and the head's
     block by block), so a forward pass holds one layer of weights whatever the model's size; the page
     cache still keeps them while memory allows. Without it the weights stay mapped in as they are touched.
+    ``c_step``: one-token steps of dense layers run as one C call each (step.py; same maths, float32 rounding);
+    False runs every step through the numpy blocks below.
     """
 
     def __init__(self, src: Source, stream: bool = False):
@@ -84,6 +87,8 @@ class NumpyDecoder:
         self.dca = DualChunk.of(cfg)
         self.layer_mats = [[m for k, m in self.m.items() if k.startswith(f"model.layers.{i}.")]
                            for i in range(cfg.num_hidden_layers)]
+        self.steps = [LayerStep.of(self, i) for i in range(cfg.num_hidden_layers)]
+        self.c_step = True
 
     def new_cache(self, max_len: int) -> KVCache:
         """An empty KV cache for up to ``max_len`` positions."""
@@ -178,10 +183,16 @@ class NumpyDecoder:
         if self.stream:
             emb.release()
         last = len(self.layers) - 1
+        one = T == 1 and dca_q is None and self.c_step
+        scratch = next((s.scratch(cache.max_len) for s in self.steps if s), None) if one else None
         for i in range(len(self.layers)):
             # with last_only, the last layer needs every position's keys/values but only the last query
             keep = slice(T - 1, T) if last_only and i == last else slice(None)
-            x = self.layer(i, x, cache, cos, sin, keep, dca_q)
+            if one and self.steps[i]:
+                x = np.ascontiguousarray(x, dtype=np.float32)
+                self.steps[i](x[0], cache.k[i], cache.v[i], cache.length, cos[0], sin[0], scratch)
+            else:
+                x = self.layer(i, x, cache, cos, sin, keep, dca_q)
             if self.stream:
                 for m in self.layer_mats[i]:
                     m.release()
