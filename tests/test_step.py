@@ -86,3 +86,23 @@ def test_step_does_not_depend_on_the_thread_count(tiny, sample_tokens):
     assert np.isfinite(outs[0]).all() and outs[0].std() > 0.1
     for o in outs[1:]:
         assert o.view(np.uint32).tobytes() == outs[0].view(np.uint32).tobytes()
+
+
+@pytest.mark.parametrize("level", [0, 1])
+def test_step_on_each_instruction_set(tiny, sample_tokens, level):
+    """The portable C and the AVX2 attention (qc_dot_isa's level, lowered as native.set_isa does) both give the
+    numpy blocks' logits, past the length where the scores run four keys at a time."""
+    from qconvert.decoder import native
+
+    ids = (list(sample_tokens) * 2)[:140]
+    try:
+        native.set_isa(level)
+        with open_model(str(tiny("h256"))) as src:
+            dec = make_decoder(src)
+            fast = incremental(dec, ids, 100)
+            dec.c_step = False
+            ref = incremental(dec, ids, 100)
+    finally:
+        native.set_isa(-1)
+    assert np.abs(fast - ref).max() <= 1e-4 * np.abs(ref).max()
+    assert (fast.argmax(-1) == ref.argmax(-1)).all()

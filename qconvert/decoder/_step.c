@@ -78,31 +78,78 @@ static void rope(float *x, int64_t heads, int64_t hd, const float *cos, const fl
         }
 }
 
-static float dot_portable(const float *a, const float *b, int64_t n) {
-    float s[8] = {0};
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int k = 0; k < 8; k++) s[k] += a[i + k] * b[i + k];
-    for (; i < n; i++) s[0] += a[i] * b[i];
-    return ((s[0] + s[4]) + (s[2] + s[6])) + ((s[1] + s[5]) + (s[3] + s[7]));
+/* Attention of one query head: scores p[s] = q . K[s] for keys s < S, and o = sum_s p[s] V[s] (rows of hd
+ * floats). Portable C, and AVX2 + FMA (four keys at a time for the scores, hd in registers for o) where the
+ * product kernels use AVX2 or AVX-512 (qc_dot_isa, which tests can lower: set_isa in native.py); each is
+ * one fixed order of float32 operations, so a head's result does not depend on which thread runs it. */
+static void scores_portable(const float *q, const float *K, int64_t S, int64_t hd, float *p) {
+    for (int64_t s = 0; s < S; s++) {
+        float a = 0.0f;
+        for (int64_t i = 0; i < hd; i++) a += q[i] * K[s * hd + i];
+        p[s] = a;
+    }
+}
+static void pv_portable(const float *p, const float *V, int64_t S, int64_t hd, float *o) {
+    memset(o, 0, (size_t)hd * sizeof(float));
+    for (int64_t s = 0; s < S; s++)
+        for (int64_t i = 0; i < hd; i++) o[i] += p[s] * V[s * hd + i];
 }
 #ifdef QC_X86
-/* the same sum as dot_portable, eight lanes at a time (the lanes' partial sums combined in the same order) */
-__attribute__((target("avx2,fma"))) static float dot_avx2(const float *a, const float *b, int64_t n) {
-    __m256 s = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) s = _mm256_add_ps(s, _mm256_mul_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i)));
-    float l[8];
-    _mm256_storeu_ps(l, s);
-    for (; i < n; i++) l[0] += a[i] * b[i];
-    return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+__attribute__((target("avx2,fma"))) static void scores_avx2(const float *q, const float *K, int64_t S, int64_t hd,
+                                                            float *p) {
+    int64_t s = 0;
+    if (hd % 8 == 0)
+        for (; s + 4 <= S; s += 4) {
+            const float *k = K + s * hd;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int64_t i = 0; i < hd; i += 8) {
+                const __m256 qv = _mm256_loadu_ps(q + i);
+                a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + i), a0);
+                a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + hd + i), a1);
+                a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 2 * hd + i), a2);
+                a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 3 * hd + i), a3);
+            }
+            const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+            _mm_storeu_ps(p + s, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+        }
+    scores_portable(q, K + s * hd, S - s, hd, p + s);
+}
+__attribute__((target("avx2,fma"))) static void pv_avx2(const float *p, const float *V, int64_t S, int64_t hd,
+                                                        float *o) {
+    int64_t d = 0;
+    for (; d + 64 <= hd; d += 64) {
+        __m256 a[8];
+        for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
+        for (int64_t s = 0; s < S; s++) {
+            const __m256 w = _mm256_set1_ps(p[s]);
+            const float *v = V + s * hd + d;
+            for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * j), a[j]);
+        }
+        for (int j = 0; j < 8; j++) _mm256_storeu_ps(o + d + 8 * j, a[j]);
+    }
+    for (; d + 8 <= hd; d += 8) {
+        __m256 a = _mm256_setzero_ps();
+        for (int64_t s = 0; s < S; s++) a = _mm256_fmadd_ps(_mm256_set1_ps(p[s]), _mm256_loadu_ps(V + s * hd + d), a);
+        _mm256_storeu_ps(o + d, a);
+    }
+    for (; d < hd; d++) {
+        float a = 0.0f;
+        for (int64_t s = 0; s < S; s++) a += p[s] * V[s * hd + d];
+        o[d] = a;
+    }
 }
 #endif
-static float dot(const float *a, const float *b, int64_t n) {
+static void scores(const float *q, const float *K, int64_t S, int64_t hd, float *p) {
 #ifdef QC_X86
-    if (has_f16c()) return dot_avx2(a, b, n);
+    if (qc_dot_isa() >= 1) { scores_avx2(q, K, S, hd, p); return; }
 #endif
-    return dot_portable(a, b, n);
+    scores_portable(q, K, S, hd, p);
+}
+static void pv(const float *p, const float *V, int64_t S, int64_t hd, float *o) {
+#ifdef QC_X86
+    if (qc_dot_isa() >= 1) { pv_avx2(p, V, S, hd, o); return; }
+#endif
+    pv_portable(p, V, S, hd, o);
 }
 
 /* one query's attention over keys 0..pos, for heads [a, b) (each head's result is computed the same way
@@ -120,13 +167,9 @@ static void attend(const void *ctx, int64_t a, int64_t b) {
         const float *K = c->kc + j * c->max_len * hd, *V = c->vc + j * c->max_len * hd;
         float *qh = c->q + h * hd, *o = c->out + h * hd, *p = c->p + h * c->max_len;
         for (int64_t i = 0; i < hd; i++) qh[i] *= c->scale;
-        for (int64_t s = 0; s < S; s++) p[s] = dot(qh, K + s * hd, hd);
+        scores(qh, K, S, hd, p);
         qc_softmax_causal(p, 0, 1, S, 1, c->pos);
-        memset(o, 0, (size_t)hd * sizeof(float));
-        for (int64_t s = 0; s < S; s++) {
-            const float w = p[s], *vs = V + s * hd;
-            for (int64_t i = 0; i < hd; i++) o[i] += w * vs[i];
-        }
+        pv(p, V, S, hd, o);
     }
 }
 
