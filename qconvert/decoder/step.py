@@ -6,7 +6,7 @@ more threads. ``LayerStep`` hands the C step everything a layer needs once (size
 stacked products' parts); a decoding step then costs one call per layer. The maths is NumpyDecoder.layer's
 in float32, the products the same C kernels; logits agree to float32 rounding and do not depend on the thread
 count (tests/test_step.py). ``LayerStep.of`` gives None where the step does not apply (MoE layers, column-
-permuted int codes, no C library): the numpy path runs there.
+permuted int codes, a layer with vectors it does not know, no C library): the numpy path runs there.
 """
 from __future__ import annotations
 
@@ -55,6 +55,9 @@ class LayerStep:
         """Layer ``i`` of NumpyDecoder ``dec``, or None where the numpy path must run."""
         cfg, n, w, m = dec.cfg, dec.layers[i], dec.w, dec.m
         if LIB is None or cfg.is_moe or n.up in m or n.k in m:  # MoE, or products not stacked as the step expects
+            return None
+        known = {n.ln1, n.ln2, n.q_b, n.k_b, n.v_b}
+        if any(k.startswith(f"model.layers.{i}.") and k not in known for k in w):  # e.g. per-head q/k norms
             return None
         mats = [matrix_words(m[name]) for name in (n.q, n.o, n.gate, n.down)]
         if any(x is None for x in mats):
