@@ -98,6 +98,11 @@ def take(m: PackedMatrix, idx: np.ndarray) -> np.ndarray:
     return dequant(m.subset(idx))
 
 
+def decode_threads(m: PackedMatrix) -> int:
+    """The most threads a decoding product over ``m`` is split into (each gets at least MIN_PART weights)."""
+    return max(1, m.rows * m.cols // MIN_PART)
+
+
 def _dot(m: PackedMatrix, x: np.ndarray, y: np.ndarray, ldy: int, r0: int, r1: int, threads: int = 1) -> None:
     """C dot kernels: y's columns [r0, r1) (y: row stride ``ldy`` floats) = x @ W[r0:r1].T, the rows split
     over ``threads`` threads: the caller and the kernels' workers (_dot_par.c)."""
@@ -140,7 +145,7 @@ def matmul(m: PackedMatrix, x: np.ndarray, out: np.ndarray | None = None) -> np.
         o2[...] = x @ _dequant_numpy(m, 0, m.rows).T  # stored order, as x is
     elif T <= DECODE_ROWS:
         ldy = o2.strides[0] // 4 if T > 1 else m.rows
-        _dot(m, x, o2, ldy, 0, m.rows, min(threads.count(), max(1, m.rows * m.cols // MIN_PART)))
+        _dot(m, x, o2, ldy, 0, m.rows, min(threads.count(), decode_threads(m)))
     else:
         threads.sync_libraries()
         step = max(1, min(m.rows, BLOCK_VALUES // max(1, m.cols)))

@@ -18,16 +18,15 @@ from qconvert.decoder.matvec import Matrix
 from qconvert.decoder.native import LIB
 
 PARTS, PART_WORDS = 3, 12  # _step.c QC_PARTS, QC_PART_WORDS
-SIZES = ("hidden", "heads", "kv_heads", "head_dim", "ffn", "ln1", "ln2", "q_b", "k_b", "v_b")  # _step.c L_*
 
 
 def _ptr(a: np.ndarray | None) -> int:
-    return 0 if a is None else a.ctypes.data
+    return products._ptr(a) or 0  # a word of the description: 0 for an absent array
 
 
 def part_words(p) -> list[int]:
     """One stacked tensor of a product, as _step.c's P_* words."""
-    max_threads = max(1, p.rows * p.cols // products.MIN_PART)
+    max_threads = products.decode_threads(p)
     if p.is_int:
         return [1, 0, p.bits, p.group, p.flags, p.rows, max_threads, _ptr(p.qweight), p.qweight.strides[0],
                 _ptr(p.scales), _ptr(p.offsets), _ptr(p.steps)]
