@@ -97,8 +97,8 @@ def main() -> None:
     ap.add_argument("--llama-modes", nargs="*", choices=MODES, default=list(MODES), help="none: ours only")
     args = ap.parse_args()
     if args.llama_run:
-        p, d = llama(args.llama_run, prompt(args.prompt), args.decode, args.threads[0], args.llama_modes[0] == "repack")
-        print(p, d)
+        repack = args.llama_modes[0] == "repack"
+        print(*llama(args.llama_run, prompt(args.prompt), args.decode, args.threads[0], repack))
         return
     files = args.gguf or [fetch_real_model(model=args.model)]
     ids = prompt(args.prompt)
@@ -123,7 +123,7 @@ def main() -> None:
         for k in names:
             for t in args.threads:
                 got = [r for r in runs[k][t] if r is not None]
-                med[k, t] = (statistics.median(r[0] for r in got), statistics.median(r[1] for r in got)) if got else None
+                med[k, t] = tuple(statistics.median(r[j] for r in got) for j in (0, 1)) if got else None
         for k in names:
             for t in args.threads:
                 m, base = med[k, t], med[k, args.threads[0]]

@@ -5,10 +5,11 @@
  * Rule: a decoding product is short, so handing part of it over must cost far less than the product; a
  * Python thread pool does not meet that (a wake-up through a condition variable and the GIL per call), these
  * workers do: each waits for its next range spinning for QC_SPIN_NS (decoding calls come back to back, a
- * wake-up from sleep costs tens of microseconds), then sleeps on its condition variable. When more threads are asked for than the process has CPUs, nobody
- * spins (a spinning thread would hold the CPU the others need): workers sleep at once and the caller yields
- * while it waits. Each row is computed by the same code whatever range holds it, so results do not depend on
- * the thread count (tests/test_threads.py); `qconvert generate --threads N` reports the decode speed it gives.
+ * wake-up from sleep costs tens of microseconds), then sleeps on its condition variable. When more threads
+ * are asked for than the process has CPUs, nobody spins (a spinning thread would hold the CPU the others
+ * need): workers sleep at once and the caller yields while it waits. Each row is computed by the same code
+ * whatever range holds it, so results do not depend on the thread count (tests/test_threads.py);
+ * `qconvert generate --threads N` reports the decode speed it gives.
  * One job at a time: a second caller while one runs computes all its rows itself. After fork() the child
  * starts without workers and makes new ones on first use. */
 #define _GNU_SOURCE
