@@ -258,11 +258,12 @@ def verify_cmd(ref, cand, text, ctx, max_kld, min_top1, json_out, plot, backend,
 @click.option("--system", default=None, help="system message for --chat")
 @click.option("--max-new-tokens", default=128, show_default=True)
 @click.option("--ignore-eos", is_flag=True, help="keep going past end-of-sequence tokens")
-@click.option("--max-memory", default=None, help="weights stay resident while the model's stored size fits this "
-              "(e.g. 8G); larger models stream a layer at a time per token (slow but bounded). Default: 80% of "
-              "the RAM available now")
+@click.option("--max-memory", default=None, help="weights stay resident while the model's stored size fits this (e.g. "
+              "8G); larger ones stream a layer at a time per token (slow, bounded). Default: 80% of the RAM available")
+@click.option("--activations", type=click.Choice(["float", "q8"]), default="float", show_default=True,
+              help="decoding products in float32 (as logits / verify), or on llama.cpp's 8-bit activations (faster)")
 @_common("backend")
-def generate_cmd(model, prompt, chat, system, max_new_tokens, ignore_eos, max_memory, backend, device, dtype) -> None:
+def generate_cmd(model, prompt, chat, system, max_new_tokens, ignore_eos, max_memory, activations, **be) -> None:
     """Greedy generation, streamed; ends with prefill and decode tokens/s."""
     from qconvert.convert import memory_budget
     from qconvert.generate import generate
@@ -272,7 +273,7 @@ def generate_cmd(model, prompt, chat, system, max_new_tokens, ignore_eos, max_me
         sys.stdout.flush()
 
     click.echo(generate(model, prompt, write, lambda s: click.echo(s, err=True), chat, system, max_new_tokens,
-                        ignore_eos, memory_budget(max_memory), backend, device, dtype))
+                        ignore_eos, memory_budget(max_memory), activations=activations, **be))
 
 
 def main() -> None:

@@ -49,10 +49,13 @@ class Streamer:
 
 def generate(location: str, prompt: str, write: Callable[[str], None], note: Callable[[str], None],
              chat: bool = False, system: str | None = None, max_new_tokens: int = 128, ignore_eos: bool = False,
-             memory_budget: int = 8 << 30, backend: str = "numpy", device: str = "cpu", dtype: str = "float32") -> str:
+             memory_budget: int = 8 << 30, backend: str = "numpy", device: str = "cpu", dtype: str = "float32",
+             activations: str = "float") -> str:
     """Greedy generation from ``prompt`` (``chat``: as a user turn of the model's chat template), text streamed to
     ``write``. Weights stay resident while the model's stored size fits ``memory_budget`` bytes; a larger model
-    streams a layer at a time per token (``note`` says so). The closing speed line."""
+    streams a layer at a time per token (``note`` says so). ``activations``: "float" decodes on float32 products,
+    "q8" on llama.cpp's 8-bit activation blocks where the storage type has such kernels (the numpy backend).
+    The closing speed line."""
     with open_model(location) as src:
         tok = src.tokenizer
         if chat:
@@ -66,10 +69,14 @@ def generate(location: str, prompt: str, write: Callable[[str], None], note: Cal
             note(f"[weights {stored / 2**30:.1f} GiB > memory budget {memory_budget / 2**30:.1f} GiB: streaming "
                  "layer by layer]")
         dec = make_decoder(src, backend, device, dtype, stream=stream)
+        q8 = activations == "q8" and hasattr(dec, "activations")
+        if q8:
+            dec.activations = "q8"
         stop = set() if ignore_eos else {i for i in (tok.eos_id, tok.pad_id) if i is not None}
         if chat and not ignore_eos:
             stop |= {i for i, s in enumerate(tok.tokens[: tok.n_real]) if s in ("<|im_end|>", "<|endoftext|>")
                      and tok.token_types[i] == CONTROL}
         res = greedy(dec, ids, max_new_tokens, stop, Streamer(t, write))
     return (f"\n[{len(ids)} prompt tokens: prefill {res['prefill_tok_s']:.1f} tok/s; {len(res['tokens'])} new "
-            f"tokens: decode {res['decode_tok_s']:.1f} tok/s; {backend} on {device}]")
+            f"tokens: decode {res['decode_tok_s']:.1f} tok/s; {backend} on {device}, "
+            f"{'q8 activations' if q8 else 'float32 products'}]")

@@ -7,12 +7,14 @@ a noisy machine slows every count alike; the median round is printed, with each 
 the first count. By default llama.cpp runs too (llama-cpp-python, the same threads, each run in a fresh
 process so that its thread pool never competes with ours), in both of its modes: ``repack`` is its default
 (weights repacked into its CPU extra buffer types: AMX / AVX-512 int8 paths), ``plain`` has repacking off
-(qconvert.testing.peers.open_llama); a mode that crashes on a file is reported as such. Ratios are ours over
-llama.cpp's at the same threads.
+(qconvert.testing.peers.open_llama); a mode that crashes on a file is reported as such. Ours decodes on
+llama.cpp's 8-bit activations as `qconvert generate` does (``--activations q8``; ``float``: the float32
+products of logits / verify; both: two rows). Ratios are our first row over llama.cpp's at the same threads.
 
     python scripts/bench_threads.py                       # the real 0.5B Q4_K_M, 1 and 2 threads
     python scripts/bench_threads.py --model 1.5b --rounds 5
     python scripts/bench_threads.py --gguf a.gguf b.gguf --threads 2 --llama-modes repack
+    python scripts/bench_threads.py --activations q8 float --llama-modes
 """
 from __future__ import annotations
 
@@ -95,6 +97,8 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--decode", type=int, default=48)
     ap.add_argument("--llama-modes", nargs="*", choices=MODES, default=list(MODES), help="none: ours only")
+    ap.add_argument("--activations", nargs="+", choices=("float", "q8"), default=["float", "q8"],
+                    help="our decoding products: float32 (generate's default) and / or llama.cpp's 8-bit activations")
     args = ap.parse_args()
     if args.llama_run:
         repack = args.llama_modes[0] == "repack"
@@ -108,11 +112,14 @@ def main() -> None:
         src = open_model(str(f))
         dec = make_decoder(src)
         ours(dec, ids[:16], 4, args.threads[0])  # warm-up: pages mapped in
-        names = ["ours"] + [f"llama.cpp {m}" for m in args.llama_modes]
+        mine = [f"ours {a}" for a in args.activations]
+        names = mine + [f"llama.cpp {m}" for m in args.llama_modes]
         runs: dict[str, dict[int, list]] = {k: {t: [] for t in args.threads} for k in names}
         for _ in range(args.rounds):
             for t in args.threads:
-                runs["ours"][t].append(ours(dec, ids, args.decode, t))
+                for a in args.activations:
+                    dec.activations = a
+                    runs[f"ours {a}"][t].append(ours(dec, ids, args.decode, t))
                 for m in args.llama_modes:
                     runs[f"llama.cpp {m}"][t].append(llama_fresh(f, args, t, m))
         src.close()
@@ -130,7 +137,7 @@ def main() -> None:
                 if m is None:
                     print(f"{k:<18} {t:7d} {'crashed':>8}")
                     continue
-                o = med["ours", t]
+                o = med[mine[0], t]
                 print(f"{k:<18} {t:7d} {m[0]:8.1f} {m[1]:8.2f} {m[1] / base[1]:11.2f} {o[0] / m[0]:15.2f} "
                       f"{o[1] / m[1]:14.2f}")
 

@@ -59,6 +59,9 @@ int qc_dot_iq_register(int type, const int8_t *values, int64_t n) {
 int qc_dot_iq_register_signs(const uint8_t *ksigns) { memcpy(iq_ksigns, ksigns, 128); iq_have_signs = 1; return 0; }
 static const int8_t *iq_grid(int type) { int64_t n; int8_t **s = grid_slot(type, &n); return s ? *s : NULL; }
 static const uint8_t *iq_signs(void) { return iq_have_signs ? iq_ksigns : NULL; }
+/* the same tables for _dot_q8.c (NULL until registered) */
+const int8_t *qc_iq_grid_of(int type) { return iq_grid(type); }
+const uint8_t *qc_iq_signs_of(void) { return iq_signs(); }
 
 /* values and bytes per block of a block type; 0 for other types (and for an i-quant whose grid is missing) */
 static int block_shape(int type, int *bytes) {

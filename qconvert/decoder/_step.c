@@ -35,18 +35,24 @@ void qc_softmax_causal(float *x, int64_t r0, int64_t r1, int64_t S, int64_t b, i
 void qc_silu_mul(const float *G, int64_t ldg, const float *U, int64_t ldu, int64_t f, float *out, int64_t r0,
                  int64_t r1);
 void qc_parallel(void (*fn)(const void *ctx, int64_t a, int64_t b), const void *ctx, int64_t n, int threads);
+int qc_q8_supports(int type);
+int qc_matmul_q8(int type, const uint8_t *W, int64_t row_bytes, const float *x, int64_t cols, float *y, int64_t r0,
+                 int64_t r1, int threads);
 
 #define QC_ATTN_SPLIT (1 << 16)  /* multiply-adds of a step's attention below which one thread does it all */
 
 #define PTR(T, v) ((T)(intptr_t)(v))
 
-/* y = x @ W.T for one row x of `cols` values: each stacked part writes its rows of y */
-static int product(const int64_t *m, const float *x, int64_t cols, float *y, int threads) {
+/* y = x @ W.T for one row x of `cols` values: each stacked part writes its rows of y. q8: on 8-bit
+ * activations where the part's type has such a kernel (_dot_q8.c), else float32 */
+static int product(const int64_t *m, const float *x, int64_t cols, float *y, int threads, int q8) {
     for (int64_t i = 0, r = 0; i < m[0]; i++) {
         const int64_t *p = m + 1 + i * QC_PART_WORDS;
         const int64_t rows = p[P_ROWS];
         const int t = threads < p[P_MAX_THREADS] ? threads : (int)p[P_MAX_THREADS];
-        const int rc = p[P_IS_INT]
+        const int rc = q8 && !p[P_IS_INT] && qc_q8_supports((int)p[P_TYPE])
+            ? qc_matmul_q8((int)p[P_TYPE], PTR(const uint8_t *, p[P_W]), p[P_RB], x, cols, y + r, 0, rows, t)
+            : p[P_IS_INT]
             ? qc_matmul_int(PTR(const uint8_t *, p[P_W]), p[P_RB], PTR(const void *, p[P_SCALES]),
                             PTR(const void *, p[P_OFFSETS]), PTR(const uint16_t *, p[P_STEPS]), (int)p[P_BITS],
                             (int)p[P_GROUP], (int)p[P_FLAGS], x, 1, cols, y + r, rows, 0, rows, t)
@@ -179,7 +185,7 @@ static void attend(const void *ctx, int64_t a, int64_t b) {
  * The products and the attention heads are split over `threads` by rows; the rest runs on the caller.
  * Returns 0, or -1 when a product's storage type has no C kernel. */
 int qc_decode_layer(const int64_t *L, float *x, float *kc, float *vc, int64_t max_len, int64_t pos,
-                    const float *cos, const float *sin, float eps, int threads, float *scratch) {
+                    const float *cos, const float *sin, float eps, int threads, int q8, float *scratch) {
     const int64_t H = L[L_HIDDEN], nh = L[L_HEADS], nkv = L[L_KV_HEADS], hd = L[L_HEAD_DIM], F = L[L_FFN];
     const int64_t *mats = L + L_MATS, S = pos + 1;
     float *xn = scratch, *qkv = xn + H, *att = qkv + (nh + 2 * nkv) * hd, *y = att + nh * hd;
@@ -187,7 +193,7 @@ int qc_decode_layer(const int64_t *L, float *x, float *kc, float *vc, int64_t ma
     float *q = qkv, *k = q + nh * hd, *v = k + nkv * hd;
 
     rms_norm(x, PTR(const float *, L[L_LN1]), H, eps, xn);
-    if (product(mats + M_QKV * QC_MAT_WORDS, xn, H, qkv, threads)) return -1;
+    if (product(mats + M_QKV * QC_MAT_WORDS, xn, H, qkv, threads, q8)) return -1;
     const float *qb = PTR(const float *, L[L_QB]), *kb = PTR(const float *, L[L_KB]), *vb = PTR(const float *, L[L_VB]);
     if (qb) for (int64_t i = 0; i < nh * hd; i++) q[i] += qb[i];
     if (kb) for (int64_t i = 0; i < nkv * hd; i++) k[i] += kb[i];
@@ -201,13 +207,13 @@ int qc_decode_layer(const int64_t *L, float *x, float *kc, float *vc, int64_t ma
     const qc_attention a = {q, kc, vc, att, p, max_len, hd, nh / nkv, pos, (float)(1.0 / sqrt((double)hd))};
     const int64_t work = nh * S * hd;  /* the heads go to several threads only when they outweigh a hand-over */
     qc_parallel(attend, &a, nh, work >= QC_ATTN_SPLIT ? threads : 1);
-    if (product(mats + M_O * QC_MAT_WORDS, att, nh * hd, y, threads)) return -1;
+    if (product(mats + M_O * QC_MAT_WORDS, att, nh * hd, y, threads, q8)) return -1;
     for (int64_t i = 0; i < H; i++) x[i] += y[i];
 
     rms_norm(x, PTR(const float *, L[L_LN2]), H, eps, xn);
-    if (product(mats + M_GATE_UP * QC_MAT_WORDS, xn, H, gu, threads)) return -1;
+    if (product(mats + M_GATE_UP * QC_MAT_WORDS, xn, H, gu, threads, q8)) return -1;
     qc_silu_mul(gu, 0, gu + F, 0, F, act, 0, 1);
-    if (product(mats + M_DOWN * QC_MAT_WORDS, act, F, y, threads)) return -1;
+    if (product(mats + M_DOWN * QC_MAT_WORDS, act, F, y, threads, q8)) return -1;
     for (int64_t i = 0; i < H; i++) x[i] += y[i];
     return 0;
 }

@@ -108,14 +108,15 @@ class Matrix:
             r += p.rows
         return out[0] if len(out) == 1 else np.concatenate(out)
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray, q8: bool = False) -> np.ndarray:
+        """x @ W.T (``q8``: on llama.cpp's 8-bit activations where products.matmul has them)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         if len(self.parts) == 1:
-            return products.matmul(self.parts[0], x)
+            return products.matmul(self.parts[0], x, q8=q8)
         out = np.empty((x.shape[0], self.rows), np.float32)
         r = 0
         for p in self.parts:
-            products.matmul(p, x, out=out[:, r:r + p.rows])
+            products.matmul(p, x, out=out[:, r:r + p.rows], q8=q8)
             r += p.rows
         return out
 

@@ -1,4 +1,4 @@
-"""The decoder's C library (``qconvert.decoder._kernels``: _kernels.c, _dot.c, _dot_int.c, _dot_par.c, _step.c) and
+"""The decoder's C library (``qconvert.decoder._kernels``: _kernels.c, _dot.c, _dot_int.c, _dot_par.c, _step.c, _dot_q8.c) and
 its signatures, declared once. ``LIB`` is None when the library is not built (the numpy paths run)."""
 from __future__ import annotations
 
@@ -21,8 +21,11 @@ SIGNATURES = {
     "qc_dot_iq_register_signs": ([P], INT),
     "qc_softmax_causal": ([P, I64, I64, I64, I64, I64], None),
     "qc_silu_mul": ([P, I64, P, I64, I64, P, I64, I64], None),
-    "qc_decode_layer": ([P, P, P, P, I64, I64, P, P, ctypes.c_float, INT, P], INT),
+    "qc_decode_layer": ([P, P, P, P, I64, I64, P, P, ctypes.c_float, INT, INT, P], INT),
     "qc_decode_scratch": ([P, I64], I64),
+    "qc_q8_supports": ([INT], INT),
+    "qc_matmul_q8": ([INT, P, I64, P, I64, P, I64, I64, INT], INT),
+    "qc_q8_quantize": ([INT, P, I64, P, P, P], INT),
 }
 LIB = load("qconvert.decoder._kernels", SIGNATURES)
 ISA_NAMES = ("portable C", "AVX2", "AVX-512")

@@ -67,6 +67,9 @@ class NumpyDecoder:
     cache still keeps them while memory allows. Without it the weights stay mapped in as they are touched.
     ``c_step``: one-token steps of dense layers run as one C call each (step.py; same maths, float32 rounding);
     False runs every step through the numpy blocks below.
+    ``activations``: "float" (the default: float32 products) or "q8": one-token steps and their logits run their
+    products on llama.cpp's 8-bit activation blocks where the storage type has such a kernel (products.matmul's
+    ``q8``), as llama.cpp computes them (`qconvert generate --activations q8`); MoE layers keep float32.
     """
 
     def __init__(self, src: Source, stream: bool = False):
@@ -89,6 +92,7 @@ class NumpyDecoder:
                            for i in range(cfg.num_hidden_layers)]
         self.steps = [LayerStep.of(self, i) for i in range(cfg.num_hidden_layers)]
         self.c_step = True
+        self.activations = "float"
 
     def new_cache(self, max_len: int) -> KVCache:
         """An empty KV cache for up to ``max_len`` positions."""
@@ -190,7 +194,8 @@ class NumpyDecoder:
             keep = slice(T - 1, T) if last_only and i == last else slice(None)
             if one and self.steps[i]:
                 x = np.ascontiguousarray(x, dtype=np.float32)
-                self.steps[i](x[0], cache.k[i], cache.v[i], cache.length, cos[0], sin[0], scratch)
+                self.steps[i](x[0], cache.k[i], cache.v[i], cache.length, cos[0], sin[0], scratch,
+                              self.activations == "q8")
             else:
                 x = self.layer(i, x, cache, cos, sin, keep, dca_q)
             if self.stream:
@@ -201,7 +206,7 @@ class NumpyDecoder:
 
     def project(self, h: np.ndarray) -> np.ndarray:
         """Logits [T, vocab] of final hidden states (streaming: the head's pages are dropped after use)."""
-        y = self.head(h)
+        y = self.head(h, q8=self.activations == "q8" and h.shape[0] == 1)
         if self.stream:
             self.head.release()
         return y

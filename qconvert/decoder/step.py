@@ -70,11 +70,13 @@ class LayerStep:
         return cls(words, keep, cfg.rms_norm_eps)
 
     def __call__(self, x: np.ndarray, k: np.ndarray, v: np.ndarray, pos: int, cos: np.ndarray, sin: np.ndarray,
-                 scratch: np.ndarray) -> None:
+                 scratch: np.ndarray, q8: bool = False) -> None:
         """x [hidden] (float32, contiguous) in place: the layer's output for the token at ``pos``; its key and
-        value go into k / v [kv_heads, max_len, head_dim] at ``pos``. cos / sin: [head_dim] tables of ``pos``."""
+        value go into k / v [kv_heads, max_len, head_dim] at ``pos``. cos / sin: [head_dim] tables of ``pos``.
+        ``q8``: products on llama.cpp's 8-bit activations where the storage type has them (_dot_q8.c)."""
         rc = LIB.qc_decode_layer(self.words.ctypes.data, x.ctypes.data, k.ctypes.data, v.ctypes.data, k.shape[1],
-                                 pos, cos.ctypes.data, sin.ctypes.data, self.eps, threads.count(), scratch.ctypes.data)
+                                 pos, cos.ctypes.data, sin.ctypes.data, self.eps, threads.count(), int(q8),
+                                 scratch.ctypes.data)
         if rc:
             raise ValueError("the C kernels cannot multiply by one of this layer's storage types")
 

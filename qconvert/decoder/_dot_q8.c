@@ -1,0 +1,286 @@
+/* Decoding products on 8-bit activations, as llama.cpp's CPU backend computes them: the row x is rounded to
+ * llama.cpp's activation blocks (ggml-cpu's vec_dot_type of the weight type: Q8_0 per 32 values for Q4_0,
+ * Q5_0, Q8_0 and IQ4_NL; Q8_K per 256 for the K-quants, IQ4_XS, IQ2_XXS and IQ3_XXS), then each block's
+ * product is an exact integer sum of weight codes times activation codes, scaled in float32. Part of
+ * qconvert.decoder._kernels; products.py and _step.c call qc_matmul_q8 for one row of x when a decoder runs
+ * with `activations = "q8"` (`qconvert generate --activations q8`; by default, and in logits / verify, the
+ * float32 products of _dot.c run).
+ *
+ * The rounding of x is llama.cpp's: Q8_0 (ggml-cpu/arch/x86/quants.c quantize_row_q8_0): d = amax / 127 kept as
+ * f16, codes round-half-even(x * 127 / amax); Q8_K (ggml-quants.c quantize_row_q8_K_ref): the value of largest
+ * magnitude m, codes nearest(-127 / m * x) capped at 127, d = 1 / (-127 / m), sums of 16 codes.
+ * tests/test_q8.py checks the codes against that rule, the products against float64 sums of the decoded
+ * weights times the decoded activations, and a first token's logits against llama.cpp's.
+ *
+ * Every integer sum is exact, and each row's float32 operations run in one fixed order in the portable code
+ * and the AVX2 kernels (_dot_q8_simd.h) alike: results equal across instruction sets and thread counts. */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include "_dot.h"
+#include "blocks.h"
+#include "iq_blocks.h"
+#include "types.h"
+
+const int8_t *qc_iq_grid_of(int type);  /* _dot.c: the grids native.py registers */
+const uint8_t *qc_iq_signs_of(void);
+void qc_parallel(void (*fn)(const void *ctx, int64_t a, int64_t b), const void *ctx, int64_t n, int threads);
+
+enum { ACT_NONE, ACT_Q8_0, ACT_Q8_K };
+
+/* the activation blocks of weight type `type` (llama.cpp's vec_dot_type), ACT_NONE without a kernel here */
+static int act_kind(int type) {
+    switch (type) {
+        case QC_Q4_0: case QC_Q5_0: case QC_Q8_0: case QC_IQ4_NL: return ACT_Q8_0;
+        case QC_Q4_K: case QC_Q5_K: case QC_Q6_K: case QC_IQ4_XS: return ACT_Q8_K;
+        case QC_IQ2_XXS: case QC_IQ3_XXS: return qc_iq_grid_of(type) && qc_iq_signs_of() ? ACT_Q8_K : ACT_NONE;
+        default: return ACT_NONE;
+    }
+}
+
+static int block_bytes(int type) {
+    int bb = 0;
+    switch (type) {
+        case QC_Q4_0: return QC_Q4_0_BYTES;
+        case QC_Q5_0: return QC_Q5_0_BYTES;
+        case QC_Q8_0: return QC_Q8_0_BYTES;
+        case QC_Q4_K: return QC_Q4_K_BYTES;
+        case QC_Q5_K: return QC_Q5_K_BYTES;
+        case QC_Q6_K: return QC_Q6_K_BYTES;
+        default: iq_block_shape(type, &bb); return bb;
+    }
+}
+
+/* one row of activations: codes q, per block scale d (Q8_0: per 32, its f16 value; Q8_K: per 256) and the
+ * sums of the codes: Q8_0 s per block, Q8_K bs per 16 codes */
+typedef struct { int kind; int64_t cols; float *d; int8_t *q; int16_t *bs; int32_t *s; } qc_act;
+
+static QC_INL float round_even(float v) { return (v + 12582912.0f) - 12582912.0f; }  /* |v| < 2^22 */
+
+static void quantize_q8_0(const float *x, int64_t cols, qc_act *a) {
+    for (int64_t b = 0; b < cols / 32; b++) {
+        const float *v = x + 32 * b;
+        float amax = 0.0f;
+        for (int i = 0; i < 32; i++) { const float f = v[i] < 0 ? -v[i] : v[i]; if (f > amax) amax = f; }
+        a->d[b] = h2f(f2h(amax / 127.0f));
+        const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+        int32_t sum = 0;
+        for (int i = 0; i < 32; i++) sum += a->q[32 * b + i] = (int8_t)(int)round_even(v[i] * id);
+        if (a->s) a->s[b] = sum;
+    }
+}
+static void quantize_q8_k(const float *x, int64_t cols, qc_act *a) {
+    for (int64_t b = 0; b < cols / 256; b++) {
+        const float *v = x + 256 * b;
+        int8_t *q = a->q + 256 * b;
+        float amax = 0.0f, m = 0.0f;
+        for (int i = 0; i < 256; i++) { const float f = v[i] < 0 ? -v[i] : v[i]; if (f > amax) { amax = f; m = v[i]; } }
+        if (amax == 0.0f) {
+            a->d[b] = 0.0f;
+            memset(q, 0, 256);
+        } else {
+            const float iscale = -127.0f / m;
+            for (int i = 0; i < 256; i++) { const int c = (int)round_even(iscale * v[i]); q[i] = (int8_t)(c > 127 ? 127 : c); }
+            a->d[b] = 1.0f / iscale;
+        }
+        for (int j = 0; j < 16; j++) {
+            int s = 0;
+            for (int i = 0; i < 16; i++) s += q[16 * j + i];
+            a->bs[16 * b + j] = (int16_t)s;
+        }
+    }
+}
+
+/* ---- portable kernels: exact integer block sums, then the float32 steps of the SIMD kernels ---- */
+static int32_t dot32(const int8_t *w, const int8_t *a) { int32_t s = 0; for (int i = 0; i < 32; i++) s += w[i] * a[i]; return s; }
+
+/* the 32 codes of a Q8_0-activation block type, as signed values */
+static void codes32(int type, const uint8_t *b, int8_t *w) {
+    switch (type) {
+        case QC_Q8_0: memcpy(w, b + 2, 32); break;
+        case QC_Q4_0: for (int j = 0; j < 16; j++) { w[j] = (int8_t)((b[2 + j] & 15) - 8); w[j + 16] = (int8_t)((b[2 + j] >> 4) - 8); } break;
+        case QC_Q5_0: {
+            const uint32_t qh = rd32(b + 2);
+            for (int j = 0; j < 16; j++) {
+                w[j] = (int8_t)(((b[6 + j] & 15) | (((qh >> j) & 1) << 4)) - 16);
+                w[j + 16] = (int8_t)(((b[6 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16);
+            }
+            break;
+        }
+        default: for (int j = 0; j < 16; j++) { w[j] = QC_KV_IQ4[b[2 + j] & 15]; w[j + 16] = QC_KV_IQ4[b[2 + j] >> 4]; }
+    }
+}
+/* Q8_0 activations: block k's term (f16 d_w * d_a) * isum goes to lane k % 4; lanes summed (0 + 2) + (1 + 3) */
+static float row_q8_0_portable(int type, int bb, const uint8_t *p, const qc_act *a) {
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    int8_t w[32];
+    for (int64_t k = 0; k < a->cols / 32; k++, p += bb) {
+        codes32(type, p, w);
+        acc[k & 3] = acc[k & 3] + (h2f(rd16(p)) * a->d[k]) * (float)dot32(w, a->q + 32 * k);
+    }
+    return (acc[0] + acc[2]) + (acc[1] + acc[3]);
+}
+
+/* Q8_K activations: per super-block an exact integer total isum (and msum for the types with mins); the row
+ * is the sum over super-blocks of ((float)isum * (d * d_a) - (float)msum * (dmin * d_a)) * k, k a power of 2 */
+typedef struct { int32_t isum, msum; float d, dmin, k; } qc_kblock;
+
+static void kblock_portable(int type, const uint8_t *b, const int8_t *q, const int16_t *bs, qc_kblock *o) {
+    int32_t isum = 0, msum = 0;
+    o->dmin = 0.0f, o->k = 1.0f;
+    int8_t w[32];
+    if (type == QC_Q4_K || type == QC_Q5_K) {
+        const int five = type == QC_Q5_K;
+        const uint8_t *qs = b + (five ? 48 : 16), *qh = b + 16;
+        for (int j = 0; j < 8; j++) {
+            uint8_t s, m;
+            scale_min_k4(j, b + 4, &s, &m);
+            for (int i = 0; i < 32; i++) {
+                int v = (qs[32 * (j / 2) + i] >> (4 * (j & 1))) & 15;
+                if (five) v |= ((qh[i] >> j) & 1) << 4;
+                w[i] = (int8_t)v;
+            }
+            isum += s * dot32(w, q + 32 * j);
+            msum += m * (bs[2 * j] + bs[2 * j + 1]);
+        }
+        o->d = h2f(rd16(b)), o->dmin = h2f(rd16(b + 2));
+    } else if (type == QC_Q6_K) {
+        const int8_t *sc = (const int8_t *)(b + 192);
+        for (int n = 0; n < 2; n++) {
+            const uint8_t *ql = b + 64 * n, *qh = b + 128 + 32 * n;
+            for (int c = 0; c < 4; c++) {  /* values 128 n + 32 c + i */
+                for (int i = 0; i < 32; i++)
+                    w[i] = (int8_t)(((ql[i + 32 * (c & 1)] >> (4 * (c >> 1))) & 15) | (((qh[i] >> (2 * c)) & 3) << 4));
+                const int8_t *qq = q + 128 * n + 32 * c;
+                int32_t lo = 0, hi = 0;
+                for (int i = 0; i < 16; i++) { lo += w[i] * qq[i]; hi += w[16 + i] * qq[16 + i]; }
+                isum += sc[8 * n + 2 * c] * lo + sc[8 * n + 2 * c + 1] * hi;
+            }
+        }
+        for (int s = 0; s < 16; s++) isum -= 32 * sc[s] * bs[s];  /* the codes' offset of 32 */
+        o->d = h2f(rd16(b + 208));
+    } else if (type == QC_IQ4_XS) {
+        const uint16_t sh = rd16(b + 2);
+        for (int ib = 0; ib < 8; ib++) {
+            const int ls = ((b[4 + ib / 2] >> (4 * (ib & 1))) & 15) | (((sh >> (2 * ib)) & 3) << 4);
+            for (int j = 0; j < 16; j++) { w[j] = QC_KV_IQ4[b[8 + 16 * ib + j] & 15]; w[j + 16] = QC_KV_IQ4[b[8 + 16 * ib + j] >> 4]; }
+            isum += (ls - 32) * dot32(w, q + 32 * ib);
+        }
+        o->d = h2f(rd16(b));
+    } else {  /* IQ2_XXS, IQ3_XXS: value = d (2 s + 1) / 8 (or / 4) * grid * sign */
+        const int8_t *grid = qc_iq_grid_of(type);
+        const uint8_t *ks = qc_iq_signs_of();
+        const int three = type == QC_IQ3_XXS;
+        for (int ib = 0; ib < 8; ib++) {
+            const uint32_t aux = rd32(three ? b + 66 + 4 * ib : b + 6 + 8 * ib);
+            for (int l = 0; l < 4; l++) {
+                const unsigned sg = ks[(aux >> (7 * l)) & 127];
+                for (int j = 0; j < 8; j++) {
+                    const int g = three ? grid[4 * b[2 + 8 * ib + 2 * l + j / 4] + (j & 3)] : grid[8 * b[2 + 8 * ib + l] + j];
+                    w[8 * l + j] = (int8_t)((sg >> j) & 1 ? -g : g);
+                }
+            }
+            isum += (int32_t)(2 * (aux >> 28) + 1) * dot32(w, q + 32 * ib);
+        }
+        o->d = h2f(rd16(b)), o->k = three ? 0.25f : 0.125f;
+    }
+    o->isum = isum, o->msum = msum;
+}
+static QC_INL float kblock_term(const qc_kblock *o, float da) {
+    return ((float)o->isum * (o->d * da) - (float)o->msum * (o->dmin * da)) * o->k;
+}
+static float row_q8_k_portable(int type, int bb, const uint8_t *p, const qc_act *a) {
+    float acc = 0.0f;
+    qc_kblock o;
+    for (int64_t k = 0; k < a->cols / 256; k++, p += bb) {
+        kblock_portable(type, p, a->q + 256 * k, a->bs + 16 * k, &o);
+        acc += kblock_term(&o, a->d[k]);
+    }
+    return acc;
+}
+
+#ifdef QC_X86
+#define QC_Q8_PASS 1
+#include "_dot_q8_simd.h"
+#undef QC_Q8_PASS
+#define QC_Q8_PASS 2
+#include "_dot_q8_simd.h"
+#undef QC_Q8_PASS
+/* 0 portable, 1 AVX2, 2 AVX2 + AVX-512 VL / BW / VNNI: the best the CPU has up to qc_dot_isa's level */
+static int q8_level(void) {
+    static int vnni = -1;
+    if (vnni < 0) vnni = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
+                         __builtin_cpu_supports("avx512bw");
+    const int isa = qc_dot_isa();
+    return isa >= 2 && vnni ? 2 : isa >= 1 ? 1 : 0;
+}
+#endif
+
+/* ---- threads: rows of one product over qc_parallel's workers ---- */
+typedef struct { int type, bb, level; const uint8_t *W; int64_t rb; const qc_act *a; float *y; } qc_q8_job;
+
+static void q8_rows(const void *ctx, int64_t r0, int64_t r1) {
+    const qc_q8_job *j = ctx;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *p = j->W + r * j->rb;
+        prefetch_row(j->W, j->rb, r, r1);
+        float v;
+#ifdef QC_X86
+        const int k0 = j->a->kind == ACT_Q8_0;
+        if (j->level == 2) v = k0 ? row_q8_0_simd_p2(j->type, j->bb, p, j->a) : row_q8_k_simd_p2(j->type, j->bb, p, j->a);
+        else if (j->level == 1) v = k0 ? row_q8_0_simd_p1(j->type, j->bb, p, j->a) : row_q8_k_simd_p1(j->type, j->bb, p, j->a);
+        else
+#endif
+        v = j->a->kind == ACT_Q8_0 ? row_q8_0_portable(j->type, j->bb, p, j->a) : row_q8_k_portable(j->type, j->bb, p, j->a);
+        j->y[r] = v;
+    }
+}
+
+static __thread struct { int64_t cap; void *mem; } act_buf;
+
+/* 1 when qc_matmul_q8 has a kernel for GGML type `type` (cols a whole number of its blocks), else 0 */
+int qc_q8_supports(int type) { return act_kind(type) != ACT_NONE; }
+
+/* y[r - r0] = W[r] . q8(x) for rows [r0, r1) of W (GGML type `type`, rows of row_bytes), x one row of `cols`
+ * values rounded to llama.cpp's activation blocks for the type; `threads` threads. 0, or -1 for a type
+ * without a kernel here (qc_q8_supports) or cols not whole blocks, -2 out of memory. */
+int qc_matmul_q8(int type, const uint8_t *W, int64_t row_bytes, const float *x, int64_t cols, float *y, int64_t r0,
+                 int64_t r1, int threads) {
+    const int kind = act_kind(type);
+    const int64_t blk = kind == ACT_Q8_K ? 256 : 32;
+    if (kind == ACT_NONE || cols % blk) return -1;
+    const int bb = block_bytes(type);
+    const int64_t need = cols + 4 * (cols / blk) + 2 * (cols / 16) + 4 * (cols / 32) + 64;
+    if (act_buf.cap < need) {
+        void *m = realloc(act_buf.mem, (size_t)need);
+        if (!m) return -2;
+        act_buf.mem = m, act_buf.cap = need;
+    }
+#ifdef QC_X86
+    if ((type == QC_IQ2_XXS || type == QC_IQ3_XXS) && !__atomic_load_n(&q8_have_signs, __ATOMIC_ACQUIRE)) q8_make_signs();
+#endif
+    qc_act a = {kind, cols, act_buf.mem, NULL, NULL, NULL};
+    a.q = (int8_t *)(a.d + cols / blk);
+    a.bs = (int16_t *)(a.q + cols);
+    a.s = (int32_t *)(a.bs + cols / 16);
+    (kind == ACT_Q8_K ? quantize_q8_k : quantize_q8_0)(x, cols, &a);
+#ifdef QC_X86
+    const int level = q8_level();
+#else
+    const int level = 0;
+#endif
+    const qc_q8_job j = {type, bb, level, W + r0 * row_bytes, row_bytes, &a, y};
+    qc_parallel(q8_rows, &j, r1 - r0, threads);
+    return 0;
+}
+
+/* the activation codes and scales of x as qc_matmul_q8 makes them, for tests: q [cols] int8, d [blocks]
+ * float32 and, for Q8_K, bs [cols / 16] int16. Returns the block size (32 or 256), or -1 */
+int qc_q8_quantize(int type, const float *x, int64_t cols, int8_t *q, float *d, int16_t *bs) {
+    const int kind = act_kind(type);
+    const int64_t blk = kind == ACT_Q8_K ? 256 : 32;
+    if (kind == ACT_NONE || cols % blk) return -1;
+    qc_act a = {kind, cols, d, q, bs, NULL};
+    (kind == ACT_Q8_K ? quantize_q8_k : quantize_q8_0)(x, cols, &a);
+    return (int)blk;
+}

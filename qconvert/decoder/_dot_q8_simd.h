@@ -1,0 +1,245 @@
+/* The SIMD kernels of _dot_q8.c, included there once per instruction set with QC_Q8_PASS set (1: AVX2, 2:
+ * AVX2 with AVX-512 VL / BW / VNNI on 256-bit vectors), names suffixed by Q8F. The same integer block sums as
+ * its portable code, 32 codes at a time: unsigned weight codes (offsets taken off through the activation sums)
+ * or |w| against sign(w) * a, times signed activation codes (_mm256_maddubs_epi16 then _mm256_madd_epi16 by 1 or
+ * the sub-block scale; pass 2: _mm256_dpbusd_epi32 / _mm256_dpwssd_epi32), then the same float32 steps, so
+ * every row equals the portable result bit for bit (tests/test_q8.py). No product can saturate: maddubs only
+ * sees weight codes of magnitude at most 128 (63 for those taken unsigned) against activation codes of at
+ * most 127; dpbusd has no intermediate rounding. */
+#undef Q8F
+#undef QC_Q8T
+#undef Q8_DPU
+#undef Q8_DPW
+#define Q8F_(n, p) n##_p##p
+#define Q8F_X(n, p) Q8F_(n, p)
+#define Q8F(n) Q8F_X(n, QC_Q8_PASS)
+#if QC_Q8_PASS == 1
+#define QC_Q8T __attribute__((target("avx2,fma,f16c")))
+/* acc + the 8 int32 sums of 4 products u * a (u unsigned, a signed bytes), and acc + p16 . s16 pairs */
+#define Q8_DPU(acc, u, a) _mm256_add_epi32((acc), _mm256_madd_epi16(_mm256_maddubs_epi16((u), (a)), _mm256_set1_epi16(1)))
+#define Q8_DPW(acc, p, s) _mm256_add_epi32((acc), _mm256_madd_epi16((p), (s)))
+#else
+#define QC_Q8T __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
+#define Q8_DPU(acc, u, a) _mm256_dpbusd_epi32((acc), (u), (a))
+#define Q8_DPW(acc, p, s) _mm256_dpwssd_epi32((acc), (p), (s))
+#endif
+
+#ifndef QC_Q8_SIGNS
+#define QC_Q8_SIGNS
+static uint64_t q8_signs64[128];  /* gguf-py's ksigns as 8 bytes of +1 / -1 */
+static int q8_have_signs;
+static void q8_make_signs(void) {
+    const uint8_t *ks = qc_iq_signs_of();
+    for (int i = 0; i < 128; i++) {
+        uint64_t v = 0;
+        for (int j = 0; j < 8; j++) v |= (uint64_t)((ks[i] >> j) & 1 ? 0xFF : 0x01) << (8 * j);
+        q8_signs64[i] = v;
+    }
+    __atomic_store_n(&q8_have_signs, 1, __ATOMIC_RELEASE);
+}
+#endif
+
+QC_Q8T static QC_INL __m256i Q8F(q8_nib32)(const uint8_t *q) {  /* low nibbles are values 0..15 */
+    const __m128i v = _mm_loadu_si128((const __m128i *)q), m = _mm_set1_epi8(0x0F);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
+}
+QC_Q8T static QC_INL __m256i Q8F(q8_hbit)(uint32_t qh) {  /* bit j of qh -> 0x10 in byte j */
+    const __m256i idx = _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL, 0x0101010101010101LL, 0);
+    const __m256i sel = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    const __m256i b = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)qh), idx), sel);
+    return _mm256_and_si256(_mm256_cmpeq_epi8(b, sel), _mm256_set1_epi8(0x10));
+}
+/* 8 int32 partial sums of w . a for 32 signed weight codes (|w| as unsigned, its sign moved onto a), each
+ * pair of products times scale16 */
+QC_Q8T static QC_INL __m256i Q8F(q8_dot_s8)(__m256i w, __m256i a, __m256i scale16) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w)), scale16);
+}
+/* acc + the same for unsigned weight codes w */
+QC_Q8T static QC_INL __m256i Q8F(q8_dot_u8)(__m256i acc, __m256i w, const int8_t *a, __m256i scale16) {
+    return Q8_DPW(acc, _mm256_maddubs_epi16(w, _mm256_loadu_si256((const __m256i *)a)), scale16);
+}
+QC_Q8T static QC_INL int32_t Q8F(q8_hsum)(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+}
+QC_Q8T static QC_INL __m256i Q8F(q8_iq4)(const uint8_t *q) {
+    const __m256i tbl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)QC_KV_IQ4));
+    return _mm256_shuffle_epi8(tbl, Q8F(q8_nib32)(q));
+}
+
+/* Q8_0-activation blocks: the offset a type's codes are stored with (value = code - offset) when its codes
+ * are taken unsigned, 0 for a signed product. Pass 2 takes every type unsigned (dpbusd cannot saturate). */
+static QC_INL int Q8F(q8_offset)(const int type) {
+    switch (type) {
+        case QC_Q4_0: return 8;
+        case QC_Q5_0: return 16;
+        default: return QC_Q8_PASS == 2 ? 128 : 0;
+    }
+}
+/* a block's 32 weight codes: unsigned (code + offset) where q8_offset is not 0, else codes32's values */
+QC_Q8T static QC_INL __m256i Q8F(q8_codes32)(const int type, const uint8_t *b) {
+    const int u = Q8F(q8_offset)(type) != 0;
+    switch (type) {
+        case QC_Q8_0: {
+            const __m256i w = _mm256_loadu_si256((const __m256i *)(b + 2));
+            return u ? _mm256_xor_si256(w, _mm256_set1_epi8((char)0x80)) : w;
+        }
+        case QC_Q4_0: return Q8F(q8_nib32)(b + 2);
+        case QC_Q5_0:
+#if QC_Q8_PASS == 2
+        {
+            const __m256i n = Q8F(q8_nib32)(b + 6);
+            return _mm256_mask_add_epi8(n, (__mmask32)rd32(b + 2), n, _mm256_set1_epi8(16));
+        }
+#else
+            return _mm256_or_si256(Q8F(q8_nib32)(b + 6), Q8F(q8_hbit)(rd32(b + 2)));
+#endif
+        default: {
+            const __m256i w = Q8F(q8_iq4)(b + 2);
+            return u ? _mm256_xor_si256(w, _mm256_set1_epi8((char)0x80)) : w;
+        }
+    }
+}
+/* 8 int32 partial sums of one block's codes times its activations */
+QC_Q8T static QC_INL __m256i Q8F(q8_block)(const int type, const uint8_t *b, const int8_t *q) {
+    const __m256i a = _mm256_loadu_si256((const __m256i *)q), w = Q8F(q8_codes32)(type, b);
+    return Q8F(q8_offset)(type) ? Q8_DPU(_mm256_setzero_si256(), w, a) : Q8F(q8_dot_s8)(w, a, _mm256_set1_epi16(1));
+}
+/* row_q8_0_portable's sums: four blocks at a time, their exact sums side by side (minus offset * the
+ * activation codes' sum where the codes were taken unsigned), lane k % 4 */
+QC_Q8T static QC_INL float Q8F(row_q8_0_t)(const int type, const int bb, const uint8_t *p, const qc_act *a) {
+    const int64_t nb = a->cols / 32;
+    const int off = Q8F(q8_offset)(type);
+    __m128 acc = _mm_setzero_ps();
+    int64_t k = 0;
+    for (; k + 4 <= nb; k += 4, p += 4 * bb) {
+        const int8_t *q = a->q + 32 * k;
+        const __m256i v0 = Q8F(q8_block)(type, p, q), v1 = Q8F(q8_block)(type, p + bb, q + 32);
+        const __m256i v2 = Q8F(q8_block)(type, p + 2 * bb, q + 64), v3 = Q8F(q8_block)(type, p + 3 * bb, q + 96);
+        const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(v0, v1), _mm256_hadd_epi32(v2, v3));
+        __m128i s = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+        if (off) s = _mm_sub_epi32(s, _mm_mullo_epi32(_mm_loadu_si128((const __m128i *)(a->s + k)), _mm_set1_epi32(off)));
+        const __m128 dw = _mm_cvtph_ps(_mm_setr_epi16((short)rd16(p), (short)rd16(p + bb), (short)rd16(p + 2 * bb),
+                                                      (short)rd16(p + 3 * bb), 0, 0, 0, 0));
+        acc = _mm_add_ps(acc, _mm_mul_ps(_mm_mul_ps(dw, _mm_loadu_ps(a->d + k)), _mm_cvtepi32_ps(s)));
+    }
+    float l[4];
+    _mm_storeu_ps(l, acc);
+    int8_t w[32];
+    for (; k < nb; k++, p += bb) {
+        codes32(type, p, w);
+        l[k & 3] = l[k & 3] + (h2f(rd16(p)) * a->d[k]) * (float)dot32(w, a->q + 32 * k);
+    }
+    return (l[0] + l[2]) + (l[1] + l[3]);
+}
+QC_Q8T static float Q8F(row_q8_0_simd)(int type, int bb, const uint8_t *p, const qc_act *a) {
+    switch (type) {
+        case QC_Q8_0: return Q8F(row_q8_0_t)(QC_Q8_0, bb, p, a);
+        case QC_Q4_0: return Q8F(row_q8_0_t)(QC_Q4_0, bb, p, a);
+        case QC_Q5_0: return Q8F(row_q8_0_t)(QC_Q5_0, bb, p, a);
+        default: return Q8F(row_q8_0_t)(QC_IQ4_NL, bb, p, a);
+    }
+}
+
+/* kblock_portable's integer totals */
+QC_Q8T static QC_INL void Q8F(kblock_t)(const int type, const uint8_t *b, const int8_t *q, const int16_t *bs, qc_kblock *o) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    __m256i acc = _mm256_setzero_si256();
+    int32_t msum = 0, off = 0;
+    o->dmin = 0.0f, o->k = 1.0f;
+    if (type == QC_Q4_K || type == QC_Q5_K) {
+        const __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 16)), h16 = _mm256_set1_epi8(16);
+        const uint8_t *qs = b + (type == QC_Q5_K ? 48 : 16);
+        for (int jj = 0; jj < 4; jj++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * jj));
+            __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            if (type == QC_Q5_K) {
+                const __m256i u1 = _mm256_set1_epi8((char)(1 << (2 * jj))), u2 = _mm256_set1_epi8((char)(1 << (2 * jj + 1)));
+                lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, u1), u1), h16));
+                hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, u2), u2), h16));
+            }
+            uint8_t s0, m0, s1, m1;
+            scale_min_k4(2 * jj, b + 4, &s0, &m0);
+            scale_min_k4(2 * jj + 1, b + 4, &s1, &m1);
+            msum += m0 * (bs[4 * jj] + bs[4 * jj + 1]) + m1 * (bs[4 * jj + 2] + bs[4 * jj + 3]);
+            acc = Q8F(q8_dot_u8)(acc, lo, q + 64 * jj, _mm256_set1_epi16(s0));
+            acc = Q8F(q8_dot_u8)(acc, hi, q + 64 * jj + 32, _mm256_set1_epi16(s1));
+        }
+        o->d = h2f(rd16(b)), o->dmin = h2f(rd16(b + 2));
+    } else if (type == QC_Q6_K) {
+        const int8_t *sc = (const int8_t *)(b + 192);
+        for (int n = 0; n < 2; n++) {
+            const uint8_t *ql = b + 64 * n;
+            const __m256i x0 = _mm256_loadu_si256((const __m256i *)ql), x1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
+            const __m256i h = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * n));
+            __m256i c[4];
+            c[0] = _mm256_or_si256(_mm256_and_si256(x0, m4), _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(0x03)), 4));
+            c[1] = _mm256_or_si256(_mm256_and_si256(x1, m4), _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(0x0C)), 2));
+            c[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(x0, 4), m4), _mm256_and_si256(h, _mm256_set1_epi8(0x30)));
+            c[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(x1, 4), m4),
+                                   _mm256_srli_epi16(_mm256_and_si256(h, _mm256_set1_epi8((char)0xC0)), 2));
+            for (int k = 0; k < 4; k++) {
+                const __m256i sv = _mm256_set_m128i(_mm_set1_epi16(sc[8 * n + 2 * k + 1]), _mm_set1_epi16(sc[8 * n + 2 * k]));
+                acc = Q8F(q8_dot_u8)(acc, c[k], q + 128 * n + 32 * k, sv);
+            }
+        }
+        for (int s = 0; s < 16; s++) off += 32 * sc[s] * bs[s];
+        o->d = h2f(rd16(b + 208));
+    } else if (type == QC_IQ4_XS) {
+        const uint16_t sh = rd16(b + 2);
+        for (int ib = 0; ib < 8; ib++) {
+            const int ls = ((b[4 + ib / 2] >> (4 * (ib & 1))) & 15) | (((sh >> (2 * ib)) & 3) << 4);
+            acc = _mm256_add_epi32(acc, Q8F(q8_dot_s8)(Q8F(q8_iq4)(b + 8 + 16 * ib), _mm256_loadu_si256((const __m256i *)(q + 32 * ib)),
+                                                  _mm256_set1_epi16((short)(ls - 32))));
+        }
+        o->d = h2f(rd16(b));
+    } else {
+        const int8_t *grid = qc_iq_grid_of(type);
+        const int three = type == QC_IQ3_XXS;
+        for (int ib = 0; ib < 8; ib++) {
+            const uint8_t *qi = b + 2 + 8 * ib;
+            const uint32_t aux = rd32(three ? b + 66 + 4 * ib : qi + 4);
+            const __m256i w = three
+                ? _mm256_setr_epi32((int)rd32((const uint8_t *)grid + 4 * qi[0]), (int)rd32((const uint8_t *)grid + 4 * qi[1]),
+                                    (int)rd32((const uint8_t *)grid + 4 * qi[2]), (int)rd32((const uint8_t *)grid + 4 * qi[3]),
+                                    (int)rd32((const uint8_t *)grid + 4 * qi[4]), (int)rd32((const uint8_t *)grid + 4 * qi[5]),
+                                    (int)rd32((const uint8_t *)grid + 4 * qi[6]), (int)rd32((const uint8_t *)grid + 4 * qi[7]))
+                : _mm256_setr_epi64x((long long)rd64((const uint8_t *)grid + 8 * qi[0]), (long long)rd64((const uint8_t *)grid + 8 * qi[1]),
+                                     (long long)rd64((const uint8_t *)grid + 8 * qi[2]), (long long)rd64((const uint8_t *)grid + 8 * qi[3]));
+            const __m256i sg = _mm256_setr_epi64x((long long)q8_signs64[aux & 127], (long long)q8_signs64[(aux >> 7) & 127],
+                                                  (long long)q8_signs64[(aux >> 14) & 127], (long long)q8_signs64[(aux >> 21) & 127]);
+            const __m256i a = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(q + 32 * ib)), sg);
+            acc = Q8_DPW(acc, _mm256_maddubs_epi16(w, a), _mm256_set1_epi16((short)(2 * (aux >> 28) + 1)));
+        }
+        o->d = h2f(rd16(b)), o->k = three ? 0.25f : 0.125f;
+    }
+    o->isum = Q8F(q8_hsum)(acc) - off, o->msum = msum;
+}
+#undef QC_Q8_K_ROW
+#define QC_Q8_K_ROW(T)                                                                                    \
+    QC_Q8T static float Q8F(row_##T)(int bb, const uint8_t *p, const qc_act *a) {                             \
+        float acc = 0.0f;                                                                                 \
+        qc_kblock o;                                                                                      \
+        for (int64_t k = 0; k < a->cols / 256; k++, p += bb) {                                            \
+            Q8F(kblock_t)(QC_##T, p, a->q + 256 * k, a->bs + 16 * k, &o);                                      \
+            acc += kblock_term(&o, a->d[k]);                                                              \
+        }                                                                                                 \
+        return acc;                                                                                       \
+    }
+QC_Q8_K_ROW(Q4_K)
+QC_Q8_K_ROW(Q5_K)
+QC_Q8_K_ROW(Q6_K)
+QC_Q8_K_ROW(IQ4_XS)
+QC_Q8_K_ROW(IQ2_XXS)
+QC_Q8_K_ROW(IQ3_XXS)
+static float Q8F(row_q8_k_simd)(int type, int bb, const uint8_t *p, const qc_act *a) {
+    switch (type) {
+        case QC_Q4_K: return Q8F(row_Q4_K)(bb, p, a);
+        case QC_Q5_K: return Q8F(row_Q5_K)(bb, p, a);
+        case QC_Q6_K: return Q8F(row_Q6_K)(bb, p, a);
+        case QC_IQ4_XS: return Q8F(row_IQ4_XS)(bb, p, a);
+        case QC_IQ2_XXS: return Q8F(row_IQ2_XXS)(bb, p, a);
+        default: return Q8F(row_IQ3_XXS)(bb, p, a);
+    }
+}
