@@ -206,7 +206,7 @@ class NumpyDecoder:
 
     def project(self, h: np.ndarray) -> np.ndarray:
         """Logits [T, vocab] of final hidden states (streaming: the head's pages are dropped after use)."""
-        y = self.head(h, q8=self.activations == "q8" and h.shape[0] == 1)
+        y = self.head(h, q8=True) if self.activations == "q8" and h.shape[0] == 1 else self.head(h)
         if self.stream:
             self.head.release()
         return y
