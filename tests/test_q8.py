@@ -109,6 +109,29 @@ def test_product_is_exact_on_the_rounded_activations(matrices, t):
     assert np.abs(flt - ref).max() > 1e-3 * np.abs(ref).max()  # the rounding of x is real: not the float product
 
 
+@pytest.mark.parametrize("t", Q8_0_TYPES + Q8_K_TYPES)
+def test_product_is_llama_cpps_bit_for_bit(t):
+    """Each row equals llama.cpp's own vec_dot on its own activation rounding (ggml-cpu through ctypes,
+    qconvert.testing.ggml_cpu): same integer lanes, same fused float32 steps, same final sum. An odd number
+    of 32-blocks (1120 columns) takes IQ4_NL's last-block tail."""
+    pytest.importorskip("llama_cpp")
+    from qconvert.testing.ggml_cpu import vec_dot_rows
+
+    rng = np.random.default_rng(5)
+    rows, cols = 24, 1120 if t in Q8_0_TYPES else 1280
+    w = (rng.standard_normal((rows, cols)) * rng.random((rows, 1))).astype(np.float32)
+    imatrix = (rng.random(cols) + 0.1).astype(np.float32) if t in NEEDS_IMATRIX else None
+    raw = np.frombuffer(bytes(codec.from_f32(w, t, imatrix=imatrix)), np.uint8).reshape(rows, -1)
+    m = PackedMatrix.ggml(t, raw, cols)
+    for k in range(3):
+        x = (rng.standard_normal(cols) * 10 ** (k - 1)).astype(np.float32)
+        ref = vec_dot_rows(int(GQ[t]), raw, x)
+        for level in (0, 1, 2):
+            set_isa(level)
+            ours = products.matmul(m, x, q8=True)
+            assert np.array_equal(ours, ref), (t, level, np.abs(ours - ref).max())
+
+
 def test_types_without_a_kernel_keep_float_products():
     m = PackedMatrix.ggml("Q4_1", codec.from_f32(np.ones((4, 64), np.float32), "Q4_1"), 64)
     x = np.linspace(-1, 1, 64, dtype=np.float32)

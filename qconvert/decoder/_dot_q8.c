@@ -1,19 +1,19 @@
 /* Decoding products on 8-bit activations, as llama.cpp's CPU backend computes them: the row x is rounded to
  * llama.cpp's activation blocks (ggml-cpu's vec_dot_type of the weight type: Q8_0 per 32 values for Q4_0,
- * Q5_0, Q8_0 and IQ4_NL; Q8_K per 256 for the K-quants, IQ4_XS, IQ2_XXS and IQ3_XXS), then each block's
- * product is an exact integer sum of weight codes times activation codes, scaled in float32. Part of
- * qconvert.decoder._kernels; products.py and _step.c call qc_matmul_q8 for one row of x when a decoder runs
+ * Q5_0, Q8_0 and IQ4_NL; Q8_K per 256 for the K-quants, IQ4_XS, IQ2_XXS and IQ3_XXS), then each row is
+ * summed as llama.cpp sums it (ggml-cpu/arch/x86/quants.c, ggml_vec_dot_<type>_q8_0 / _q8_K): exact integer
+ * lanes, fused float32 steps, the same final additions, so each product equals llama.cpp's bit for bit. Part
+ * of qconvert.decoder._kernels; products.py and _step.c call qc_matmul_q8 for one row of x when a decoder runs
  * with `activations = "q8"` (`qconvert generate --activations q8`; by default, and in logits / verify, the
  * float32 products of _dot.c run).
  *
  * The rounding of x is llama.cpp's: Q8_0 (ggml-cpu/arch/x86/quants.c quantize_row_q8_0): d = amax / 127 kept as
  * f16, codes round-half-even(x * 127 / amax); Q8_K (ggml-quants.c quantize_row_q8_K_ref): the value of largest
  * magnitude m, codes nearest(-127 / m * x) capped at 127, d = 1 / (-127 / m), sums of 16 codes.
- * tests/test_q8.py checks the codes against that rule, the products against float64 sums of the decoded
- * weights times the decoded activations, and a first token's logits against llama.cpp's.
- *
- * Every integer sum is exact, and each row's float32 operations run in one fixed order in the portable code
- * and the AVX2 kernels (_dot_q8_simd.h) alike: results equal across instruction sets and thread counts. */
+ * tests/test_q8.py checks the codes against that rule, every row against llama.cpp's own vec_dot
+ * (qconvert.testing.ggml_cpu), and the portable code, the AVX2 and the AVX-512 VNNI kernels (_dot_q8_simd.h)
+ * against each other on any thread count. */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -51,9 +51,9 @@ static int block_bytes(int type) {
     }
 }
 
-/* one row of activations: codes q, per block scale d (Q8_0: per 32, its f16 value; Q8_K: per 256) and the
- * sums of the codes: Q8_0 s per block, Q8_K bs per 16 codes */
-typedef struct { int kind; int64_t cols; float *d; int8_t *q; int16_t *bs; int32_t *s; } qc_act;
+/* one row of activations: codes q, per block scale d (Q8_0: per 32, its f16 value; Q8_K: per 256) and, for
+ * Q8_K, the sums bs of every 16 codes */
+typedef struct { int kind; int64_t cols; float *d; int8_t *q; int16_t *bs; } qc_act;
 
 static QC_INL float round_even(float v) { return (v + 12582912.0f) - 12582912.0f; }  /* |v| < 2^22 */
 
@@ -64,9 +64,7 @@ static void quantize_q8_0(const float *x, int64_t cols, qc_act *a) {
         for (int i = 0; i < 32; i++) { const float f = v[i] < 0 ? -v[i] : v[i]; if (f > amax) amax = f; }
         a->d[b] = h2f(f2h(amax / 127.0f));
         const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
-        int32_t sum = 0;
-        for (int i = 0; i < 32; i++) sum += a->q[32 * b + i] = (int8_t)(int)round_even(v[i] * id);
-        if (a->s) a->s[b] = sum;
+        for (int i = 0; i < 32; i++) a->q[32 * b + i] = (int8_t)(int)round_even(v[i] * id);
     }
 }
 static void quantize_q8_k(const float *x, int64_t cols, qc_act *a) {
@@ -91,8 +89,27 @@ static void quantize_q8_k(const float *x, int64_t cols, qc_act *a) {
     }
 }
 
-/* ---- portable kernels: exact integer block sums, then the float32 steps of the SIMD kernels ---- */
-static int32_t dot32(const int8_t *w, const int8_t *a) { int32_t s = 0; for (int i = 0; i < 32; i++) s += w[i] * a[i]; return s; }
+/* ---- llama.cpp's float32 steps (ggml-cpu/arch/x86/quants.c, ggml_vec_dot_<type>_q8_0 / _q8_K, AVX2) ----
+ * Every block (Q8_0 activations) or super-block (Q8_K) gives 8 exact int32 lane sums: lane l holds the
+ * products of the values v with (v mod 32) / 4 == l, times their sub-block scales. Each lane is added into
+ * a float32 lane by one fused multiply-add with the block's scale d; the 8 lanes are summed as hsum8 does.
+ * Q4_K adds its mins through 4 more lanes, Q5_K through one float; IQ4_NL keeps even and odd blocks in two
+ * accumulators. The SIMD kernels (_dot_q8_simd.h) make the same lanes with vector instructions. */
+static float hsum8(const float *v) {
+    const float r0 = v[4] + v[0], r1 = v[5] + v[1], r2 = v[6] + v[2], r3 = v[7] + v[3];
+    return (r0 + r2) + (r1 + r3);
+}
+static void lanes_fma(float *acc, float d, const int32_t *lane) {
+    for (int l = 0; l < 8; l++) acc[l] = fmaf(d, (float)lane[l], acc[l]);
+}
+/* lane[l] += scale * (the products of w and a at 32-value positions 4l .. 4l + 3) */
+static void lanes32(int32_t *lane, const int8_t *w, const int8_t *a, int scale) {
+    for (int l = 0; l < 8; l++) {
+        int32_t s = 0;
+        for (int i = 4 * l; i < 4 * l + 4; i++) s += w[i] * a[i];
+        lane[l] += scale * s;
+    }
+}
 
 /* the 32 codes of a Q8_0-activation block type, as signed values */
 static void codes32(int type, const uint8_t *b, int8_t *w) {
@@ -110,24 +127,35 @@ static void codes32(int type, const uint8_t *b, int8_t *w) {
         default: for (int j = 0; j < 16; j++) { w[j] = QC_KV_IQ4[b[2 + j] & 15]; w[j + 16] = QC_KV_IQ4[b[2 + j] >> 4]; }
     }
 }
-/* Q8_0 activations: block k's term (f16 d_w * d_a) * isum goes to lane k % 4; lanes summed (0 + 2) + (1 + 3) */
 static float row_q8_0_portable(int type, int bb, const uint8_t *p, const qc_act *a) {
-    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    const int64_t nb = a->cols / 32;
+    float acc[2][8] = {{0.0f}};
     int8_t w[32];
-    for (int64_t k = 0; k < a->cols / 32; k++, p += bb) {
+    const int pairs = type == QC_IQ4_NL;  /* even blocks into acc[0], odd into acc[1]; an odd last block apart */
+    const int64_t nv = pairs ? nb & ~(int64_t)1 : nb;
+    for (int64_t k = 0; k < nv; k++, p += bb) {
+        int32_t lane[8] = {0};
         codes32(type, p, w);
-        acc[k & 3] = acc[k & 3] + (h2f(rd16(p)) * a->d[k]) * (float)dot32(w, a->q + 32 * k);
+        lanes32(lane, w, a->q + 32 * k, 1);
+        lanes_fma(acc[pairs & k], h2f(rd16(p)) * a->d[k], lane);
     }
-    return (acc[0] + acc[2]) + (acc[1] + acc[3]);
+    for (int l = 0; l < 8; l++) acc[0][l] = acc[0][l] + acc[1][l];
+    float sum = hsum8(acc[0]);
+    if (nv < nb) {
+        codes32(type, p, w);
+        int32_t s = 0;
+        for (int i = 0; i < 32; i++) s += w[i] * a->q[32 * nv + i];
+        sum = fmaf(a->d[nv] * h2f(rd16(p)), (float)s, sum);
+    }
+    return sum;
 }
 
-/* Q8_K activations: per super-block an exact integer total isum (and msum for the types with mins); the row
- * is the sum over super-blocks of ((float)isum * (d * d_a) - (float)msum * (dmin * d_a)) * k, k a power of 2 */
-typedef struct { int32_t isum, msum; float d, dmin, k; } qc_kblock;
+/* one Q8_K super-block: its 8 lanes, the block scale d (and dmin, times -d_a), and for Q4_K / Q5_K the
+ * products of the mins with the activation sums of 32 values, in pairs (m0 s0 + m1 s1, ...) */
+typedef struct { int32_t lane[8], mins[4]; float d, dmin; } qc_kblock;
 
-static void kblock_portable(int type, const uint8_t *b, const int8_t *q, const int16_t *bs, qc_kblock *o) {
-    int32_t isum = 0, msum = 0;
-    o->dmin = 0.0f, o->k = 1.0f;
+static void kblock_portable(int type, const uint8_t *b, const int8_t *q, const int16_t *bs, float da, qc_kblock *o) {
+    memset(o, 0, sizeof *o);
     int8_t w[32];
     if (type == QC_Q4_K || type == QC_Q5_K) {
         const int five = type == QC_Q5_K;
@@ -140,34 +168,35 @@ static void kblock_portable(int type, const uint8_t *b, const int8_t *q, const i
                 if (five) v |= ((qh[i] >> j) & 1) << 4;
                 w[i] = (int8_t)v;
             }
-            isum += s * dot32(w, q + 32 * j);
-            msum += m * (bs[2 * j] + bs[2 * j + 1]);
+            lanes32(o->lane, w, q + 32 * j, s);
+            o->mins[j / 2] += m * (bs[2 * j] + bs[2 * j + 1]);
         }
-        o->d = h2f(rd16(b)), o->dmin = h2f(rd16(b + 2));
+        o->d = da * h2f(rd16(b)), o->dmin = -da * h2f(rd16(b + 2));
     } else if (type == QC_Q6_K) {
         const int8_t *sc = (const int8_t *)(b + 192);
         for (int n = 0; n < 2; n++) {
             const uint8_t *ql = b + 64 * n, *qh = b + 128 + 32 * n;
-            for (int c = 0; c < 4; c++) {  /* values 128 n + 32 c + i */
+            for (int c = 0; c < 4; c++) {  /* values 128 n + 32 c + i; scales per 16 */
                 for (int i = 0; i < 32; i++)
                     w[i] = (int8_t)(((ql[i + 32 * (c & 1)] >> (4 * (c >> 1))) & 15) | (((qh[i] >> (2 * c)) & 3) << 4));
                 const int8_t *qq = q + 128 * n + 32 * c;
-                int32_t lo = 0, hi = 0;
-                for (int i = 0; i < 16; i++) { lo += w[i] * qq[i]; hi += w[16 + i] * qq[16 + i]; }
-                isum += sc[8 * n + 2 * c] * lo + sc[8 * n + 2 * c + 1] * hi;
+                int32_t lo[8] = {0}, hi[8] = {0};
+                lanes32(lo, w, qq, sc[8 * n + 2 * c]);
+                lanes32(hi, w, qq, sc[8 * n + 2 * c + 1]);
+                for (int l = 0; l < 8; l++) o->lane[l] += l < 4 ? lo[l] : hi[l];
             }
         }
-        for (int s = 0; s < 16; s++) isum -= 32 * sc[s] * bs[s];  /* the codes' offset of 32 */
-        o->d = h2f(rd16(b + 208));
+        for (int l = 0; l < 8; l++) o->lane[l] -= 32 * (sc[2 * l] * bs[2 * l] + sc[2 * l + 1] * bs[2 * l + 1]);
+        o->d = da * h2f(rd16(b + 208));
     } else if (type == QC_IQ4_XS) {
         const uint16_t sh = rd16(b + 2);
         for (int ib = 0; ib < 8; ib++) {
             const int ls = ((b[4 + ib / 2] >> (4 * (ib & 1))) & 15) | (((sh >> (2 * ib)) & 3) << 4);
             for (int j = 0; j < 16; j++) { w[j] = QC_KV_IQ4[b[8 + 16 * ib + j] & 15]; w[j + 16] = QC_KV_IQ4[b[8 + 16 * ib + j] >> 4]; }
-            isum += (ls - 32) * dot32(w, q + 32 * ib);
+            lanes32(o->lane, w, q + 32 * ib, ls - 32);
         }
-        o->d = h2f(rd16(b));
-    } else {  /* IQ2_XXS, IQ3_XXS: value = d (2 s + 1) / 8 (or / 4) * grid * sign */
+        o->d = h2f(rd16(b)) * da;
+    } else {  /* IQ2_XXS, IQ3_XXS: value = d (2 s + 1) / 8 (or / 4) * grid * sign; the 1/8 (1/4) after hsum8 */
         const int8_t *grid = qc_iq_grid_of(type);
         const uint8_t *ks = qc_iq_signs_of();
         const int three = type == QC_IQ3_XXS;
@@ -180,23 +209,33 @@ static void kblock_portable(int type, const uint8_t *b, const int8_t *q, const i
                     w[8 * l + j] = (int8_t)((sg >> j) & 1 ? -g : g);
                 }
             }
-            isum += (int32_t)(2 * (aux >> 28) + 1) * dot32(w, q + 32 * ib);
+            lanes32(o->lane, w, q + 32 * ib, (int)(2 * (aux >> 28) + 1));
         }
-        o->d = h2f(rd16(b)), o->k = three ? 0.25f : 0.125f;
+        o->d = h2f(rd16(b)) * da;
     }
-    o->isum = isum, o->msum = msum;
 }
-static QC_INL float kblock_term(const qc_kblock *o, float da) {
-    return ((float)o->isum * (o->d * da) - (float)o->msum * (o->dmin * da)) * o->k;
+/* the row's sum from its super-blocks' float lanes (and Q4_K's min lanes, Q5_K's min sum) */
+static float kfinish(int type, const float *acc, const float *accm, float summs) {
+    const float s = hsum8(acc);
+    switch (type) {
+        case QC_Q4_K: return s + ((accm[0] + accm[2]) + (accm[1] + accm[3]));
+        case QC_Q5_K: return s + summs;
+        case QC_IQ2_XXS: return 0.125f * s;
+        case QC_IQ3_XXS: return 0.25f * s;
+        default: return s;
+    }
 }
 static float row_q8_k_portable(int type, int bb, const uint8_t *p, const qc_act *a) {
-    float acc = 0.0f;
+    float acc[8] = {0.0f}, accm[4] = {0.0f}, summs = 0.0f;
     qc_kblock o;
     for (int64_t k = 0; k < a->cols / 256; k++, p += bb) {
-        kblock_portable(type, p, a->q + 256 * k, a->bs + 16 * k, &o);
-        acc += kblock_term(&o, a->d[k]);
+        kblock_portable(type, p, a->q + 256 * k, a->bs + 16 * k, a->d[k], &o);
+        lanes_fma(acc, o.d, o.lane);
+        if (type == QC_Q4_K)
+            for (int i = 0; i < 4; i++) accm[i] = fmaf(o.dmin, (float)o.mins[i], accm[i]);
+        if (type == QC_Q5_K) summs = fmaf(o.dmin, (float)(o.mins[0] + o.mins[1] + o.mins[2] + o.mins[3]), summs);
     }
-    return acc;
+    return kfinish(type, acc, accm, summs);
 }
 
 #ifdef QC_X86
@@ -250,7 +289,7 @@ int qc_matmul_q8(int type, const uint8_t *W, int64_t row_bytes, const float *x, 
     const int64_t blk = kind == ACT_Q8_K ? 256 : 32;
     if (kind == ACT_NONE || cols % blk) return -1;
     const int bb = block_bytes(type);
-    const int64_t need = cols + 4 * (cols / blk) + 2 * (cols / 16) + 4 * (cols / 32) + 64;
+    const int64_t need = cols + 4 * (cols / blk) + 2 * (cols / 16) + 64;
     if (act_buf.cap < need) {
         void *m = realloc(act_buf.mem, (size_t)need);
         if (!m) return -2;
@@ -259,10 +298,9 @@ int qc_matmul_q8(int type, const uint8_t *W, int64_t row_bytes, const float *x, 
 #ifdef QC_X86
     if ((type == QC_IQ2_XXS || type == QC_IQ3_XXS) && !__atomic_load_n(&q8_have_signs, __ATOMIC_ACQUIRE)) q8_make_signs();
 #endif
-    qc_act a = {kind, cols, act_buf.mem, NULL, NULL, NULL};
+    qc_act a = {kind, cols, act_buf.mem, NULL, NULL};
     a.q = (int8_t *)(a.d + cols / blk);
     a.bs = (int16_t *)(a.q + cols);
-    a.s = (int32_t *)(a.bs + cols / 16);
     (kind == ACT_Q8_K ? quantize_q8_k : quantize_q8_0)(x, cols, &a);
 #ifdef QC_X86
     const int level = q8_level();
@@ -280,7 +318,7 @@ int qc_q8_quantize(int type, const float *x, int64_t cols, int8_t *q, float *d, 
     const int kind = act_kind(type);
     const int64_t blk = kind == ACT_Q8_K ? 256 : 32;
     if (kind == ACT_NONE || cols % blk) return -1;
-    qc_act a = {kind, cols, d, q, bs, NULL};
+    qc_act a = {kind, cols, d, q, bs};
     (kind == ACT_Q8_K ? quantize_q8_k : quantize_q8_0)(x, cols, &a);
     return (int)blk;
 }

@@ -1,11 +1,10 @@
 /* The SIMD kernels of _dot_q8.c, included there once per instruction set with QC_Q8_PASS set (1: AVX2, 2:
- * AVX2 with AVX-512 VL / BW / VNNI on 256-bit vectors), names suffixed by Q8F. The same integer block sums as
- * its portable code, 32 codes at a time: unsigned weight codes (offsets taken off through the activation sums)
- * or |w| against sign(w) * a, times signed activation codes (_mm256_maddubs_epi16 then _mm256_madd_epi16 by 1 or
- * the sub-block scale; pass 2: _mm256_dpbusd_epi32 / _mm256_dpwssd_epi32), then the same float32 steps, so
- * every row equals the portable result bit for bit (tests/test_q8.py). No product can saturate: maddubs only
- * sees weight codes of magnitude at most 128 (63 for those taken unsigned) against activation codes of at
- * most 127; dpbusd has no intermediate rounding. */
+ * AVX2 with AVX-512 VL / BW / VNNI on 256-bit vectors), names suffixed by Q8F. The same 8 integer lanes per
+ * block as its portable code (lane l: the products at positions 4l .. 4l + 3 of every 32 values), made with
+ * _mm256_maddubs_epi16 then _mm256_madd_epi16 (pass 2: _mm256_dpbusd_epi32 / _mm256_dpwssd_epi32) on |w| against
+ * sign(w) * a or on unsigned codes, then the same fused float32 steps, so every row equals the portable result
+ * and llama.cpp's bit for bit (tests/test_q8.py). No product can saturate: maddubs only sees weight codes of
+ * magnitude at most 128 against activation codes of at most 127; dpbusd has no intermediate rounding. */
 #undef Q8F
 #undef QC_Q8T
 #undef Q8_DPU
@@ -58,80 +57,64 @@ QC_Q8T static QC_INL __m256i Q8F(q8_dot_s8)(__m256i w, __m256i a, __m256i scale1
 QC_Q8T static QC_INL __m256i Q8F(q8_dot_u8)(__m256i acc, __m256i w, const int8_t *a, __m256i scale16) {
     return Q8_DPW(acc, _mm256_maddubs_epi16(w, _mm256_loadu_si256((const __m256i *)a)), scale16);
 }
-QC_Q8T static QC_INL int32_t Q8F(q8_hsum)(__m256i v) {
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-    return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
-}
 QC_Q8T static QC_INL __m256i Q8F(q8_iq4)(const uint8_t *q) {
     const __m256i tbl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)QC_KV_IQ4));
     return _mm256_shuffle_epi8(tbl, Q8F(q8_nib32)(q));
 }
 
-/* Q8_0-activation blocks: the offset a type's codes are stored with (value = code - offset) when its codes
- * are taken unsigned, 0 for a signed product. Pass 2 takes every type unsigned (dpbusd cannot saturate). */
-static QC_INL int Q8F(q8_offset)(const int type) {
-    switch (type) {
-        case QC_Q4_0: return 8;
-        case QC_Q5_0: return 16;
-        default: return QC_Q8_PASS == 2 ? 128 : 0;
-    }
+/* llama.cpp's sum of 8 float lanes (hsum_float_8): (v0 + v4) + (v2 + v6), then + ((v1 + v5) + (v3 + v7)) */
+QC_Q8T static QC_INL float Q8F(q8_hsum8)(__m256 v) {
+    __m128 r = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    return _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)));
 }
-/* a block's 32 weight codes: unsigned (code + offset) where q8_offset is not 0, else codes32's values */
+/* a Q8_0-activation block's 32 codes as signed values (codes32's) */
 QC_Q8T static QC_INL __m256i Q8F(q8_codes32)(const int type, const uint8_t *b) {
-    const int u = Q8F(q8_offset)(type) != 0;
     switch (type) {
-        case QC_Q8_0: {
-            const __m256i w = _mm256_loadu_si256((const __m256i *)(b + 2));
-            return u ? _mm256_xor_si256(w, _mm256_set1_epi8((char)0x80)) : w;
-        }
-        case QC_Q4_0: return Q8F(q8_nib32)(b + 2);
+        case QC_Q8_0: return _mm256_loadu_si256((const __m256i *)(b + 2));
+        case QC_Q4_0: return _mm256_sub_epi8(Q8F(q8_nib32)(b + 2), _mm256_set1_epi8(8));
         case QC_Q5_0:
 #if QC_Q8_PASS == 2
         {
             const __m256i n = Q8F(q8_nib32)(b + 6);
-            return _mm256_mask_add_epi8(n, (__mmask32)rd32(b + 2), n, _mm256_set1_epi8(16));
+            return _mm256_sub_epi8(_mm256_mask_add_epi8(n, (__mmask32)rd32(b + 2), n, _mm256_set1_epi8(16)), _mm256_set1_epi8(16));
         }
 #else
-            return _mm256_or_si256(Q8F(q8_nib32)(b + 6), Q8F(q8_hbit)(rd32(b + 2)));
+            return _mm256_sub_epi8(_mm256_or_si256(Q8F(q8_nib32)(b + 6), Q8F(q8_hbit)(rd32(b + 2))), _mm256_set1_epi8(16));
 #endif
-        default: {
-            const __m256i w = Q8F(q8_iq4)(b + 2);
-            return u ? _mm256_xor_si256(w, _mm256_set1_epi8((char)0x80)) : w;
-        }
+        default: return Q8F(q8_iq4)(b + 2);
     }
 }
-/* 8 int32 partial sums of one block's codes times its activations */
+/* the 8 lanes of one block: lane l the products at positions 4l .. 4l + 3 */
 QC_Q8T static QC_INL __m256i Q8F(q8_block)(const int type, const uint8_t *b, const int8_t *q) {
-    const __m256i a = _mm256_loadu_si256((const __m256i *)q), w = Q8F(q8_codes32)(type, b);
-    return Q8F(q8_offset)(type) ? Q8_DPU(_mm256_setzero_si256(), w, a) : Q8F(q8_dot_s8)(w, a, _mm256_set1_epi16(1));
+    const __m256i w = Q8F(q8_codes32)(type, b), a = _mm256_loadu_si256((const __m256i *)q);
+    return Q8_DPU(_mm256_setzero_si256(), _mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
 }
-/* row_q8_0_portable's sums: four blocks at a time, their exact sums side by side (minus offset * the
- * activation codes' sum where the codes were taken unsigned), lane k % 4 */
+/* row_q8_0_portable's steps */
 QC_Q8T static QC_INL float Q8F(row_q8_0_t)(const int type, const int bb, const uint8_t *p, const qc_act *a) {
     const int64_t nb = a->cols / 32;
-    const int off = Q8F(q8_offset)(type);
-    __m128 acc = _mm_setzero_ps();
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     int64_t k = 0;
-    for (; k + 4 <= nb; k += 4, p += 4 * bb) {
-        const int8_t *q = a->q + 32 * k;
-        const __m256i v0 = Q8F(q8_block)(type, p, q), v1 = Q8F(q8_block)(type, p + bb, q + 32);
-        const __m256i v2 = Q8F(q8_block)(type, p + 2 * bb, q + 64), v3 = Q8F(q8_block)(type, p + 3 * bb, q + 96);
-        const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(v0, v1), _mm256_hadd_epi32(v2, v3));
-        __m128i s = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-        if (off) s = _mm_sub_epi32(s, _mm_mullo_epi32(_mm_loadu_si128((const __m128i *)(a->s + k)), _mm_set1_epi32(off)));
-        const __m128 dw = _mm_cvtph_ps(_mm_setr_epi16((short)rd16(p), (short)rd16(p + bb), (short)rd16(p + 2 * bb),
-                                                      (short)rd16(p + 3 * bb), 0, 0, 0, 0));
-        acc = _mm_add_ps(acc, _mm_mul_ps(_mm_mul_ps(dw, _mm_loadu_ps(a->d + k)), _mm_cvtepi32_ps(s)));
+    if (type == QC_IQ4_NL) {
+        for (; k + 1 < nb; k += 2, p += 2 * bb) {
+            const __m256i l0 = Q8F(q8_block)(type, p, a->q + 32 * k), l1 = Q8F(q8_block)(type, p + bb, a->q + 32 * k + 32);
+            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(h2f(rd16(p)) * a->d[k]), _mm256_cvtepi32_ps(l0), acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_set1_ps(h2f(rd16(p + bb)) * a->d[k + 1]), _mm256_cvtepi32_ps(l1), acc1);
+        }
+    } else {
+        for (; k < nb; k++, p += bb)
+            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(h2f(rd16(p)) * a->d[k]), _mm256_cvtepi32_ps(Q8F(q8_block)(type, p, a->q + 32 * k)),
+                                   acc0);
     }
-    float l[4];
-    _mm_storeu_ps(l, acc);
-    int8_t w[32];
-    for (; k < nb; k++, p += bb) {
+    float sum = Q8F(q8_hsum8)(_mm256_add_ps(acc0, acc1));
+    if (k < nb) {
+        int8_t w[32];
         codes32(type, p, w);
-        l[k & 3] = l[k & 3] + (h2f(rd16(p)) * a->d[k]) * (float)dot32(w, a->q + 32 * k);
+        int32_t s = 0;
+        for (int i = 0; i < 32; i++) s += w[i] * a->q[32 * k + i];
+        sum = fmaf(a->d[k] * h2f(rd16(p)), (float)s, sum);
     }
-    return (l[0] + l[2]) + (l[1] + l[3]);
+    return sum;
 }
 QC_Q8T static float Q8F(row_q8_0_simd)(int type, int bb, const uint8_t *p, const qc_act *a) {
     switch (type) {
@@ -142,12 +125,10 @@ QC_Q8T static float Q8F(row_q8_0_simd)(int type, int bb, const uint8_t *p, const
     }
 }
 
-/* kblock_portable's integer totals */
-QC_Q8T static QC_INL void Q8F(kblock_t)(const int type, const uint8_t *b, const int8_t *q, const int16_t *bs, qc_kblock *o) {
+/* kblock_portable's lanes, mins and scales; returns the lanes */
+QC_Q8T static QC_INL __m256i Q8F(kblock_t)(const int type, const uint8_t *b, const int8_t *q, const int16_t *bs, float da, qc_kblock *o) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     __m256i acc = _mm256_setzero_si256();
-    int32_t msum = 0, off = 0;
-    o->dmin = 0.0f, o->k = 1.0f;
     if (type == QC_Q4_K || type == QC_Q5_K) {
         const __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 16)), h16 = _mm256_set1_epi8(16);
         const uint8_t *qs = b + (type == QC_Q5_K ? 48 : 16);
@@ -162,11 +143,11 @@ QC_Q8T static QC_INL void Q8F(kblock_t)(const int type, const uint8_t *b, const 
             uint8_t s0, m0, s1, m1;
             scale_min_k4(2 * jj, b + 4, &s0, &m0);
             scale_min_k4(2 * jj + 1, b + 4, &s1, &m1);
-            msum += m0 * (bs[4 * jj] + bs[4 * jj + 1]) + m1 * (bs[4 * jj + 2] + bs[4 * jj + 3]);
+            o->mins[jj] = m0 * (bs[4 * jj] + bs[4 * jj + 1]) + m1 * (bs[4 * jj + 2] + bs[4 * jj + 3]);
             acc = Q8F(q8_dot_u8)(acc, lo, q + 64 * jj, _mm256_set1_epi16(s0));
             acc = Q8F(q8_dot_u8)(acc, hi, q + 64 * jj + 32, _mm256_set1_epi16(s1));
         }
-        o->d = h2f(rd16(b)), o->dmin = h2f(rd16(b + 2));
+        o->d = da * h2f(rd16(b)), o->dmin = -da * h2f(rd16(b + 2));
     } else if (type == QC_Q6_K) {
         const int8_t *sc = (const int8_t *)(b + 192);
         for (int n = 0; n < 2; n++) {
@@ -184,8 +165,10 @@ QC_Q8T static QC_INL void Q8F(kblock_t)(const int type, const uint8_t *b, const 
                 acc = Q8F(q8_dot_u8)(acc, c[k], q + 128 * n + 32 * k, sv);
             }
         }
-        for (int s = 0; s < 16; s++) off += 32 * sc[s] * bs[s];
-        o->d = h2f(rd16(b + 208));
+        const __m256i off = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)bs),
+                                              _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)sc)));
+        acc = _mm256_sub_epi32(acc, _mm256_slli_epi32(off, 5));
+        o->d = da * h2f(rd16(b + 208));
     } else if (type == QC_IQ4_XS) {
         const uint16_t sh = rd16(b + 2);
         for (int ib = 0; ib < 8; ib++) {
@@ -193,7 +176,7 @@ QC_Q8T static QC_INL void Q8F(kblock_t)(const int type, const uint8_t *b, const 
             acc = _mm256_add_epi32(acc, Q8F(q8_dot_s8)(Q8F(q8_iq4)(b + 8 + 16 * ib), _mm256_loadu_si256((const __m256i *)(q + 32 * ib)),
                                                   _mm256_set1_epi16((short)(ls - 32))));
         }
-        o->d = h2f(rd16(b));
+        o->d = h2f(rd16(b)) * da;
     } else {
         const int8_t *grid = qc_iq_grid_of(type);
         const int three = type == QC_IQ3_XXS;
@@ -212,34 +195,35 @@ QC_Q8T static QC_INL void Q8F(kblock_t)(const int type, const uint8_t *b, const 
             const __m256i a = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(q + 32 * ib)), sg);
             acc = Q8_DPW(acc, _mm256_maddubs_epi16(w, a), _mm256_set1_epi16((short)(2 * (aux >> 28) + 1)));
         }
-        o->d = h2f(rd16(b)), o->k = three ? 0.25f : 0.125f;
+        o->d = h2f(rd16(b)) * da;
     }
-    o->isum = Q8F(q8_hsum)(acc) - off, o->msum = msum;
+    return acc;
 }
-#undef QC_Q8_K_ROW
-#define QC_Q8_K_ROW(T)                                                                                    \
-    QC_Q8T static float Q8F(row_##T)(int bb, const uint8_t *p, const qc_act *a) {                             \
-        float acc = 0.0f;                                                                                 \
-        qc_kblock o;                                                                                      \
-        for (int64_t k = 0; k < a->cols / 256; k++, p += bb) {                                            \
-            Q8F(kblock_t)(QC_##T, p, a->q + 256 * k, a->bs + 16 * k, &o);                                      \
-            acc += kblock_term(&o, a->d[k]);                                                              \
-        }                                                                                                 \
-        return acc;                                                                                       \
+/* row_q8_k_portable's steps */
+QC_Q8T static QC_INL float Q8F(row_q8_k_t)(const int type, const int bb, const uint8_t *p, const qc_act *a) {
+    __m256 acc = _mm256_setzero_ps();
+    __m128 accm = _mm_setzero_ps();
+    float summs = 0.0f;
+    qc_kblock o;
+    for (int64_t k = 0; k < a->cols / 256; k++, p += bb) {
+        const __m256i lanes = Q8F(kblock_t)(type, p, a->q + 256 * k, a->bs + 16 * k, a->d[k], &o);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(o.d), _mm256_cvtepi32_ps(lanes), acc);
+        if (type == QC_Q4_K)
+            accm = _mm_fmadd_ps(_mm_set1_ps(o.dmin), _mm_cvtepi32_ps(_mm_loadu_si128((const __m128i *)o.mins)), accm);
+        if (type == QC_Q5_K) summs = fmaf(o.dmin, (float)(o.mins[0] + o.mins[1] + o.mins[2] + o.mins[3]), summs);
     }
-QC_Q8_K_ROW(Q4_K)
-QC_Q8_K_ROW(Q5_K)
-QC_Q8_K_ROW(Q6_K)
-QC_Q8_K_ROW(IQ4_XS)
-QC_Q8_K_ROW(IQ2_XXS)
-QC_Q8_K_ROW(IQ3_XXS)
-static float Q8F(row_q8_k_simd)(int type, int bb, const uint8_t *p, const qc_act *a) {
+    float v[8], m[4];
+    _mm256_storeu_ps(v, acc);
+    _mm_storeu_ps(m, accm);
+    return kfinish(type, v, m, summs);
+}
+QC_Q8T static float Q8F(row_q8_k_simd)(int type, int bb, const uint8_t *p, const qc_act *a) {
     switch (type) {
-        case QC_Q4_K: return Q8F(row_Q4_K)(bb, p, a);
-        case QC_Q5_K: return Q8F(row_Q5_K)(bb, p, a);
-        case QC_Q6_K: return Q8F(row_Q6_K)(bb, p, a);
-        case QC_IQ4_XS: return Q8F(row_IQ4_XS)(bb, p, a);
-        case QC_IQ2_XXS: return Q8F(row_IQ2_XXS)(bb, p, a);
-        default: return Q8F(row_IQ3_XXS)(bb, p, a);
+        case QC_Q4_K: return Q8F(row_q8_k_t)(QC_Q4_K, bb, p, a);
+        case QC_Q5_K: return Q8F(row_q8_k_t)(QC_Q5_K, bb, p, a);
+        case QC_Q6_K: return Q8F(row_q8_k_t)(QC_Q6_K, bb, p, a);
+        case QC_IQ4_XS: return Q8F(row_q8_k_t)(QC_IQ4_XS, bb, p, a);
+        case QC_IQ2_XXS: return Q8F(row_q8_k_t)(QC_IQ2_XXS, bb, p, a);
+        default: return Q8F(row_q8_k_t)(QC_IQ3_XXS, bb, p, a);
     }
 }
