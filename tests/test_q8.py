@@ -113,7 +113,8 @@ def test_product_is_exact_on_the_rounded_activations(matrices, t):
 def test_product_is_llama_cpps_bit_for_bit(t):
     """Each row equals llama.cpp's own vec_dot on its own activation rounding (ggml-cpu through ctypes,
     qconvert.testing.ggml_cpu): same integer lanes, same fused float32 steps, same final sum. An odd number
-    of 32-blocks (1120 columns) takes IQ4_NL's last-block tail."""
+    of 32-blocks (1120 columns) takes IQ4_NL's last-block tail; a few tokens at once (up to
+    products.DECODE_ROWS) give each token's one-token result."""
     pytest.importorskip("llama_cpp")
     from qconvert.testing.ggml_cpu import vec_dot_rows
 
@@ -123,13 +124,18 @@ def test_product_is_llama_cpps_bit_for_bit(t):
     imatrix = (rng.random(cols) + 0.1).astype(np.float32) if t in NEEDS_IMATRIX else None
     raw = np.frombuffer(bytes(codec.from_f32(w, t, imatrix=imatrix)), np.uint8).reshape(rows, -1)
     m = PackedMatrix.ggml(t, raw, cols)
-    for k in range(3):
-        x = (rng.standard_normal(cols) * 10 ** (k - 1)).astype(np.float32)
-        ref = vec_dot_rows(int(GQ[t]), raw, x)
-        for level in (0, 1, 2):
-            set_isa(level)
+    X = (rng.standard_normal((8, cols)) * 10.0 ** rng.integers(-1, 2, (8, 1))).astype(np.float32)
+    ref = np.stack([vec_dot_rows(int(GQ[t]), raw, x) for x in X])
+    for level in (0, 1, 2):
+        set_isa(level)
+        for x, r in zip(X[:3], ref):  # one token, as decoding runs it
             ours = products.matmul(m, x, q8=True)
-            assert np.array_equal(ours, ref), (t, level, np.abs(ours - ref).max())
+            assert np.array_equal(ours, r), (t, level, np.abs(ours - r).max())
+        for n in (1, 3):  # 8 and 7 tokens at once: tokens sharing each weight block, and the rest one by one
+            threads.set_count(n)
+            for k in (8, 7):
+                ours = products.matmul(m, X[:k], q8=True)
+                assert np.array_equal(ours, ref[:k]), (t, level, n, k, np.abs(ours - ref[:k]).max())
 
 
 def test_types_without_a_kernel_keep_float_products():

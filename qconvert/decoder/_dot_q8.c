@@ -27,6 +27,7 @@ const uint8_t *qc_iq_signs_of(void);
 void qc_parallel(void (*fn)(const void *ctx, int64_t a, int64_t b), const void *ctx, int64_t n, int threads);
 
 enum { ACT_NONE, ACT_Q8_0, ACT_Q8_K };
+#define QC_Q8_NT 4  /* tokens that share each decoded weight block in a product over several (_dot_q8_simd.h) */
 
 /* the activation blocks of weight type `type` (llama.cpp's vec_dot_type), ACT_NONE without a kernel here */
 static int act_kind(int type) {
@@ -256,22 +257,29 @@ static int q8_level(void) {
 #endif
 
 /* ---- threads: rows of one product over qc_parallel's workers ---- */
-typedef struct { int type, bb, level; const uint8_t *W; int64_t rb; const qc_act *a; float *y; } qc_q8_job;
+typedef struct { int type, bb, level; const uint8_t *W; int64_t rb; const qc_act *a; int64_t T; float *y; int64_t ldy; } qc_q8_job;
+
+/* out[t] = row p against tokens a[0 .. nt) (nt 1 or QC_Q8_NT) */
+static void q8_row(const qc_q8_job *j, const uint8_t *p, const qc_act *a, int nt, float *out) {
+    const int k0 = a->kind == ACT_Q8_0;
+#ifdef QC_X86
+    if (j->level == 2) { (k0 ? row_q8_0_simd_p2 : row_q8_k_simd_p2)(j->type, j->bb, p, a, nt, out); return; }
+    if (j->level == 1) { (k0 ? row_q8_0_simd_p1 : row_q8_k_simd_p1)(j->type, j->bb, p, a, nt, out); return; }
+#endif
+    for (int t = 0; t < nt; t++) out[t] = k0 ? row_q8_0_portable(j->type, j->bb, p, a + t) : row_q8_k_portable(j->type, j->bb, p, a + t);
+}
 
 static void q8_rows(const void *ctx, int64_t r0, int64_t r1) {
     const qc_q8_job *j = ctx;
+    float v[QC_Q8_NT];
     for (int64_t r = r0; r < r1; r++) {
-        const uint8_t *p = j->W + r * j->rb;
         prefetch_row(j->W, j->rb, r, r1);
-        float v;
-#ifdef QC_X86
-        const int k0 = j->a->kind == ACT_Q8_0;
-        if (j->level == 2) v = k0 ? row_q8_0_simd_p2(j->type, j->bb, p, j->a) : row_q8_k_simd_p2(j->type, j->bb, p, j->a);
-        else if (j->level == 1) v = k0 ? row_q8_0_simd_p1(j->type, j->bb, p, j->a) : row_q8_k_simd_p1(j->type, j->bb, p, j->a);
-        else
-#endif
-        v = j->a->kind == ACT_Q8_0 ? row_q8_0_portable(j->type, j->bb, p, j->a) : row_q8_k_portable(j->type, j->bb, p, j->a);
-        j->y[r] = v;
+        for (int64_t t = 0; t < j->T;) {
+            const int nt = j->T - t >= QC_Q8_NT ? QC_Q8_NT : 1;
+            q8_row(j, j->W + r * j->rb, j->a + t, nt, v);
+            for (int i = 0; i < nt; i++) j->y[(t + i) * j->ldy + r] = v[i];
+            t += nt;
+        }
     }
 }
 
@@ -280,16 +288,19 @@ static __thread struct { int64_t cap; void *mem; } act_buf;
 /* 1 when qc_matmul_q8 has a kernel for GGML type `type` (cols a whole number of its blocks), else 0 */
 int qc_q8_supports(int type) { return act_kind(type) != ACT_NONE; }
 
-/* y[r - r0] = W[r] . q8(x) for rows [r0, r1) of W (GGML type `type`, rows of row_bytes), x one row of `cols`
- * values rounded to llama.cpp's activation blocks for the type; `threads` threads. 0, or -1 for a type
+/* y[t * ldy + r - r0] = W[r] . q8(x[t]) for rows [r0, r1) of W (GGML type `type`, rows of row_bytes) and the
+ * T rows of x (`cols` values each, contiguous; a decoding step's few), each rounded to llama.cpp's activation
+ * blocks for the type; `threads` threads. Each token's result is the one-token product's, bit for bit. 0, or -1 for a type
  * without a kernel here (qc_q8_supports) or cols not whole blocks, -2 out of memory. */
-int qc_matmul_q8(int type, const uint8_t *W, int64_t row_bytes, const float *x, int64_t cols, float *y, int64_t r0,
-                 int64_t r1, int threads) {
+int qc_matmul_q8(int type, const uint8_t *W, int64_t row_bytes, const float *x, int64_t T, int64_t cols, float *y,
+                 int64_t ldy, int64_t r0, int64_t r1, int threads) {
     const int kind = act_kind(type);
     const int64_t blk = kind == ACT_Q8_K ? 256 : 32;
     if (kind == ACT_NONE || cols % blk) return -1;
+    if (T <= 0 || r1 <= r0) return 0;
     const int bb = block_bytes(type);
-    const int64_t need = cols + 4 * (cols / blk) + 2 * (cols / 16) + 64;
+    const int64_t per = cols + 4 * (cols / blk) + 2 * (cols / 16);  /* q, d, bs of one token */
+    const int64_t need = T * ((int64_t)sizeof(qc_act) + per) + 64;
     if (act_buf.cap < need) {
         void *m = realloc(act_buf.mem, (size_t)need);
         if (!m) return -2;
@@ -298,16 +309,20 @@ int qc_matmul_q8(int type, const uint8_t *W, int64_t row_bytes, const float *x, 
 #ifdef QC_X86
     if ((type == QC_IQ2_XXS || type == QC_IQ3_XXS) && !__atomic_load_n(&q8_have_signs, __ATOMIC_ACQUIRE)) q8_make_signs();
 #endif
-    qc_act a = {kind, cols, act_buf.mem, NULL, NULL};
-    a.q = (int8_t *)(a.d + cols / blk);
-    a.bs = (int16_t *)(a.q + cols);
-    (kind == ACT_Q8_K ? quantize_q8_k : quantize_q8_0)(x, cols, &a);
+    qc_act *a = act_buf.mem;
+    float *d = (float *)(a + T);
+    int16_t *bs = (int16_t *)(d + T * (cols / blk));
+    int8_t *q = (int8_t *)(bs + T * (cols / 16));
+    for (int64_t t = 0; t < T; t++) {
+        a[t] = (qc_act){kind, cols, d + t * (cols / blk), q + t * cols, bs + t * (cols / 16)};
+        (kind == ACT_Q8_K ? quantize_q8_k : quantize_q8_0)(x + t * cols, cols, a + t);
+    }
 #ifdef QC_X86
     const int level = q8_level();
 #else
     const int level = 0;
 #endif
-    const qc_q8_job j = {type, bb, level, W + r0 * row_bytes, row_bytes, &a, y};
+    const qc_q8_job j = {type, bb, level, W + r0 * row_bytes, row_bytes, a, T, y, ldy};
     qc_parallel(q8_rows, &j, r1 - r0, threads);
     return 0;
 }

@@ -85,50 +85,61 @@ QC_Q8T static QC_INL __m256i Q8F(q8_codes32)(const int type, const uint8_t *b) {
         default: return Q8F(q8_iq4)(b + 2);
     }
 }
-/* the 8 lanes of one block: lane l the products at positions 4l .. 4l + 3 */
-QC_Q8T static QC_INL __m256i Q8F(q8_block)(const int type, const uint8_t *b, const int8_t *q) {
-    const __m256i w = Q8F(q8_codes32)(type, b), a = _mm256_loadu_si256((const __m256i *)q);
-    return Q8_DPU(_mm256_setzero_si256(), _mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
-}
+/* Up to QC_Q8_NT tokens share each decoded weight block: token t's activations are a[t] (one qc_act each) and
+ * its row result out[t]; every token's float32 steps are those of a single token, so the result of a token
+ * does not depend on how many share the call. */
 /* row_q8_0_portable's steps */
-QC_Q8T static QC_INL float Q8F(row_q8_0_t)(const int type, const int bb, const uint8_t *p, const qc_act *a) {
-    const int64_t nb = a->cols / 32;
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    int64_t k = 0;
-    if (type == QC_IQ4_NL) {
-        for (; k + 1 < nb; k += 2, p += 2 * bb) {
-            const __m256i l0 = Q8F(q8_block)(type, p, a->q + 32 * k), l1 = Q8F(q8_block)(type, p + bb, a->q + 32 * k + 32);
-            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(h2f(rd16(p)) * a->d[k]), _mm256_cvtepi32_ps(l0), acc0);
-            acc1 = _mm256_fmadd_ps(_mm256_set1_ps(h2f(rd16(p + bb)) * a->d[k + 1]), _mm256_cvtepi32_ps(l1), acc1);
+QC_Q8T static QC_INL void Q8F(row_q8_0_t)(const int type, const int bb, const uint8_t *p, const qc_act *a, const int nt,
+                                          float *out) {
+    const int64_t nb = a[0].cols / 32;
+    __m256 acc0[QC_Q8_NT], acc1[QC_Q8_NT];
+    for (int t = 0; t < nt; t++) acc0[t] = acc1[t] = _mm256_setzero_ps();
+    const int pairs = type == QC_IQ4_NL;
+    const int64_t nv = pairs ? nb & ~(int64_t)1 : nb;
+    for (int64_t k = 0; k < nv; k++, p += bb) {
+        const __m256i w = Q8F(q8_codes32)(type, p), aw = _mm256_sign_epi8(w, w);
+        const float dw = h2f(rd16(p));
+        for (int t = 0; t < nt; t++) {
+            const __m256i av = _mm256_loadu_si256((const __m256i *)(a[t].q + 32 * k));
+            const __m256 l = _mm256_cvtepi32_ps(Q8_DPU(_mm256_setzero_si256(), aw, _mm256_sign_epi8(av, w)));
+            const __m256 d = _mm256_set1_ps(dw * a[t].d[k]);
+            if (pairs && (k & 1)) acc1[t] = _mm256_fmadd_ps(d, l, acc1[t]);
+            else acc0[t] = _mm256_fmadd_ps(d, l, acc0[t]);
         }
-    } else {
-        for (; k < nb; k++, p += bb)
-            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(h2f(rd16(p)) * a->d[k]), _mm256_cvtepi32_ps(Q8F(q8_block)(type, p, a->q + 32 * k)),
-                                   acc0);
     }
-    float sum = Q8F(q8_hsum8)(_mm256_add_ps(acc0, acc1));
-    if (k < nb) {
-        int8_t w[32];
-        codes32(type, p, w);
-        int32_t s = 0;
-        for (int i = 0; i < 32; i++) s += w[i] * a->q[32 * k + i];
-        sum = fmaf(a->d[k] * h2f(rd16(p)), (float)s, sum);
+    for (int t = 0; t < nt; t++) {
+        float sum = Q8F(q8_hsum8)(_mm256_add_ps(acc0[t], acc1[t]));
+        if (nv < nb) {
+            int8_t w[32];
+            codes32(type, p, w);
+            int32_t s = 0;
+            for (int i = 0; i < 32; i++) s += w[i] * a[t].q[32 * nv + i];
+            sum = fmaf(a[t].d[nv] * h2f(rd16(p)), (float)s, sum);
+        }
+        out[t] = sum;
     }
-    return sum;
 }
-QC_Q8T static float Q8F(row_q8_0_simd)(int type, int bb, const uint8_t *p, const qc_act *a) {
+#undef Q8_ROWS
+#define Q8_ROWS(F, T)                                                                                   \
+    if (nt == 1) Q8F(F)(QC_##T, bb, p, a, 1, out); else Q8F(F)(QC_##T, bb, p, a, QC_Q8_NT, out); \
+    break;
+/* nt is 1 or QC_Q8_NT */
+QC_Q8T static void Q8F(row_q8_0_simd)(int type, int bb, const uint8_t *p, const qc_act *a, int nt, float *out) {
     switch (type) {
-        case QC_Q8_0: return Q8F(row_q8_0_t)(QC_Q8_0, bb, p, a);
-        case QC_Q4_0: return Q8F(row_q8_0_t)(QC_Q4_0, bb, p, a);
-        case QC_Q5_0: return Q8F(row_q8_0_t)(QC_Q5_0, bb, p, a);
-        default: return Q8F(row_q8_0_t)(QC_IQ4_NL, bb, p, a);
+        case QC_Q8_0: Q8_ROWS(row_q8_0_t, Q8_0)
+        case QC_Q4_0: Q8_ROWS(row_q8_0_t, Q4_0)
+        case QC_Q5_0: Q8_ROWS(row_q8_0_t, Q5_0)
+        default: Q8_ROWS(row_q8_0_t, IQ4_NL)
     }
 }
 
-/* kblock_portable's lanes, mins and scales; returns the lanes */
-QC_Q8T static QC_INL __m256i Q8F(kblock_t)(const int type, const uint8_t *b, const int8_t *q, const int16_t *bs, float da, qc_kblock *o) {
+/* kblock_portable's lanes, mins and scales of super-block k, for each of nt tokens */
+QC_Q8T static QC_INL void Q8F(kblock_t)(const int type, const uint8_t *b, const qc_act *a, const int nt, const int64_t k,
+                                        __m256i *acc, qc_kblock *o) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
-    __m256i acc = _mm256_setzero_si256();
+    for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_si256();
+#define Q8_Q(t) (a[t].q + 256 * k)
+#define Q8_BS(t) (a[t].bs + 16 * k)
     if (type == QC_Q4_K || type == QC_Q5_K) {
         const __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 16)), h16 = _mm256_set1_epi8(16);
         const uint8_t *qs = b + (type == QC_Q5_K ? 48 : 16);
@@ -143,11 +154,16 @@ QC_Q8T static QC_INL __m256i Q8F(kblock_t)(const int type, const uint8_t *b, con
             uint8_t s0, m0, s1, m1;
             scale_min_k4(2 * jj, b + 4, &s0, &m0);
             scale_min_k4(2 * jj + 1, b + 4, &s1, &m1);
-            o->mins[jj] = m0 * (bs[4 * jj] + bs[4 * jj + 1]) + m1 * (bs[4 * jj + 2] + bs[4 * jj + 3]);
-            acc = Q8F(q8_dot_u8)(acc, lo, q + 64 * jj, _mm256_set1_epi16(s0));
-            acc = Q8F(q8_dot_u8)(acc, hi, q + 64 * jj + 32, _mm256_set1_epi16(s1));
+            const __m256i v0 = _mm256_set1_epi16(s0), v1 = _mm256_set1_epi16(s1);
+            for (int t = 0; t < nt; t++) {
+                const int16_t *bs = Q8_BS(t);
+                o[t].mins[jj] = m0 * (bs[4 * jj] + bs[4 * jj + 1]) + m1 * (bs[4 * jj + 2] + bs[4 * jj + 3]);
+                acc[t] = Q8F(q8_dot_u8)(acc[t], lo, Q8_Q(t) + 64 * jj, v0);
+                acc[t] = Q8F(q8_dot_u8)(acc[t], hi, Q8_Q(t) + 64 * jj + 32, v1);
+            }
         }
-        o->d = da * h2f(rd16(b)), o->dmin = -da * h2f(rd16(b + 2));
+        const float d = h2f(rd16(b)), dmin = h2f(rd16(b + 2));
+        for (int t = 0; t < nt; t++) o[t].d = a[t].d[k] * d, o[t].dmin = -a[t].d[k] * dmin;
     } else if (type == QC_Q6_K) {
         const int8_t *sc = (const int8_t *)(b + 192);
         for (int n = 0; n < 2; n++) {
@@ -160,23 +176,30 @@ QC_Q8T static QC_INL __m256i Q8F(kblock_t)(const int type, const uint8_t *b, con
             c[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(x0, 4), m4), _mm256_and_si256(h, _mm256_set1_epi8(0x30)));
             c[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(x1, 4), m4),
                                    _mm256_srli_epi16(_mm256_and_si256(h, _mm256_set1_epi8((char)0xC0)), 2));
-            for (int k = 0; k < 4; k++) {
-                const __m256i sv = _mm256_set_m128i(_mm_set1_epi16(sc[8 * n + 2 * k + 1]), _mm_set1_epi16(sc[8 * n + 2 * k]));
-                acc = Q8F(q8_dot_u8)(acc, c[k], q + 128 * n + 32 * k, sv);
+            for (int j = 0; j < 4; j++) {
+                const __m256i sv = _mm256_set_m128i(_mm_set1_epi16(sc[8 * n + 2 * j + 1]), _mm_set1_epi16(sc[8 * n + 2 * j]));
+                for (int t = 0; t < nt; t++) acc[t] = Q8F(q8_dot_u8)(acc[t], c[j], Q8_Q(t) + 128 * n + 32 * j, sv);
             }
         }
-        const __m256i off = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)bs),
-                                              _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)sc)));
-        acc = _mm256_sub_epi32(acc, _mm256_slli_epi32(off, 5));
-        o->d = da * h2f(rd16(b + 208));
+        const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)sc));
+        const float d = h2f(rd16(b + 208));
+        for (int t = 0; t < nt; t++) {
+            const __m256i off = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)Q8_BS(t)), sc16);
+            acc[t] = _mm256_sub_epi32(acc[t], _mm256_slli_epi32(off, 5));
+            o[t].d = a[t].d[k] * d;
+        }
     } else if (type == QC_IQ4_XS) {
         const uint16_t sh = rd16(b + 2);
         for (int ib = 0; ib < 8; ib++) {
             const int ls = ((b[4 + ib / 2] >> (4 * (ib & 1))) & 15) | (((sh >> (2 * ib)) & 3) << 4);
-            acc = _mm256_add_epi32(acc, Q8F(q8_dot_s8)(Q8F(q8_iq4)(b + 8 + 16 * ib), _mm256_loadu_si256((const __m256i *)(q + 32 * ib)),
-                                                  _mm256_set1_epi16((short)(ls - 32))));
+            const __m256i w = Q8F(q8_iq4)(b + 8 + 16 * ib), aw = _mm256_sign_epi8(w, w), sv = _mm256_set1_epi16((short)(ls - 32));
+            for (int t = 0; t < nt; t++) {
+                const __m256i av = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(Q8_Q(t) + 32 * ib)), w);
+                acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, av), sv));
+            }
         }
-        o->d = h2f(rd16(b)) * da;
+        const float d = h2f(rd16(b));
+        for (int t = 0; t < nt; t++) o[t].d = d * a[t].d[k];
     } else {
         const int8_t *grid = qc_iq_grid_of(type);
         const int three = type == QC_IQ3_XXS;
@@ -192,38 +215,52 @@ QC_Q8T static QC_INL __m256i Q8F(kblock_t)(const int type, const uint8_t *b, con
                                      (long long)rd64((const uint8_t *)grid + 8 * qi[2]), (long long)rd64((const uint8_t *)grid + 8 * qi[3]));
             const __m256i sg = _mm256_setr_epi64x((long long)q8_signs64[aux & 127], (long long)q8_signs64[(aux >> 7) & 127],
                                                   (long long)q8_signs64[(aux >> 14) & 127], (long long)q8_signs64[(aux >> 21) & 127]);
-            const __m256i a = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(q + 32 * ib)), sg);
-            acc = Q8_DPW(acc, _mm256_maddubs_epi16(w, a), _mm256_set1_epi16((short)(2 * (aux >> 28) + 1)));
+            const __m256i sv = _mm256_set1_epi16((short)(2 * (aux >> 28) + 1));
+            for (int t = 0; t < nt; t++) {
+                const __m256i av = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(Q8_Q(t) + 32 * ib)), sg);
+                acc[t] = Q8_DPW(acc[t], _mm256_maddubs_epi16(w, av), sv);
+            }
         }
-        o->d = h2f(rd16(b)) * da;
+        const float d = h2f(rd16(b));
+        for (int t = 0; t < nt; t++) o[t].d = d * a[t].d[k];
     }
-    return acc;
+#undef Q8_Q
+#undef Q8_BS
 }
 /* row_q8_k_portable's steps */
-QC_Q8T static QC_INL float Q8F(row_q8_k_t)(const int type, const int bb, const uint8_t *p, const qc_act *a) {
-    __m256 acc = _mm256_setzero_ps();
-    __m128 accm = _mm_setzero_ps();
-    float summs = 0.0f;
-    qc_kblock o;
-    for (int64_t k = 0; k < a->cols / 256; k++, p += bb) {
-        const __m256i lanes = Q8F(kblock_t)(type, p, a->q + 256 * k, a->bs + 16 * k, a->d[k], &o);
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(o.d), _mm256_cvtepi32_ps(lanes), acc);
-        if (type == QC_Q4_K)
-            accm = _mm_fmadd_ps(_mm_set1_ps(o.dmin), _mm_cvtepi32_ps(_mm_loadu_si128((const __m128i *)o.mins)), accm);
-        if (type == QC_Q5_K) summs = fmaf(o.dmin, (float)(o.mins[0] + o.mins[1] + o.mins[2] + o.mins[3]), summs);
+QC_Q8T static QC_INL void Q8F(row_q8_k_t)(const int type, const int bb, const uint8_t *p, const qc_act *a, const int nt,
+                                          float *out) {
+    __m256 acc[QC_Q8_NT];
+    __m128 accm[QC_Q8_NT];
+    float summs[QC_Q8_NT];
+    for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps(), accm[t] = _mm_setzero_ps(), summs[t] = 0.0f;
+    qc_kblock o[QC_Q8_NT];
+    __m256i lanes[QC_Q8_NT];
+    for (int64_t k = 0; k < a[0].cols / 256; k++, p += bb) {
+        Q8F(kblock_t)(type, p, a, nt, k, lanes, o);
+        for (int t = 0; t < nt; t++) {
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(o[t].d), _mm256_cvtepi32_ps(lanes[t]), acc[t]);
+            if (type == QC_Q4_K)
+                accm[t] = _mm_fmadd_ps(_mm_set1_ps(o[t].dmin), _mm_cvtepi32_ps(_mm_loadu_si128((const __m128i *)o[t].mins)), accm[t]);
+            if (type == QC_Q5_K)
+                summs[t] = fmaf(o[t].dmin, (float)(o[t].mins[0] + o[t].mins[1] + o[t].mins[2] + o[t].mins[3]), summs[t]);
+        }
     }
-    float v[8], m[4];
-    _mm256_storeu_ps(v, acc);
-    _mm_storeu_ps(m, accm);
-    return kfinish(type, v, m, summs);
+    for (int t = 0; t < nt; t++) {
+        float v[8], m[4];
+        _mm256_storeu_ps(v, acc[t]);
+        _mm_storeu_ps(m, accm[t]);
+        out[t] = kfinish(type, v, m, summs[t]);
+    }
 }
-QC_Q8T static float Q8F(row_q8_k_simd)(int type, int bb, const uint8_t *p, const qc_act *a) {
+/* nt is 1 or QC_Q8_NT */
+QC_Q8T static void Q8F(row_q8_k_simd)(int type, int bb, const uint8_t *p, const qc_act *a, int nt, float *out) {
     switch (type) {
-        case QC_Q4_K: return Q8F(row_q8_k_t)(QC_Q4_K, bb, p, a);
-        case QC_Q5_K: return Q8F(row_q8_k_t)(QC_Q5_K, bb, p, a);
-        case QC_Q6_K: return Q8F(row_q8_k_t)(QC_Q6_K, bb, p, a);
-        case QC_IQ4_XS: return Q8F(row_q8_k_t)(QC_IQ4_XS, bb, p, a);
-        case QC_IQ2_XXS: return Q8F(row_q8_k_t)(QC_IQ2_XXS, bb, p, a);
-        default: return Q8F(row_q8_k_t)(QC_IQ3_XXS, bb, p, a);
+        case QC_Q4_K: Q8_ROWS(row_q8_k_t, Q4_K)
+        case QC_Q5_K: Q8_ROWS(row_q8_k_t, Q5_K)
+        case QC_Q6_K: Q8_ROWS(row_q8_k_t, Q6_K)
+        case QC_IQ4_XS: Q8_ROWS(row_q8_k_t, IQ4_XS)
+        case QC_IQ2_XXS: Q8_ROWS(row_q8_k_t, IQ2_XXS)
+        default: Q8_ROWS(row_q8_k_t, IQ3_XXS)
     }
 }

@@ -36,8 +36,8 @@ void qc_silu_mul(const float *G, int64_t ldg, const float *U, int64_t ldu, int64
                  int64_t r1);
 void qc_parallel(void (*fn)(const void *ctx, int64_t a, int64_t b), const void *ctx, int64_t n, int threads);
 int qc_q8_supports(int type);
-int qc_matmul_q8(int type, const uint8_t *W, int64_t row_bytes, const float *x, int64_t cols, float *y, int64_t r0,
-                 int64_t r1, int threads);
+int qc_matmul_q8(int type, const uint8_t *W, int64_t row_bytes, const float *x, int64_t T, int64_t cols, float *y,
+                 int64_t ldy, int64_t r0, int64_t r1, int threads);
 
 #define QC_ATTN_SPLIT (1 << 16)  /* multiply-adds of a step's attention below which one thread does it all */
 
@@ -51,7 +51,7 @@ static int product(const int64_t *m, const float *x, int64_t cols, float *y, int
         const int64_t rows = p[P_ROWS];
         const int t = threads < p[P_MAX_THREADS] ? threads : (int)p[P_MAX_THREADS];
         const int rc = q8 && !p[P_IS_INT] && qc_q8_supports((int)p[P_TYPE])
-            ? qc_matmul_q8((int)p[P_TYPE], PTR(const uint8_t *, p[P_W]), p[P_RB], x, cols, y + r, 0, rows, t)
+            ? qc_matmul_q8((int)p[P_TYPE], PTR(const uint8_t *, p[P_W]), p[P_RB], x, 1, cols, y + r, rows, 0, rows, t)
             : p[P_IS_INT]
             ? qc_matmul_int(PTR(const uint8_t *, p[P_W]), p[P_RB], PTR(const void *, p[P_SCALES]),
                             PTR(const void *, p[P_OFFSETS]), PTR(const uint16_t *, p[P_STEPS]), (int)p[P_BITS],

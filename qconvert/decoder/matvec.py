@@ -57,6 +57,8 @@ class Matrix:
     at a time into a reused buffer. ``release()`` drops a mapped matrix's pages from the process.
     """
 
+    q8 = False  # products on llama.cpp's 8-bit activations (products.matmul's q8) unless a call says otherwise
+
     def __init__(self, *ts: LazyTensor):
         self.parts = [t.packed() for t in ts]
         self._init()
@@ -108,8 +110,9 @@ class Matrix:
             r += p.rows
         return out[0] if len(out) == 1 else np.concatenate(out)
 
-    def __call__(self, x: np.ndarray, q8: bool = False) -> np.ndarray:
-        """x @ W.T (``q8``: on llama.cpp's 8-bit activations where products.matmul has them)."""
+    def __call__(self, x: np.ndarray, q8: bool | None = None) -> np.ndarray:
+        """x @ W.T (``q8``, default ``self.q8``: on llama.cpp's 8-bit activations where products.matmul has them)."""
+        q8 = self.q8 if q8 is None else q8
         x = np.ascontiguousarray(x, dtype=np.float32)
         if len(self.parts) == 1:
             return products.matmul(self.parts[0], x, q8=q8)

@@ -24,7 +24,7 @@ SIGNATURES = {
     "qc_decode_layer": ([P, P, P, P, I64, I64, P, P, ctypes.c_float, INT, INT, P], INT),
     "qc_decode_scratch": ([P, I64], I64),
     "qc_q8_supports": ([INT], INT),
-    "qc_matmul_q8": ([INT, P, I64, P, I64, P, I64, I64, INT], INT),
+    "qc_matmul_q8": ([INT, P, I64, P, I64, I64, P, I64, I64, I64, INT], INT),
     "qc_q8_quantize": ([INT, P, I64, P, P, P], INT),
 }
 LIB = load("qconvert.decoder._kernels", SIGNATURES)

@@ -67,9 +67,10 @@ class NumpyDecoder:
     cache still keeps them while memory allows. Without it the weights stay mapped in as they are touched.
     ``c_step``: one-token steps of dense layers run as one C call each (step.py; same maths, float32 rounding);
     False runs every step through the numpy blocks below.
-    ``activations``: "float" (the default: float32 products) or "q8": one-token steps and their logits run their
-    products on llama.cpp's 8-bit activation blocks where the storage type has such a kernel (products.matmul's
-    ``q8``), as llama.cpp computes them (`qconvert generate --activations q8`); MoE layers keep float32.
+    ``activations``: "float" (the default: float32 products) or "q8": the products of decoding steps (up to
+    products.DECODE_ROWS tokens, logits included) run on llama.cpp's 8-bit activation blocks where the storage
+    type has such a kernel, as llama.cpp's vec_dot computes them (products.matmul's ``q8``; `qconvert generate
+    --activations q8`); a longer prompt keeps float32 BLAS products.
     """
 
     def __init__(self, src: Source, stream: bool = False):
@@ -92,7 +93,19 @@ class NumpyDecoder:
                            for i in range(cfg.num_hidden_layers)]
         self.steps = [LayerStep.of(self, i) for i in range(cfg.num_hidden_layers)]
         self.c_step = True
-        self.activations = "float"
+        self._activations = "float"
+
+    @property
+    def activations(self) -> str:
+        return self._activations
+
+    @activations.setter
+    def activations(self, kind: str) -> None:
+        if kind not in ("float", "q8"):
+            raise ValueError(f"activations must be 'float' or 'q8', not {kind!r}")
+        self._activations = kind
+        for m in self.m.values():
+            m.q8 = kind == "q8"
 
     def new_cache(self, max_len: int) -> KVCache:
         """An empty KV cache for up to ``max_len`` positions."""
@@ -206,7 +219,7 @@ class NumpyDecoder:
 
     def project(self, h: np.ndarray) -> np.ndarray:
         """Logits [T, vocab] of final hidden states (streaming: the head's pages are dropped after use)."""
-        y = self.head(h, q8=True) if self.activations == "q8" and h.shape[0] == 1 else self.head(h)
+        y = self.head(h)
         if self.stream:
             self.head.release()
         return y

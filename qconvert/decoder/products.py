@@ -121,7 +121,7 @@ def _dot(m: PackedMatrix, x: np.ndarray, y: np.ndarray, ldy: int, r0: int, r1: i
 
 
 def q8_supported(m: PackedMatrix) -> bool:
-    """True when one row of x times ``m`` can run on 8-bit activations (_dot_q8.c: llama.cpp's rounding)."""
+    """True when x times ``m`` can run on 8-bit activations (_dot_q8.c: llama.cpp's rounding and sums)."""
     return _LIB is not None and not m.is_int and m.col_perm is None and bool(_LIB.qc_q8_supports(int(GQ[m.ggml_type])))
 
 
@@ -129,9 +129,10 @@ def matmul(m: PackedMatrix, x: np.ndarray, out: np.ndarray | None = None, q8: bo
     """x [T, cols] (or [cols]) -> x @ W.T, float32 [T, rows] (or [rows]).
 
     ``out``: a preallocated float32 [T, rows] (or [rows]) array to write into; any row stride (e.g. a
-    column slice of a wider output holding stacked q/k/v), unit column stride. ``q8``: one row of x is
-    rounded to llama.cpp's 8-bit activation blocks first, where the type has such a kernel (q8_supported):
-    llama.cpp's products, not float32-exact ones."""
+    column slice of a wider output holding stacked q/k/v), unit column stride. ``q8``: up to DECODE_ROWS rows
+    of x are rounded to llama.cpp's 8-bit activation blocks first, where the type has such a kernel
+    (q8_supported): llama.cpp's products (its vec_dot, bit for bit), not float32-exact ones. More rows (a
+    prompt) keep the float32 BLAS path, which is the faster one for them (scripts/bench_threads.py, prefill)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     vec = x.ndim == 1
     x = x.reshape(1, -1) if vec else x
@@ -150,9 +151,11 @@ def matmul(m: PackedMatrix, x: np.ndarray, out: np.ndarray | None = None, q8: bo
         return out
     if _LIB is None:
         o2[...] = x @ _dequant_numpy(m, 0, m.rows).T  # stored order, as x is
-    elif q8 and T == 1 and q8_supported(m):
-        if _LIB.qc_matmul_q8(int(GQ[m.ggml_type]), _ptr(m.data), m.data.strides[0], _ptr(x), m.cols, _ptr(o2), 0,
-                             m.rows, min(threads.count(), decode_threads(m))):
+    elif q8 and T <= DECODE_ROWS and q8_supported(m):
+        ldy = o2.strides[0] // 4 if T > 1 else m.rows
+        n = min(threads.count(), decode_threads(m) * T)
+        if _LIB.qc_matmul_q8(int(GQ[m.ggml_type]), _ptr(m.data), m.data.strides[0], _ptr(x), T, m.cols, _ptr(o2),
+                             ldy, 0, m.rows, n):
             raise MemoryError("no memory for the 8-bit activations")
     elif T <= DECODE_ROWS:
         ldy = o2.strides[0] // 4 if T > 1 else m.rows
