@@ -261,7 +261,7 @@ def verify_cmd(ref, cand, text, ctx, max_kld, min_top1, json_out, plot, backend,
 @click.option("--max-memory", default=None, help="weights stay resident while the model's stored size fits this (e.g. "
               "8G); larger ones stream a layer at a time per token (slow, bounded). Default: 80% of the RAM available")
 @click.option("--activations", type=click.Choice(["float", "q8"]), default="float", show_default=True,
-              help="decoding products in float32 (as logits / verify), or on llama.cpp's 8-bit activations (faster)")
+              help="float32 products (as logits / verify), or faster: llama.cpp's 8-bit activations (bf16 prompt on AMX)")
 @_common("backend")
 def generate_cmd(model, prompt, chat, system, max_new_tokens, ignore_eos, max_memory, activations, **be) -> None:
     """Greedy generation, streamed; ends with prefill and decode tokens/s."""

@@ -197,3 +197,49 @@ def test_real_model_q8_decoding_stays_near_llama_cpp(real_gguf):
         ours = incremental(dec, ids, 1)
     s = kl_stats(ref, ours)
     assert s["mean_kl"] <= 2e-3 and s["top1"] >= 0.95, s
+
+
+def bf16_rule(a: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits, nearest with ties to even (numpy copy of qc_f32_to_bf16)."""
+    u = np.ascontiguousarray(a, np.float32).view(np.uint32).astype(np.uint64)
+    r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    return np.where(nan, ((u >> 16) | 0x40).astype(np.uint16), r)
+
+
+def widen(b: np.ndarray) -> np.ndarray:
+    return (b.astype(np.uint32) << 16).view(np.float32)
+
+
+def test_bfloat16_rounding_is_nearest_even():
+    x = np.array([1.0, 1 + 2 ** -8, 1 + 3 * 2 ** -8, 1 + 2 ** -8 + 2 ** -20, -2.5e-39, 3.4e38, np.inf, -np.inf,
+                  np.nan], np.float32)
+    x = np.concatenate([x, np.random.default_rng(2).standard_normal(1000).astype(np.float32)])
+    b = np.empty(x.size, np.uint16)
+    LIB.qc_f32_to_bf16(x.ctypes.data, b.ctypes.data, x.size)
+    assert np.array_equal(b, bf16_rule(x))
+    assert widen(b[1:3]).tolist() == [1.0, 1 + 2 ** -6]  # ties to even: down, then up
+    y = np.empty(x.size, np.float32)
+    LIB.qc_bf16_to_f32(b.ctypes.data, x.size, 1, x.size, y.ctypes.data, x.size)
+    assert np.array_equal(y, widen(b), equal_nan=True) and np.isnan(y[8])
+
+
+@pytest.mark.parametrize("t", ["Q4_K", "Q8_0", "IQ2_XXS", "F16"])
+def test_prompt_products_in_the_q8_mode_are_bfloat16(matrices, t):
+    """More rows than DECODE_ROWS: where the CPU has AMX, bfloat16 copies of x and of W multiplied by torch
+    (float32 sums), the result rounded to bfloat16; elsewhere the float32 product."""
+    if t not in matrices:
+        rng = np.random.default_rng(4)
+        matrices[t] = PackedMatrix.ggml(t, codec.from_f32(rng.standard_normal((48, 1024)).astype(np.float32), t), 1024)
+    m = matrices[t]
+    x = (np.random.default_rng(6).standard_normal((products.DECODE_ROWS + 5, m.cols)) * 3).astype(np.float32)
+    w = products.dequant(m)
+    ours, flt = products.matmul(m, x, q8=True), products.matmul(m, x)
+    if not products._amx_bf16():
+        assert np.array_equal(ours, flt)
+        pytest.skip("no AMX: prompts keep float32 products")
+    ref = widen(bf16_rule(x)).astype(np.float64) @ widen(bf16_rule(w)).astype(np.float64).T
+    scale = np.abs(ref).max()
+    assert np.abs(ours - ref).max() <= 2 ** -8 * scale  # the result's bfloat16 rounding and the sum order
+    assert np.abs(flt - ref).max() > 1e-5 * scale  # the copies are rounded: not the float32 product
+    assert np.array_equal(widen(bf16_rule(ours)), ours)  # every value a bfloat16

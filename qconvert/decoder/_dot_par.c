@@ -16,6 +16,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <time.h>
 #include <unistd.h>
 #include "_dot.h"
@@ -88,7 +89,7 @@ static void *worker(void *arg) {
             const int64_t t0 = now_ns();
             for (int i = 1; __atomic_load_n(&s->posted, __ATOMIC_ACQUIRE) == seen; i++) {
                 pause_once();
-                if (i % 64 == 0 && now_ns() - t0 > QC_SPIN_NS) break;
+                if (i % 64 == 0 && (now_ns() - t0 > QC_SPIN_NS || !__atomic_load_n(&spins, __ATOMIC_RELAXED))) break;
             }
         }
         if (__atomic_load_n(&s->posted, __ATOMIC_ACQUIRE) == seen) {
@@ -191,4 +192,38 @@ int qc_matmul_int(const uint8_t *codes, int64_t code_row_bytes, const void *scal
 void qc_parallel(qc_rows_fn fn, const void *ctx, int64_t n, int threads) {
     const qc_call c = {fn, ctx, 0, 0, 0, 0, 0, NULL, 0, NULL, NULL, NULL, NULL, 0, 0, NULL, 0, 0};
     run_split(&c, n, threads);
+}
+
+/* ---- bfloat16 rows for the products of a prompt in the q8 mode (products.py _matmul_bf16) ---- */
+int qc_dequant_ggml(int type, const uint8_t *W, int64_t row_bytes, int64_t cols, int64_t r0, int64_t r1, float *out);
+void qc_f32_to_bf16(const float *src, uint16_t *dst, int64_t n);  /* _kernels.c */
+
+typedef struct { int type; const uint8_t *W; int64_t rb, cols, r0; uint16_t *out; } qc_bf16_job;
+static __thread struct { int64_t cap; float *row; } bf16_row;
+
+static void bf16_rows(const void *ctx, int64_t a, int64_t b) {
+    const qc_bf16_job *j = ctx;
+    if (bf16_row.cap < j->cols) {
+        float *m = realloc(bf16_row.row, (size_t)j->cols * sizeof(float));
+        if (!m) return;  /* the caller sees the rows unwritten: qc_dequant_ggml_bf16 checks the buffers first */
+        bf16_row.row = m, bf16_row.cap = j->cols;
+    }
+    for (int64_t r = a; r < b; r++) {
+        qc_dequant_ggml(j->type, j->W, j->rb, j->cols, j->r0 + r, j->r0 + r + 1, bf16_row.row);
+        qc_f32_to_bf16(bf16_row.row, j->out + r * j->cols, j->cols);
+    }
+}
+
+/* out [r1 - r0, cols] = bfloat16 (nearest, ties to even) of rows [r0, r1) of the GGML matrix W, dequantised
+ * exactly as qc_dequant_ggml, on `threads` threads. 0, -1 for an unknown type, -2 out of memory */
+int qc_dequant_ggml_bf16(int type, const uint8_t *W, int64_t row_bytes, int64_t cols, int64_t r0, int64_t r1,
+                         uint16_t *out, int threads) {
+    if (qc_dequant_ggml(type, W, row_bytes, cols, r0, r0, NULL)) return -1;
+    float *probe = malloc((size_t)cols * sizeof(float));  /* fail here, not silently in a worker */
+    if (!probe) return -2;
+    free(probe);
+    const qc_bf16_job j = {type, W, row_bytes, cols, r0, out};
+    qc_parallel(bf16_rows, &j, r1 - r0, threads);
+    __atomic_store_n(&spins, 0, __ATOMIC_RELAXED);  /* torch's threads take the cores next: the workers sleep */
+    return 0;
 }

@@ -2,6 +2,8 @@
  * element-wise ops here, the products over stored matrices in _dot.c, _dot_int.c and _dot_par.c. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdint.h>
+#include <string.h>
 #include "half.h"
 
 /* ---- element-wise kernels for prefill: exp-based ops fused into one pass over memory ---- */
@@ -95,6 +97,29 @@ void qc_silu_mul(const float *G, int64_t ldg, const float *U, int64_t ldu, int64
 #endif
         for (int64_t c = 0; c < f; c++) o[c] = g[c] / (1.0f + exp_scalar(-g[c])) * u[c];
     }
+}
+
+/* ---- bfloat16 copies for the products of a prompt in the q8 mode (products.py _matmul_bf16) ---- */
+/* dst[i] = bfloat16(src[i]), rounded to nearest, ties to even (finite values; NaN stays NaN) */
+#ifdef QC_X86
+#define QC_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define QC_CLONES
+#endif
+QC_CLONES void qc_f32_to_bf16(const float *src, uint16_t *dst, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, src + i, 4);
+        dst[i] = (uint16_t)((u & 0x7FFFFFFFu) > 0x7F800000u ? (u >> 16) | 0x40 : (u + 0x7FFFu + ((u >> 16) & 1)) >> 16);
+    }
+}
+/* dst[r * ldd + c] = float(src[r * lds + c]) for rows [0, rows) and cols [0, cols) */
+QC_CLONES void qc_bf16_to_f32(const uint16_t *src, int64_t lds, int64_t rows, int64_t cols, float *dst, int64_t ldd) {
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t c = 0; c < cols; c++) {
+            const uint32_t u = (uint32_t)src[r * lds + c] << 16;
+            memcpy(dst + r * ldd + c, &u, 4);
+        }
 }
 
 static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_kernels",

@@ -183,7 +183,7 @@ static void attend(const void *ctx, int64_t a, int64_t b) {
  * [kv_heads, max_len, hd]: this token's key and value are written at `pos`, then it attends to 0..pos.
  * cos / sin: the rotary tables of the position [hd]. scratch: qc_decode_scratch(L, max_len) floats.
  * The products and the attention heads are split over `threads` by rows; the rest runs on the caller.
- * Returns 0, or -1 when a product's storage type has no C kernel. */
+ * Returns 0, -1 when a product's storage type has no C kernel, or -2 when a product found no memory. */
 int qc_decode_layer(const int64_t *L, float *x, float *kc, float *vc, int64_t max_len, int64_t pos,
                     const float *cos, const float *sin, float eps, int threads, int q8, float *scratch) {
     const int64_t H = L[L_HIDDEN], nh = L[L_HEADS], nkv = L[L_KV_HEADS], hd = L[L_HEAD_DIM], F = L[L_FFN];
@@ -193,7 +193,8 @@ int qc_decode_layer(const int64_t *L, float *x, float *kc, float *vc, int64_t ma
     float *q = qkv, *k = q + nh * hd, *v = k + nkv * hd;
 
     rms_norm(x, PTR(const float *, L[L_LN1]), H, eps, xn);
-    if (product(mats + M_QKV * QC_MAT_WORDS, xn, H, qkv, threads, q8)) return -1;
+    int rc = product(mats + M_QKV * QC_MAT_WORDS, xn, H, qkv, threads, q8);
+    if (rc) return rc;
     const float *qb = PTR(const float *, L[L_QB]), *kb = PTR(const float *, L[L_KB]), *vb = PTR(const float *, L[L_VB]);
     if (qb) for (int64_t i = 0; i < nh * hd; i++) q[i] += qb[i];
     if (kb) for (int64_t i = 0; i < nkv * hd; i++) k[i] += kb[i];
@@ -207,13 +208,13 @@ int qc_decode_layer(const int64_t *L, float *x, float *kc, float *vc, int64_t ma
     const qc_attention a = {q, kc, vc, att, p, max_len, hd, nh / nkv, pos, (float)(1.0 / sqrt((double)hd))};
     const int64_t work = nh * S * hd;  /* the heads go to several threads only when they outweigh a hand-over */
     qc_parallel(attend, &a, nh, work >= QC_ATTN_SPLIT ? threads : 1);
-    if (product(mats + M_O * QC_MAT_WORDS, att, nh * hd, y, threads, q8)) return -1;
+    if ((rc = product(mats + M_O * QC_MAT_WORDS, att, nh * hd, y, threads, q8))) return rc;
     for (int64_t i = 0; i < H; i++) x[i] += y[i];
 
     rms_norm(x, PTR(const float *, L[L_LN2]), H, eps, xn);
-    if (product(mats + M_GATE_UP * QC_MAT_WORDS, xn, H, gu, threads, q8)) return -1;
+    if ((rc = product(mats + M_GATE_UP * QC_MAT_WORDS, xn, H, gu, threads, q8))) return rc;
     qc_silu_mul(gu, 0, gu + F, 0, F, act, 0, 1);
-    if (product(mats + M_DOWN * QC_MAT_WORDS, act, F, y, threads, q8)) return -1;
+    if ((rc = product(mats + M_DOWN * QC_MAT_WORDS, act, F, y, threads, q8))) return rc;
     for (int64_t i = 0; i < H; i++) x[i] += y[i];
     return 0;
 }

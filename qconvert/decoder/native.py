@@ -26,6 +26,9 @@ SIGNATURES = {
     "qc_q8_supports": ([INT], INT),
     "qc_matmul_q8": ([INT, P, I64, P, I64, I64, P, I64, I64, I64, INT], INT),
     "qc_q8_quantize": ([INT, P, I64, P, P, P], INT),
+    "qc_f32_to_bf16": ([P, P, I64], None),
+    "qc_dequant_ggml_bf16": ([INT, P, I64, I64, I64, I64, P, INT], INT),
+    "qc_bf16_to_f32": ([P, I64, I64, I64, P, I64], None),
 }
 LIB = load("qconvert.decoder._kernels", SIGNATURES)
 ISA_NAMES = ("portable C", "AVX2", "AVX-512")

@@ -70,7 +70,7 @@ class NumpyDecoder:
     ``activations``: "float" (the default: float32 products) or "q8": the products of decoding steps (up to
     products.DECODE_ROWS tokens, logits included) run on llama.cpp's 8-bit activation blocks where the storage
     type has such a kernel, as llama.cpp's vec_dot computes them (products.matmul's ``q8``; `qconvert generate
-    --activations q8`); a longer prompt keeps float32 BLAS products.
+    --activations q8`); a longer prompt's products run on bfloat16 copies where the CPU has AMX.
     """
 
     def __init__(self, src: Source, stream: bool = False):

@@ -9,6 +9,9 @@ values (tests/test_codecs.py); without the compiled kernels everything runs thro
 """
 from __future__ import annotations
 
+import functools
+import os
+import sys
 import threading
 
 import numpy as np
@@ -22,6 +25,7 @@ from qconvert.decoder.native import LIB as _LIB
 
 DECODE_ROWS = 8          # up to this many rows of x use the C dot kernels; more use BLAS on dequantised blocks
 BLOCK_VALUES = 16 << 20  # most float32 values dequantised at a time for the BLAS path (per thread)
+BF16_BLOCK_VALUES = 16 << 20  # the same for the bfloat16 path (a prompt in the q8 mode)
 MIN_SPLIT = 1 << 16      # fewer weights than this run on one thread (scripts/bench_codecs.py measures the split)
 MIN_PART = MIN_SPLIT // 2  # the fewest weights a decoding product hands to one of its threads
 _LOCAL = threading.local()
@@ -120,6 +124,51 @@ def _dot(m: PackedMatrix, x: np.ndarray, y: np.ndarray, ldy: int, r0: int, r1: i
         raise ValueError(f"the C kernels cannot multiply by {m.stype}")
 
 
+@functools.cache
+def _amx_bf16() -> bool:
+    """True when torch is installed and the CPU has AMX tiles: there its bfloat16 matrix products (oneDNN on
+    AMX) run several times faster than float32 BLAS; elsewhere they are no faster, and prompts keep float32."""
+    if "torch" not in sys.modules:  # its OpenMP threads sleep between products, leaving the cores to ours
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def _matmul_bf16(m: PackedMatrix, x: np.ndarray, out: np.ndarray) -> None:
+    """out = x @ W.T through bfloat16 copies of x and of a block of W's rows at a time (each product summed in
+    float32 by oneDNN, its result rounded to bfloat16, then widened): a prompt's products in the q8 mode."""
+    import torch
+
+    threads.sync_libraries()
+    xb = _bf16(x)
+    step = max(1, min(m.rows, BF16_BLOCK_VALUES // max(1, m.cols)))
+    wb = torch.empty((step, m.cols), dtype=torch.bfloat16)
+    for r0 in range(0, m.rows, step):
+        r1 = min(m.rows, r0 + step)
+        if m.is_int or m.col_perm is not None:
+            w = _buffer((r1 - r0) * m.cols).reshape(r1 - r0, m.cols)
+            _dequant_stored(m, r0, r1, out=w)
+            _LIB.qc_f32_to_bf16(w.ctypes.data, wb.data_ptr(), w.size)
+        elif _LIB.qc_dequant_ggml_bf16(int(GQ[m.ggml_type]), _ptr(m.data), m.data.strides[0], m.cols, r0, r1,
+                                       wb.data_ptr(), threads.count()):
+            raise MemoryError(f"cannot dequantise {m.stype} to bfloat16")
+        y = torch.mm(xb, wb[: r1 - r0].T)  # [T, r1 - r0] bfloat16, contiguous
+        _LIB.qc_bf16_to_f32(y.data_ptr(), y.shape[1], y.shape[0], y.shape[1], out.ctypes.data + 4 * r0,
+                            out.strides[0] // 4)
+
+
+def _bf16(a: np.ndarray):
+    """A torch bfloat16 copy of C-contiguous float32 ``a`` (nearest, ties to even)."""
+    import torch
+
+    b = torch.empty(a.shape, dtype=torch.bfloat16)
+    _LIB.qc_f32_to_bf16(a.ctypes.data, b.data_ptr(), a.size)
+    return b
+
+
 def q8_supported(m: PackedMatrix) -> bool:
     """True when x times ``m`` can run on 8-bit activations (_dot_q8.c: llama.cpp's rounding and sums)."""
     return _LIB is not None and not m.is_int and m.col_perm is None and bool(_LIB.qc_q8_supports(int(GQ[m.ggml_type])))
@@ -132,7 +181,8 @@ def matmul(m: PackedMatrix, x: np.ndarray, out: np.ndarray | None = None, q8: bo
     column slice of a wider output holding stacked q/k/v), unit column stride. ``q8``: up to DECODE_ROWS rows
     of x are rounded to llama.cpp's 8-bit activation blocks first, where the type has such a kernel
     (q8_supported): llama.cpp's products (its vec_dot, bit for bit), not float32-exact ones. More rows (a
-    prompt) keep the float32 BLAS path, which is the faster one for them (scripts/bench_threads.py, prefill)."""
+    prompt) run on bfloat16 copies where the CPU has AMX (_matmul_bf16: several times the float32 BLAS speed,
+    scripts/bench_threads.py prefill), else on the float32 path."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     vec = x.ndim == 1
     x = x.reshape(1, -1) if vec else x
@@ -160,6 +210,8 @@ def matmul(m: PackedMatrix, x: np.ndarray, out: np.ndarray | None = None, q8: bo
     elif T <= DECODE_ROWS:
         ldy = o2.strides[0] // 4 if T > 1 else m.rows
         _dot(m, x, o2, ldy, 0, m.rows, min(threads.count(), decode_threads(m)))
+    elif q8 and _amx_bf16():
+        _matmul_bf16(m, x, o2)
     else:
         threads.sync_libraries()
         step = max(1, min(m.rows, BLOCK_VALUES // max(1, m.cols)))

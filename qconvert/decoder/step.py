@@ -77,6 +77,8 @@ class LayerStep:
         rc = LIB.qc_decode_layer(self.words.ctypes.data, x.ctypes.data, k.ctypes.data, v.ctypes.data, k.shape[1],
                                  pos, cos.ctypes.data, sin.ctypes.data, self.eps, threads.count(), int(q8),
                                  scratch.ctypes.data)
+        if rc == -2:
+            raise MemoryError("no memory for a decoding step's 8-bit activations")
         if rc:
             raise ValueError("the C kernels cannot multiply by one of this layer's storage types")
 
