@@ -194,18 +194,18 @@ void qc_parallel(qc_rows_fn fn, const void *ctx, int64_t n, int threads) {
     run_split(&c, n, threads);
 }
 
-/* ---- bfloat16 rows for the products of a prompt in the q8 mode (products.py _matmul_bf16) ---- */
+/* ---- bfloat16 rows for the products of a prompt in the q8 mode (products.py _product_bf16) ---- */
 int qc_dequant_ggml(int type, const uint8_t *W, int64_t row_bytes, int64_t cols, int64_t r0, int64_t r1, float *out);
 void qc_f32_to_bf16(const float *src, uint16_t *dst, int64_t n);  /* _kernels.c */
 
-typedef struct { int type; const uint8_t *W; int64_t rb, cols, r0; uint16_t *out; } qc_bf16_job;
+typedef struct { int type; const uint8_t *W; int64_t rb, cols, r0; uint16_t *out; int *failed; } qc_bf16_job;
 static __thread struct { int64_t cap; float *row; } bf16_row;
 
 static void bf16_rows(const void *ctx, int64_t a, int64_t b) {
     const qc_bf16_job *j = ctx;
     if (bf16_row.cap < j->cols) {
         float *m = realloc(bf16_row.row, (size_t)j->cols * sizeof(float));
-        if (!m) return;  /* the caller sees the rows unwritten: qc_dequant_ggml_bf16 checks the buffers first */
+        if (!m) { __atomic_store_n(j->failed, 1, __ATOMIC_RELAXED); return; }
         bf16_row.row = m, bf16_row.cap = j->cols;
     }
     for (int64_t r = a; r < b; r++) {
@@ -219,11 +219,9 @@ static void bf16_rows(const void *ctx, int64_t a, int64_t b) {
 int qc_dequant_ggml_bf16(int type, const uint8_t *W, int64_t row_bytes, int64_t cols, int64_t r0, int64_t r1,
                          uint16_t *out, int threads) {
     if (qc_dequant_ggml(type, W, row_bytes, cols, r0, r0, NULL)) return -1;
-    float *probe = malloc((size_t)cols * sizeof(float));  /* fail here, not silently in a worker */
-    if (!probe) return -2;
-    free(probe);
-    const qc_bf16_job j = {type, W, row_bytes, cols, r0, out};
+    int failed = 0;
+    const qc_bf16_job j = {type, W, row_bytes, cols, r0, out, &failed};
     qc_parallel(bf16_rows, &j, r1 - r0, threads);
     __atomic_store_n(&spins, 0, __ATOMIC_RELAXED);  /* torch's threads take the cores next: the workers sleep */
-    return 0;
+    return __atomic_load_n(&failed, __ATOMIC_RELAXED) ? -2 : 0;
 }

@@ -99,7 +99,7 @@ void qc_silu_mul(const float *G, int64_t ldg, const float *U, int64_t ldu, int64
     }
 }
 
-/* ---- bfloat16 copies for the products of a prompt in the q8 mode (products.py _matmul_bf16) ---- */
+/* ---- bfloat16 copies for the products of a prompt in the q8 mode (products.py _product_bf16) ---- */
 /* dst[i] = bfloat16(src[i]), rounded to nearest, ties to even (finite values; NaN stays NaN) */
 #ifdef QC_X86
 #define QC_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))

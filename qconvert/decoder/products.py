@@ -25,7 +25,6 @@ from qconvert.decoder.native import LIB as _LIB
 
 DECODE_ROWS = 8          # up to this many rows of x use the C dot kernels; more use BLAS on dequantised blocks
 BLOCK_VALUES = 16 << 20  # most float32 values dequantised at a time for the BLAS path (per thread)
-BF16_BLOCK_VALUES = 16 << 20  # the same for the bfloat16 path (a prompt in the q8 mode)
 MIN_SPLIT = 1 << 16      # fewer weights than this run on one thread (scripts/bench_codecs.py measures the split)
 MIN_PART = MIN_SPLIT // 2  # the fewest weights a decoding product hands to one of its threads
 _LOCAL = threading.local()
@@ -137,27 +136,23 @@ def _amx_bf16() -> bool:
     return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
-def _matmul_bf16(m: PackedMatrix, x: np.ndarray, out: np.ndarray) -> None:
-    """out = x @ W.T through bfloat16 copies of x and of a block of W's rows at a time (each product summed in
-    float32 by oneDNN, its result rounded to bfloat16, then widened): a prompt's products in the q8 mode."""
+def _product_bf16(m: PackedMatrix, xb, r0: int, r1: int, out: np.ndarray) -> None:
+    """out[:, r0:r1] = x @ W[r0:r1].T from bfloat16 x (``xb``) and a bfloat16 copy of the rows (each product
+    summed in float32 by oneDNN, its result rounded to bfloat16, then widened): a prompt's products in the q8
+    mode."""
     import torch
 
-    threads.sync_libraries()
-    xb = _bf16(x)
-    step = max(1, min(m.rows, BF16_BLOCK_VALUES // max(1, m.cols)))
-    wb = torch.empty((step, m.cols), dtype=torch.bfloat16)
-    for r0 in range(0, m.rows, step):
-        r1 = min(m.rows, r0 + step)
-        if m.is_int or m.col_perm is not None:
-            w = _buffer((r1 - r0) * m.cols).reshape(r1 - r0, m.cols)
-            _dequant_stored(m, r0, r1, out=w)
-            _LIB.qc_f32_to_bf16(w.ctypes.data, wb.data_ptr(), w.size)
-        elif _LIB.qc_dequant_ggml_bf16(int(GQ[m.ggml_type]), _ptr(m.data), m.data.strides[0], m.cols, r0, r1,
-                                       wb.data_ptr(), threads.count()):
-            raise MemoryError(f"cannot dequantise {m.stype} to bfloat16")
-        y = torch.mm(xb, wb[: r1 - r0].T)  # [T, r1 - r0] bfloat16, contiguous
-        _LIB.qc_bf16_to_f32(y.data_ptr(), y.shape[1], y.shape[0], y.shape[1], out.ctypes.data + 4 * r0,
-                            out.strides[0] // 4)
+    wb = torch.empty((r1 - r0, m.cols), dtype=torch.bfloat16)
+    if m.is_int or m.col_perm is not None:
+        w = _buffer((r1 - r0) * m.cols).reshape(r1 - r0, m.cols)
+        _dequant_stored(m, r0, r1, out=w)
+        _LIB.qc_f32_to_bf16(w.ctypes.data, wb.data_ptr(), w.size)
+    elif _LIB.qc_dequant_ggml_bf16(int(GQ[m.ggml_type]), _ptr(m.data), m.data.strides[0], m.cols, r0, r1,
+                                   wb.data_ptr(), threads.count()):
+        raise MemoryError(f"cannot dequantise {m.stype} to bfloat16")
+    y = torch.mm(xb, wb.T)  # [T, r1 - r0] bfloat16, contiguous
+    _LIB.qc_bf16_to_f32(y.data_ptr(), y.shape[1], y.shape[0], y.shape[1], out.ctypes.data + 4 * r0,
+                        out.strides[0] // 4)
 
 
 def _bf16(a: np.ndarray):
@@ -181,7 +176,7 @@ def matmul(m: PackedMatrix, x: np.ndarray, out: np.ndarray | None = None, q8: bo
     column slice of a wider output holding stacked q/k/v), unit column stride. ``q8``: up to DECODE_ROWS rows
     of x are rounded to llama.cpp's 8-bit activation blocks first, where the type has such a kernel
     (q8_supported): llama.cpp's products (its vec_dot, bit for bit), not float32-exact ones. More rows (a
-    prompt) run on bfloat16 copies where the CPU has AMX (_matmul_bf16: several times the float32 BLAS speed,
+    prompt) run on bfloat16 copies where the CPU has AMX (_product_bf16: several times the float32 BLAS speed,
     scripts/bench_threads.py prefill), else on the float32 path."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     vec = x.ndim == 1
@@ -210,13 +205,15 @@ def matmul(m: PackedMatrix, x: np.ndarray, out: np.ndarray | None = None, q8: bo
     elif T <= DECODE_ROWS:
         ldy = o2.strides[0] // 4 if T > 1 else m.rows
         _dot(m, x, o2, ldy, 0, m.rows, min(threads.count(), decode_threads(m)))
-    elif q8 and _amx_bf16():
-        _matmul_bf16(m, x, o2)
     else:
         threads.sync_libraries()
+        xb = _bf16(x) if q8 and _amx_bf16() else None
         step = max(1, min(m.rows, BLOCK_VALUES // max(1, m.cols)))
         for r0 in range(0, m.rows, step):
             r1 = min(m.rows, r0 + step)
+            if xb is not None:
+                _product_bf16(m, xb, r0, r1, o2)
+                continue
             w = _buffer((r1 - r0) * m.cols).reshape(r1 - r0, m.cols)
             _dequant_stored(m, r0, r1, out=w)
             np.matmul(x, w.T, out=o2[:, r0:r1])
